@@ -1,0 +1,486 @@
+"""Every SQL statement about jobs and workers: the job lifecycle in one place.
+
+Each state change is one short statement that also writes its event row, so
+the history can never disagree with the state.  Writes a worker makes about a
+job name the attempt it holds (fencing): a write for an attempt that is no
+longer current changes nothing and the caller learns it was refused.
+
+A running job is also protected by a session advisory lock held by the
+worker's connection: when the worker dies its connection drops, the lock
+vanishes, and the next rescue sweep returns the job to the queue without
+waiting for the lease to run out.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row, dict_row
+from psycopg.types.json import Jsonb
+
+# First key of the two-key advisory locks on running jobs (the second is the job id).
+LOCK_NAMESPACE = 17234
+CHANNEL = "crh_jobs"
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is acting: written into every event row (the database adds its role)."""
+
+    os_user: str = field(default_factory=getpass.getuser)
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    worker_id: int | None = None
+
+
+@dataclass
+class Job:
+    id: int
+    status: str
+    sim_type: str
+    model_first: bool
+    username: str
+    source_computer: str
+    source_path: str
+    crh_file: str
+    priority: int
+    job_group: str | None
+    threads: int
+    timeout_s: int | None
+    attempt: int
+    tries: int
+    max_attempts: int
+    worker_id: int | None
+    inv_computer: str | None
+    input_sha256: str | None
+    result_sha256: str | None
+    exit_code: int | None
+    failure_category: str | None
+    failure_reason: str | None
+    datetime_init: datetime | None
+    datetime_started: datetime | None
+    datetime_finished: datetime | None
+    downloaded: bool
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        if self.sim_type == "mod":
+            return ("mod",)
+        return ("mod", "inv") if self.model_first else ("inv",)
+
+
+_JOB_COLUMNS = ", ".join(f"j.{name}" for name in Job.__dataclass_fields__)
+
+_EVENT_COLUMNS = "job_id, event, status, attempt, os_user, host, pid, worker_id, detail"
+
+
+def _event_values(event: str) -> str:
+    return (
+        f"SELECT u.id, '{event}', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, "
+        "%(worker_id)s, %(detail)s FROM u"
+    )
+
+
+def _actor(actor: Actor, detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "os_user": actor.os_user,
+        "host": actor.host,
+        "pid": actor.pid,
+        "worker_id": actor.worker_id,
+        "detail": Jsonb(detail or {}),
+    }
+
+
+# ---------------------------------------------------------------- registration
+
+_REUSE_REGISTERING = """
+SELECT id FROM inversions
+WHERE status = 'registering' AND source_computer = %(source_computer)s AND source_path = %(source_path)s
+ORDER BY id LIMIT 1 FOR UPDATE
+"""
+
+_UPDATE_REGISTERING = """
+UPDATE inversions SET sim_type = %(sim_type)s, model_first = %(model_first)s, username = %(username)s,
+    crh_file = %(crh_file)s, priority = %(priority)s, job_group = %(job_group)s, threads = %(threads)s,
+    timeout_s = %(timeout_s)s, max_attempts = %(max_attempts)s, datetime_init = now()
+WHERE id = %(id)s
+"""
+
+_INSERT_REGISTERING = f"""
+WITH u AS (
+    INSERT INTO inversions (status, sim_type, model_first, username, source_computer, source_path,
+                            crh_file, priority, job_group, threads, timeout_s, max_attempts)
+    VALUES ('registering', %(sim_type)s, %(model_first)s, %(username)s, %(source_computer)s,
+            %(source_path)s, %(crh_file)s, %(priority)s, %(job_group)s, %(threads)s, %(timeout_s)s,
+            %(max_attempts)s)
+    RETURNING id, status, attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("registering")}
+)
+SELECT id FROM u
+"""
+
+_FINISH_REGISTRATION = f"""
+WITH u AS (
+    UPDATE inversions SET status = 'queued', input_sha256 = %(sha256)s, datetime_queued = now()
+    WHERE id = %(id)s AND status = 'registering'
+    RETURNING id, status, attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("queued")}
+)
+SELECT id FROM u
+"""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    sim_type: str
+    model_first: bool
+    source_path: str
+    crh_file: str
+    username: str
+    source_computer: str
+    priority: int = 0
+    job_group: str | None = None
+    threads: int = 1
+    timeout_s: int | None = None
+    max_attempts: int = 3
+
+
+def begin_registration(conn: psycopg.Connection, new: NewJob, actor: Actor) -> int:
+    """Create the job row in 'registering', where no worker can see it.
+
+    A row left in 'registering' by an interrupted crh_add for the same
+    directory is taken over instead of adding a second one.
+    """
+    params = {**new.__dict__, **_actor(actor)}
+    with conn.transaction():
+        row = conn.execute(_REUSE_REGISTERING, params).fetchone()
+        if row is not None:
+            conn.execute(_UPDATE_REGISTERING, {**params, "id": row[0]})
+            return row[0]
+        return conn.execute(_INSERT_REGISTERING, params).fetchone()[0]
+
+
+def finish_registration(conn: psycopg.Connection, job_id: int, sha256: str, actor: Actor) -> bool:
+    """Make a registered job claimable; False when it was not (or no longer) registering."""
+    params = {"id": job_id, "sha256": sha256, **_actor(actor, {"sha256": sha256})}
+    return conn.execute(_FINISH_REGISTRATION, params).fetchone() is not None
+
+
+# ------------------------------------------------------------------- reading
+
+_GET_JOBS = f"SELECT {_JOB_COLUMNS} FROM inversions j WHERE j.id = ANY(%s)"
+
+
+def get_jobs(conn: psycopg.Connection, ids: Iterable[int]) -> dict[int, Job]:
+    with conn.cursor(row_factory=class_row(Job)) as cur:
+        return {job.id: job for job in cur.execute(_GET_JOBS, (list(ids),))}
+
+
+def get_job(conn: psycopg.Connection, job_id: int) -> Job | None:
+    return get_jobs(conn, [job_id]).get(job_id)
+
+
+_EVENTS = """
+SELECT datetime, event, status, attempt, db_role, os_user, host, pid, worker_id, detail
+FROM events WHERE job_id = %s ORDER BY id
+"""
+
+
+def events_of(conn: psycopg.Connection, job_id: int) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_EVENTS, (job_id,)).fetchall()
+
+
+# ------------------------------------------------------------------- workers
+
+_REGISTER_WORKER = """
+INSERT INTO workers (name, host, pid, version, jobs, threads, groups, solvers)
+VALUES (%(name)s, %(host)s, %(pid)s, %(version)s, %(jobs)s, %(threads)s, %(groups)s, %(solvers)s)
+RETURNING id
+"""
+
+_WORKER_HEARTBEAT = "UPDATE workers SET last_heartbeat = now() WHERE id = %s"
+
+_STOP_WORKER = """
+UPDATE workers SET state = 'stopped', datetime_stopped = now(), stop_reason = %s WHERE id = %s
+"""
+
+
+def register_worker(
+    conn: psycopg.Connection,
+    *,
+    name: str,
+    host: str,
+    pid: int,
+    version: str,
+    jobs: int,
+    threads: int,
+    groups: Sequence[str],
+    solvers: dict[str, Any],
+) -> int:
+    params = {
+        "name": name,
+        "host": host,
+        "pid": pid,
+        "version": version,
+        "jobs": jobs,
+        "threads": threads,
+        "groups": list(groups),
+        "solvers": Jsonb(solvers),
+    }
+    return conn.execute(_REGISTER_WORKER, params).fetchone()[0]
+
+
+def stop_worker(conn: psycopg.Connection, worker_id: int, reason: str) -> None:
+    conn.execute(_STOP_WORKER, (reason, worker_id))
+
+
+# --------------------------------------------------------------------- claim
+
+_CLAIM = f"""
+WITH next AS (
+    SELECT id FROM inversions
+    WHERE status = 'queued'
+      AND ((sim_type = 'mod' AND %(can_mod)s)
+           OR (sim_type = 'inv' AND %(can_inv)s AND (NOT model_first OR %(can_mod)s)))
+      AND (CASE WHEN cardinality(%(groups)s::text[]) = 0 THEN job_group IS NULL
+                ELSE job_group = ANY(%(groups)s::text[]) END)
+    ORDER BY priority DESC, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), u AS (
+    UPDATE inversions j
+    SET status = 'running', attempt = j.attempt + 1, tries = j.tries + 1,
+        worker_id = %(worker_id)s, inv_computer = %(host)s, datetime_started = now(),
+        lease_expires = now() + make_interval(secs => %(lease_s)s),
+        exit_code = NULL, failure_category = NULL, failure_reason = NULL
+    FROM next WHERE j.id = next.id
+    RETURNING j.*, pg_try_advisory_lock({LOCK_NAMESPACE}, j.id::int) AS locked
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("claimed")}
+)
+SELECT {_JOB_COLUMNS.replace("j.", "u.")} FROM u
+"""
+
+
+def claim(
+    conn: psycopg.Connection,
+    *,
+    actor: Actor,
+    can_mod: bool,
+    can_inv: bool,
+    groups: Sequence[str] = (),
+    lease_s: float,
+) -> Job | None:
+    """Take the best queued job this worker can run, in one short transaction.
+
+    Runs on the connection that will keep the job's advisory lock for as long
+    as the job runs; that connection must not be shared with other jobs.
+    """
+    params = {
+        "can_mod": can_mod,
+        "can_inv": can_inv,
+        "groups": list(groups),
+        "lease_s": lease_s,
+        "worker_id": actor.worker_id,
+        **_actor(actor),
+    }
+    with conn.cursor(row_factory=class_row(Job)) as cur:
+        return cur.execute(_CLAIM, params).fetchone()
+
+
+def unlock(conn: psycopg.Connection, job_id: int) -> None:
+    """Drop the advisory lock of a job this connection no longer runs."""
+    conn.execute("SELECT pg_advisory_unlock(%s, %s::int)", (LOCK_NAMESPACE, job_id))
+
+
+# ------------------------------------------------------ heartbeats and leases
+
+_RENEW = """
+UPDATE inversions j SET lease_expires = now() + make_interval(secs => %(lease_s)s)
+FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS held(id, attempt)
+WHERE j.id = held.id AND j.attempt = held.attempt AND j.status = 'running'
+  AND j.worker_id = %(worker_id)s
+RETURNING j.id
+"""
+
+
+def renew(
+    conn: psycopg.Connection, worker_id: int, held: Sequence[tuple[int, int]], lease_s: float
+) -> set[int]:
+    """Extend the leases of the jobs a worker holds; returns the ids still its own."""
+    with conn.transaction():
+        conn.execute(_WORKER_HEARTBEAT, (worker_id,))
+        if not held:
+            return set()
+        params = {
+            "ids": [job_id for job_id, _ in held],
+            "attempts": [attempt for _, attempt in held],
+            "worker_id": worker_id,
+            "lease_s": lease_s,
+        }
+        return {row[0] for row in conn.execute(_RENEW, params)}
+
+
+# ------------------------------------------------------------------- outcome
+
+_COMPLETE = f"""
+WITH u AS (
+    UPDATE inversions SET status = 'finished', result_sha256 = %(result_sha256)s,
+        exit_code = %(exit_code)s, datetime_finished = now(), lease_expires = NULL
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
+    RETURNING id, status, attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("finished")}
+)
+SELECT id FROM u
+"""
+
+_FAIL = f"""
+WITH u AS (
+    UPDATE inversions SET status = 'failed', result_sha256 = %(result_sha256)s,
+        exit_code = %(exit_code)s, failure_category = %(category)s, failure_reason = %(reason)s,
+        datetime_finished = now(), lease_expires = NULL
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
+    RETURNING id, status, attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("failed")}
+)
+SELECT id FROM u
+"""
+
+_RELEASE = f"""
+WITH u AS (
+    UPDATE inversions SET status = 'queued', tries = greatest(tries - 1, 0), worker_id = NULL,
+        lease_expires = NULL, datetime_queued = now()
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
+    RETURNING id, status, attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("released")}
+)
+SELECT id FROM u
+"""
+
+
+def complete(
+    conn: psycopg.Connection, job: Job, *, result_sha256: str, exit_code: int | None, actor: Actor, detail=None
+) -> bool:
+    """Mark a job finished; False when the attempt is no longer current (the result is discarded)."""
+    params = {
+        "id": job.id,
+        "attempt": job.attempt,
+        "result_sha256": result_sha256,
+        "exit_code": exit_code,
+        **_actor(actor, detail),
+    }
+    return conn.execute(_COMPLETE, params).fetchone() is not None
+
+
+def fail(
+    conn: psycopg.Connection,
+    job: Job,
+    *,
+    category: str,
+    reason: str,
+    exit_code: int | None,
+    result_sha256: str | None,
+    actor: Actor,
+    detail=None,
+) -> bool:
+    """Mark a job failed by its solver; False when the attempt is no longer current."""
+    params = {
+        "id": job.id,
+        "attempt": job.attempt,
+        "result_sha256": result_sha256,
+        "exit_code": exit_code,
+        "category": category,
+        "reason": reason,
+        **_actor(actor, {"category": category, "reason": reason, **(detail or {})}),
+    }
+    return conn.execute(_FAIL, params).fetchone() is not None
+
+
+def release(conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor) -> bool:
+    """Give a job back to the queue without counting the try (shutdown, broken node)."""
+    params = {"id": job.id, "attempt": job.attempt, **_actor(actor, {"reason": reason})}
+    return conn.execute(_RELEASE, params).fetchone() is not None
+
+
+# -------------------------------------------------------------------- rescue
+
+_RESCUE = f"""
+WITH lost AS (
+    SELECT j.id FROM inversions j
+    WHERE j.status = 'running'
+      AND (j.lease_expires < now()
+           OR NOT EXISTS (
+               SELECT 1 FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.granted
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND l.classid = {LOCK_NAMESPACE}::oid AND l.objid::bigint = j.id AND l.objsubid = 2))
+    FOR UPDATE SKIP LOCKED
+), u AS (
+    UPDATE inversions j
+    SET status = CASE WHEN j.tries >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+        failure_category = CASE WHEN j.tries >= j.max_attempts THEN 'lost_worker' END,
+        failure_reason = CASE WHEN j.tries >= j.max_attempts
+            THEN 'its worker was lost on each of ' || j.tries || ' attempts' END,
+        datetime_finished = CASE WHEN j.tries >= j.max_attempts THEN now() END,
+        datetime_queued = now(), worker_id = NULL, lease_expires = NULL
+    FROM lost WHERE j.id = lost.id
+    RETURNING j.id, j.status, j.attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("rescued")}
+)
+SELECT id, status FROM u
+"""
+
+
+def rescue(conn: psycopg.Connection, actor: Actor) -> list[tuple[int, str]]:
+    """Return running jobs whose worker is gone to the queue (or fail them), in one statement."""
+    return [tuple(row) for row in conn.execute(_RESCUE, _actor(actor, {"reason": "worker lost"}))]
+
+
+# ----------------------------------------------------------------- retrieval
+
+_MARK_DOWNLOADED = f"""
+WITH u AS (
+    UPDATE inversions SET downloaded = true, datetime_downloaded = now()
+    WHERE id = %(id)s AND status IN ('finished', 'failed')
+    RETURNING id, status, attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("downloaded")}
+)
+SELECT id FROM u
+"""
+
+
+def mark_downloaded(conn: psycopg.Connection, job_id: int, actor: Actor) -> bool:
+    return conn.execute(_MARK_DOWNLOADED, {"id": job_id, **_actor(actor)}).fetchone() is not None
+
+
+# ------------------------------------------------------------------- waiting
+
+
+def listen(conn: psycopg.Connection) -> None:
+    conn.execute(f"LISTEN {CHANNEL}")
+
+
+def count_claimable(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM inversions WHERE status = 'queued'").fetchone()[0]
+
+
+def count_pending(conn: psycopg.Connection, ids: Sequence[int]) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM inversions WHERE id = ANY(%s) AND status IN ('registering', 'queued', 'running')",
+        (list(ids),),
+    ).fetchone()[0]

@@ -1,0 +1,165 @@
+"""The database schema as SQLAlchemy Core tables: the single source for alembic.
+
+Names follow cr_hydra (``inversions``, ``binary_data``, ``status``,
+``datetime_finished``, ``inv_computer``, ...) so that the admin queries people
+have typed for years keep working.  Everything the lifecycle needs beyond
+that (attempts, leases, workers, events) is added beside those names.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+JOB_STATES = ("registering", "queued", "running", "finished", "failed", "cancelled")
+SIM_TYPES = ("mod", "inv")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+def _now() -> object:
+    return func.now()
+
+
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    # NULL while the upload streams in: the hash is known only at the end.
+    Column("sha256", Text, nullable=True, unique=True),
+    Column("size", BigInteger, nullable=False, server_default=text("0")),
+    Column("raw_size", BigInteger, nullable=True),
+    Column("n_chunks", Integer, nullable=False, server_default=text("0")),
+    Column("complete", Boolean, nullable=False, server_default=text("false")),
+    Column("datetime_created", DateTime(timezone=True), nullable=False, server_default=_now()),
+    Column("datetime_completed", DateTime(timezone=True), nullable=True),
+    CheckConstraint("NOT complete OR sha256 IS NOT NULL", name="complete_has_sha256"),
+)
+
+binary_data = Table(
+    "binary_data",
+    metadata,
+    Column("blob_id", BigInteger, ForeignKey("blobs.id", ondelete="CASCADE"), nullable=False),
+    Column("chunk_no", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("blob_id", "chunk_no"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    Column("state", Text, nullable=False, server_default=text("'running'")),
+    Column("jobs", Integer, nullable=False),
+    Column("threads", Integer, nullable=False),
+    Column("groups", ARRAY(Text), nullable=False, server_default=text("'{}'")),
+    Column("solvers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("datetime_started", DateTime(timezone=True), nullable=False, server_default=_now()),
+    Column("last_heartbeat", DateTime(timezone=True), nullable=False, server_default=_now()),
+    Column("datetime_stopped", DateTime(timezone=True), nullable=True),
+    Column("stop_reason", Text, nullable=True),
+    CheckConstraint("state IN ('running', 'draining', 'stopped')", name="state"),
+)
+
+inversions = Table(
+    "inversions",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("status", Text, nullable=False, server_default=text("'registering'")),
+    Column("sim_type", Text, nullable=False),
+    # A tomodir that needs modelling before its inversion is one job.
+    Column("model_first", Boolean, nullable=False, server_default=text("false")),
+    Column("username", Text, nullable=False),
+    Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    Column("source_computer", Text, nullable=False),
+    Column("source_path", Text, nullable=False),
+    Column("crh_file", Text, nullable=False),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("job_group", Text, nullable=True),
+    Column("threads", Integer, nullable=False, server_default=text("1")),
+    Column("timeout_s", Integer, nullable=True),
+    # attempt is the fencing token: it only ever grows, every worker write names it.
+    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    # tries counts the attempts that burned a chance (a graceful give-back does not).
+    Column("tries", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("3")),
+    Column("worker_id", BigInteger, ForeignKey("workers.id", ondelete="SET NULL"), nullable=True),
+    Column("inv_computer", Text, nullable=True),
+    Column("lease_expires", DateTime(timezone=True), nullable=True),
+    Column("input_sha256", Text, ForeignKey("blobs.sha256"), nullable=True),
+    Column("result_sha256", Text, ForeignKey("blobs.sha256"), nullable=True),
+    Column("exit_code", Integer, nullable=True),
+    Column("failure_category", Text, nullable=True),
+    Column("failure_reason", Text, nullable=True),
+    Column("datetime_init", DateTime(timezone=True), nullable=False, server_default=_now()),
+    Column("datetime_queued", DateTime(timezone=True), nullable=True),
+    Column("datetime_started", DateTime(timezone=True), nullable=True),
+    Column("datetime_finished", DateTime(timezone=True), nullable=True),
+    Column("downloaded", Boolean, nullable=False, server_default=text("false")),
+    Column("datetime_downloaded", DateTime(timezone=True), nullable=True),
+    CheckConstraint(
+        "status IN ('registering', 'queued', 'running', 'finished', 'failed', 'cancelled')",
+        name="status",
+    ),
+    CheckConstraint("sim_type IN ('mod', 'inv')", name="sim_type"),
+    CheckConstraint("threads >= 1", name="threads"),
+    CheckConstraint("max_attempts >= 1", name="max_attempts"),
+    # The claim query reads exactly this index: queued jobs, best first.
+    Index(
+        "ix_inversions_claim",
+        text("priority DESC"),
+        "id",
+        postgresql_where=text("status = 'queued'"),
+    ),
+    Index("ix_inversions_running", "worker_id", postgresql_where=text("status = 'running'")),
+    Index("ix_inversions_source", "source_computer", "source_path"),
+    Index("ix_inversions_finished", "inv_computer", "datetime_finished"),
+    Index("ix_inversions_status", "status"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("job_id", BigInteger, ForeignKey("inversions.id", ondelete="CASCADE"), nullable=False),
+    Column("datetime", DateTime(timezone=True), nullable=False, server_default=text("clock_timestamp()")),
+    Column("event", Text, nullable=False),
+    Column("status", Text, nullable=True),
+    Column("attempt", Integer, nullable=True),
+    Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    Column("os_user", Text, nullable=True),
+    Column("host", Text, nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("worker_id", BigInteger, nullable=True),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Index("ix_events_job_id", "job_id"),
+)
