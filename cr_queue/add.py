@@ -1,0 +1,161 @@
+"""Registering tomodirs: the crh_add workflow.
+
+Order of a registration, chosen so that a crash at any point is harmless:
+
+1. the job row is created as 'registering' (no worker can see it);
+2. the tomodir is packed and streamed into the store in one pass;
+3. the ``.crh`` file is written atomically beside the tomodir;
+4. the job becomes 'queued' (and a NOTIFY wakes the workers).
+
+Interrupted before 3, the next crh_add finds the 'registering' row of the same
+directory and takes it over; interrupted between 3 and 4, it finds the .crh of
+a 'registering' job and completes it.  Nothing is ever claimable half-made,
+and the user's directory is only read, never changed (the .crh is a sibling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import archive, control, discover, queue, store
+from .db import Database
+from .pause import pause_point
+
+
+@dataclass(frozen=True)
+class AddOptions:
+    force: bool = False
+    dry_run: bool = False
+    priority: int = 0
+    group: str | None = None
+    threads: int = 1
+    timeout_s: int | None = None
+    max_attempts: int = 3
+
+
+@dataclass
+class Added:
+    path: Path
+    job_id: int | None
+    sim_type: str
+    steps: tuple[str, ...]
+    size: int = 0
+    resumed: bool = False
+
+
+@dataclass
+class AddReport:
+    added: list[Added] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    done: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+
+def plan(paths: Iterable[Path]) -> discover.Discovery:
+    return discover.discover([Path(p) for p in paths])
+
+
+def add(
+    db: Database,
+    paths: Iterable[Path],
+    options: AddOptions,
+    *,
+    progress: Callable[[Added], None] | None = None,
+    found: discover.Discovery | None = None,
+) -> AddReport:
+    found = found if found is not None else plan(paths)
+    report = AddReport(done=list(found.done))
+    report.problems.extend(found.errors)
+    report.problems.extend(inc.message for inc in found.incomplete)
+    if options.dry_run:
+        for td in found.todo:
+            crh = control.control_path(td.path)
+            if crh.exists() and not options.force:
+                report.skipped.append((td.path, f"{crh.name} exists: already registered"))
+            else:
+                report.added.append(Added(td.path.resolve(), None, td.sim_type, td.steps))
+        return report
+    actor = queue.Actor()
+    conn = db.connect("crh_add")
+    try:
+        for td in found.todo:
+            item = _add_one(conn, td, options, actor, report)
+            if item is not None:
+                report.added.append(item)
+                if progress is not None:
+                    progress(item)
+    finally:
+        conn.close()
+    return report
+
+
+def _add_one(conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor, report: AddReport) -> Added | None:
+    path = td.path.resolve()
+    crh = control.control_path(path)
+    if crh.exists() and not options.force:
+        try:
+            existing = control.read(crh)
+        except control.ControlFileError as exc:
+            report.problems.append(str(exc))
+            return None
+        job = queue.get_job(conn, existing.job_id)
+        if job is not None and job.status == "registering":
+            return _register(conn, td, path, crh, options, actor, resume_id=job.id)
+        state = job.status if job is not None else "unknown to this database"
+        report.skipped.append((path, f"already registered as job {existing.job_id} ({state}); --force registers it again"))
+        return None
+    return _register(conn, td, path, crh, options, actor)
+
+
+def _register(
+    conn,
+    td: discover.Tomodir,
+    path: Path,
+    crh: Path,
+    options: AddOptions,
+    actor: queue.Actor,
+    *,
+    resume_id: int | None = None,
+) -> Added:
+    new = queue.NewJob(
+        sim_type=td.sim_type,
+        model_first=td.needs_mod and td.needs_inv,
+        source_path=str(path),
+        crh_file=str(crh),
+        username=actor.os_user,
+        source_computer=actor.host,
+        priority=options.priority,
+        job_group=options.group,
+        threads=options.threads,
+        timeout_s=options.timeout_s,
+        max_attempts=options.max_attempts,
+    )
+    job_id = resume_id if resume_id is not None else queue.begin_registration(conn, new, actor)
+    pause_point("add:registered")
+    manifest = archive.snapshot(path)
+    packed = store.put_tree(conn, path)
+    pause_point("add:uploaded")
+    control.write(
+        control.ControlFile(
+            job_id=job_id,
+            sim_type=td.sim_type,
+            crh_file=str(crh),
+            tomodir=str(path),
+            source_computer=actor.host,
+            username=actor.os_user,
+            datetime_init=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            archive_sha256=packed.sha256,
+            manifest={rel: list(stat) for rel, stat in manifest.items()},
+        ),
+        crh,
+    )
+    pause_point("add:control_written")
+    queue.finish_registration(conn, job_id, packed.sha256, actor)
+    return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resume_id is not None)

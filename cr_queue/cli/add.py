@@ -1,0 +1,101 @@
+"""crh_add: register every tomodir under the given paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import add as add_service
+from .common import Output, db_option, handle_errors, open_db, output_options, setup_logging
+
+
+@click.command("add")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Register again even where a .crh file exists.")
+@click.option("--dry-run", "-n", is_flag=True, help="List what would be queued; change nothing.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--group", default=None, help="Queue group; only workers of this group take the jobs.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="OpenMP threads per job.")
+@click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=None, help="Kill the solver after this many seconds.")
+@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, help="Tries before a job whose worker keeps dying fails.")
+@db_option
+@output_options
+@handle_errors
+def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_attempts, db_url, as_json, quiet, log_level):
+    """Register tomodirs below PATHS (default: the current directory) for a worker to run.
+
+    Writes TOMODIR.crh beside each registered tomodir; the tomodir itself is
+    never changed.  Run crh_retrieve in the same tree later.
+    """
+    setup_logging(log_level)
+    out = Output(json=as_json, quiet=quiet)
+    paths = list(paths) or [Path(".")]
+    found = add_service.plan(paths)
+    options = add_service.AddOptions(
+        force=force,
+        dry_run=dry_run,
+        priority=priority,
+        group=group,
+        threads=threads,
+        timeout_s=timeout_s,
+        max_attempts=max_attempts,
+    )
+    if dry_run:
+        report = add_service.add(None, paths, options, found=found)
+    else:
+        if not found.todo:
+            report = add_service.add(None, paths, add_service.AddOptions(dry_run=True), found=found)
+        else:
+            _settings, database = open_db(db_url)
+            if out.interactive:
+                with click.progressbar(length=len(found.todo), label="adding", file=click.get_text_stream("stderr")) as bar:
+                    report = add_service.add(database, paths, options, found=found, progress=lambda _item: bar.update(1))
+            else:
+                report = add_service.add(
+                    database,
+                    paths,
+                    options,
+                    found=found,
+                    progress=lambda item: out.line(
+                        f"{'resumed' if item.resumed else 'queued'} job {item.job_id} "
+                        f"({'+'.join(item.steps)}, {item.size / 1e6:.1f} MB): {item.path}"
+                    ),
+                )
+    _print(out, report, dry_run)
+    raise SystemExit(report.exit_code)
+
+
+def _print(out: Output, report: add_service.AddReport, dry_run: bool) -> None:
+    out.emit(
+        {
+            "dry_run": dry_run,
+            "added": [
+                {
+                    "path": str(a.path),
+                    "job_id": a.job_id,
+                    "sim_type": a.sim_type,
+                    "steps": list(a.steps),
+                    "size": a.size,
+                    "resumed": a.resumed,
+                }
+                for a in report.added
+            ],
+            "skipped": [{"path": str(p), "reason": r} for p, r in report.skipped],
+            "done": [str(p) for p in report.done],
+            "problems": report.problems,
+        }
+    )
+    if dry_run:
+        for a in report.added:
+            out.line(f"would queue ({'+'.join(a.steps)}): {a.path}")
+    for path, reason in report.skipped:
+        out.line(f"skipped {path}: {reason}")
+    for problem in report.problems:
+        out.warn(problem)
+    verb = "would queue" if dry_run else "queued"
+    out.line(
+        f"{verb} {len(report.added)} job(s); {len(report.skipped)} skipped, "
+        f"{len(report.done)} already done, {len(report.problems)} problem(s)",
+        fg="green" if not report.problems else "yellow",
+    )

@@ -1,0 +1,112 @@
+"""What every command shares: database options, output modes, error handling, exit codes.
+
+Exit codes are a contract: 0 success, 1 some items failed (each reported),
+2 usage or configuration error.  Expected errors print one message that
+names the thing, the problem and the remedy, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import config, db, solvers
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (config.ConfigError, db.DatabaseError, solvers.SolverError)
+
+
+def _embedded_error() -> tuple[type[BaseException], ...]:
+    from .. import embedded
+
+    return (embedded.EmbeddedError,)
+
+
+@dataclass
+class Output:
+    """How a command reports: plain lines, JSON for scripts, or nothing but errors."""
+
+    json: bool = False
+    quiet: bool = False
+
+    @property
+    def color(self) -> bool:
+        return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+    @property
+    def interactive(self) -> bool:
+        return sys.stderr.isatty() and not self.json and not self.quiet
+
+    def line(self, message: str, *, fg: str | None = None) -> None:
+        if self.json or self.quiet:
+            return
+        click.echo(click.style(message, fg=fg) if (fg and self.color) else message)
+
+    def warn(self, message: str) -> None:
+        if not self.json:
+            click.echo(click.style(message, fg="yellow") if self.color else message, err=True)
+
+    def emit(self, payload: dict[str, Any]) -> None:
+        if self.json:
+            click.echo(json.dumps(payload, indent=2, default=str))
+
+
+def fail(message: str, code: int = 2) -> None:
+    prog = Path(sys.argv[0]).name or "crh"
+    click.echo(f"{prog}: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED_ERRORS + _embedded_error() as exc:
+            fail(str(exc), 2)
+
+    return wrapper
+
+
+def db_option(fn: Callable) -> Callable:
+    return click.option(
+        "--db",
+        "db_url",
+        metavar="URL",
+        default=None,
+        help="Database URL (else CRH_DATABASE_URL, the config file, ~/.crhydra.cfg, or the embedded database).",
+    )(fn)
+
+
+def output_options(fn: Callable) -> Callable:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print a JSON report for scripts.")(fn)
+    fn = click.option("--quiet", "-Q", is_flag=True, help="Print only errors.")(fn)
+    fn = click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        default="warning",
+        show_default=True,
+        help="Detail of the diagnostic log on stderr.",
+    )(fn)
+    return fn
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def open_db(db_url: str | None, **settings_kw: Any) -> tuple[config.Settings, db.Database]:
+    settings = config.load(db=db_url, **settings_kw)
+    return settings, db.open_database(settings)

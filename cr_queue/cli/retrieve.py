@@ -1,0 +1,105 @@
+"""crh_retrieve and crh_wait_retrieve: bring results back into the tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import retrieve as retrieve_service
+from .common import Output, db_option, handle_errors, open_db, output_options, setup_logging
+
+
+def _item(item: retrieve_service.Item) -> dict:
+    return {
+        "path": str(item.path),
+        "job_id": item.job_id,
+        "status": item.status,
+        "reason": item.reason,
+        "files": item.files,
+        "conflicts": item.conflicts,
+    }
+
+
+def _progress(out: Output):
+    def show(item: retrieve_service.Item) -> None:
+        if item.status == "finished":
+            out.line(f"retrieved job {item.job_id} ({item.files} files): {item.path}", fg="green")
+        elif item.status == "failed":
+            out.line(f"job {item.job_id} FAILED: {item.path}: {item.reason}", fg="red")
+        elif item.status == "cancelled":
+            out.line(f"job {item.job_id} was cancelled: {item.path}")
+        for rel in item.conflicts:
+            out.warn(
+                f"{item.path / rel} was changed after crh_add and was kept; "
+                f"the result is beside it as {rel}{retrieve_service.CONFLICT_SUFFIX}"
+            )
+
+    return show
+
+
+def _report(out: Output, report: retrieve_service.RetrieveReport) -> None:
+    out.emit(
+        {
+            "retrieved": [_item(i) for i in report.retrieved],
+            "failed": [_item(i) for i in report.failed],
+            "pending": [_item(i) for i in report.pending],
+            "cancelled": [_item(i) for i in report.cancelled],
+            "problems": report.problems,
+        }
+    )
+    for item in report.pending:
+        out.line(f"job {item.job_id} is still {item.status}: {item.path}")
+    for problem in report.problems:
+        out.warn(problem)
+    out.line(
+        f"{len(report.retrieved)} retrieved, {len(report.failed)} failed, "
+        f"{len(report.pending)} still pending, {len(report.problems)} problem(s)",
+        fg="green" if report.exit_code == 0 else "yellow",
+    )
+
+
+def _run(paths, wait: bool, poll_s: float, db_url, as_json, quiet, log_level) -> None:
+    setup_logging(log_level)
+    out = Output(json=as_json, quiet=quiet)
+    paths = list(paths) or [Path(".")]
+    _settings, database = open_db(db_url)
+    if wait:
+        def round_done(total: retrieve_service.RetrieveReport) -> None:
+            if total.pending:
+                done = len(total.retrieved) + len(total.failed)
+                out.line(f"waiting: {done} done, {len(total.pending)} pending")
+
+        report = retrieve_service.wait_retrieve(
+            database, paths, poll_s=poll_s, progress=_progress(out), on_round=round_done
+        )
+    else:
+        report = retrieve_service.retrieve(database, paths, progress=_progress(out))
+    _report(out, report)
+    raise SystemExit(report.exit_code)
+
+
+_path_arg = click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+
+
+@click.command("retrieve")
+@_path_arg
+@click.option("--wait", is_flag=True, help="Keep retrieving as jobs finish until none is pending.")
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between checks with --wait.")
+@db_option
+@output_options
+@handle_errors
+def retrieve_command(paths, wait, poll_s, db_url, as_json, quiet, log_level):
+    """Bring the results of finished jobs below PATHS (default: .) into their tomodirs."""
+    _run(paths, wait, poll_s, db_url, as_json, quiet, log_level)
+
+
+@click.command("wait-retrieve")
+@_path_arg
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between checks.")
+@db_option
+@output_options
+@handle_errors
+def wait_retrieve_command(paths, poll_s, db_url, as_json, quiet, log_level):
+    """Retrieve results below PATHS as jobs finish, until none is pending."""
+    _run(paths, True, poll_s, db_url, as_json, quiet, log_level)

@@ -1,0 +1,87 @@
+"""crh_worker: the daemon that runs the solvers on a compute node."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from .. import solvers
+from .. import worker as worker_service
+from .common import Output, db_option, handle_errors, open_db, output_options, setup_logging
+
+
+@click.command("worker")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Jobs run at the same time.")
+@click.option("--threads", "-t", type=click.IntRange(min=1), default=1, show_default=True, help="OMP_NUM_THREADS for each solver.")
+@click.option("--quit-when-empty", "-q", "--quit", "quit_when_empty", is_flag=True, help="Exit once no job is left to claim.")
+@click.option("--name", default=None, help="Worker name shown in status (default HOST-PID).")
+@click.option("--group", "groups", multiple=True, help="Only take jobs of this group (repeatable); without it, only jobs without a group.")
+@click.option("--crtomo", default=None, metavar="PATH", help="CRTomo binary (else CRH_CRTOMO, [solvers] crtomo, or CRTomo on PATH).")
+@click.option("--crmod", default=None, metavar="PATH", help="CRMod binary (else CRH_CRMOD, [solvers] crmod, or CRMod on PATH).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None, help="Default solver time limit in seconds for jobs that set none.")
+@click.option("--lease", "lease_s", type=click.FloatRange(min=3), default=30.0, show_default=True, help="Lease length in seconds; renewed every third of it.")
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between polls when no NOTIFY arrives.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where private job directories are made (default: the system temp dir).")
+@db_option
+@output_options
+@handle_errors
+def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, timeout_s, lease_s, poll_s, workdir, db_url, as_json, quiet, log_level):
+    """Claim jobs from the queue and run CRMod/CRTomo on them.
+
+    SIGTERM or Ctrl-C: stop claiming and let running jobs finish; a second
+    one gives the running jobs back to the queue at once.
+    """
+    setup_logging(log_level)
+    out = Output(json=as_json, quiet=quiet)
+    settings, database = open_db(db_url, crtomo=crtomo, crmod=crmod)
+    solver_map = solvers.resolve(
+        {
+            "crtomo": (settings.crtomo, _origin("crtomo", crtomo)),
+            "crmod": (settings.crmod, _origin("crmod", crmod)),
+        }
+    )
+    if workdir is not None and not workdir.is_dir():
+        raise click.BadParameter(f"{workdir} is not a directory; create it or choose another", param_hint="--workdir")
+    options = worker_service.WorkerOptions(
+        jobs=jobs,
+        threads=threads,
+        name=name,
+        quit_when_empty=quit_when_empty,
+        groups=tuple(groups),
+        lease_s=lease_s,
+        poll_s=poll_s,
+        timeout_s=timeout_s,
+        workdir=workdir,
+    )
+    events: list[str] = []
+
+    def on_event(message: str) -> None:
+        logging.getLogger("cr_queue.worker").info("%s", message)
+        events.append(message) if as_json else out.line(message)
+
+    w = worker_service.Worker(database, solver_map, options, on_event=on_event)
+    w.install_signal_handlers()
+    code = w.run()
+    out.emit(
+        {
+            "worker_id": w.worker_id,
+            "name": w.name,
+            "finished": w.tally.finished,
+            "failed": w.tally.failed,
+            "released": w.tally.released,
+            "refused": w.tally.refused,
+            "events": events,
+        }
+    )
+    raise SystemExit(code)
+
+
+def _origin(name: str, option: str | None) -> str:
+    if option:
+        return f"--{name}"
+    if os.environ.get(f"CRH_{name.upper()}"):
+        return f"CRH_{name.upper()}"
+    return f"[solvers] {name} in the config"

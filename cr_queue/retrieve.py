@@ -1,0 +1,198 @@
+"""Bringing results back into the user's tree: the crh_retrieve workflow.
+
+A result is downloaded to a hidden file beside the tomodir, its sha256 is
+checked, and only then is it unpacked into a hidden staging directory on the
+same filesystem.  Files are then moved into the tomodir one by one with
+``os.replace`` (atomic per file).  The ``.crh`` goes last, so a retrieval that
+is interrupted is simply done again by the next run.
+
+A file the user changed after crh_add (its size or modification time differs
+from the manifest in the ``.crh``) is never overwritten: the result is put
+beside it as ``NAME.crh-result`` and the report says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import archive, control, queue, store
+from .db import Database
+
+CONFLICT_SUFFIX = ".crh-result"
+PENDING = ("registering", "queued", "running")
+
+
+@dataclass
+class Item:
+    path: Path
+    job_id: int
+    status: str
+    reason: str | None = None
+    files: int = 0
+    conflicts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RetrieveReport:
+    retrieved: list[Item] = field(default_factory=list)
+    failed: list[Item] = field(default_factory=list)
+    pending: list[Item] = field(default_factory=list)
+    cancelled: list[Item] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if (self.failed or self.problems) else 0
+
+    def merge(self, other: RetrieveReport) -> None:
+        self.retrieved += other.retrieved
+        self.failed += other.failed
+        self.cancelled += other.cancelled
+        self.problems += other.problems
+        self.pending = other.pending
+
+
+def retrieve(
+    db: Database,
+    paths: Iterable[Path],
+    *,
+    progress: Callable[[Item], None] | None = None,
+) -> RetrieveReport:
+    report = RetrieveReport()
+    try:
+        crh_files = control.find([Path(p) for p in paths])
+    except control.ControlFileError as exc:
+        report.problems.append(str(exc))
+        return report
+    controls: list[tuple[Path, control.ControlFile]] = []
+    for crh in crh_files:
+        try:
+            controls.append((crh, control.read(crh)))
+        except control.ControlFileError as exc:
+            report.problems.append(str(exc))
+    if not controls:
+        return report
+    actor = queue.Actor()
+    conn = db.connect("crh_retrieve")
+    try:
+        jobs = queue.get_jobs(conn, [cf.job_id for _, cf in controls])
+        for crh, cf in controls:
+            tomodir = crh.with_suffix("")
+            job = jobs.get(cf.job_id)
+            if job is None:
+                report.problems.append(
+                    f"{crh}: job {cf.job_id} is not in the database {db.redacted}. "
+                    "Retrieve with the database it was added to (--db or CRH_DATABASE_URL); "
+                    f"if that database is gone, delete {crh.name} and run crh_add again."
+                )
+                continue
+            item = Item(tomodir, job.id, job.status, job.failure_reason)
+            if job.status in PENDING:
+                report.pending.append(item)
+                continue
+            if job.status == "cancelled":
+                control.remove(crh)
+                report.cancelled.append(item)
+            else:
+                try:
+                    _bring_back(conn, job, cf, tomodir, item)
+                except (archive.ChecksumMismatch, archive.UnsafeArchive, store.BlobMissing) as exc:
+                    report.problems.append(f"{crh}: job {job.id}'s result cannot be used: {exc}")
+                    continue
+                queue.mark_downloaded(conn, job.id, actor)
+                control.remove(crh)
+                (report.retrieved if job.status == "finished" else report.failed).append(item)
+            if progress is not None:
+                progress(item)
+    finally:
+        conn.close()
+    return report
+
+
+def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, item: Item) -> None:
+    if job.result_sha256 is None:
+        return
+    parent = tomodir.parent
+    packed = parent / f".{tomodir.name}.crh-{job.id}.tar.zst"
+    staging = parent / f".{tomodir.name}.crh-staging-{job.id}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with open(packed, "wb") as fh:
+            store.fetch(conn, job.result_sha256, fh)
+        staging.mkdir()
+        with open(packed, "rb") as fh:
+            archive.unpack(fh, staging)
+        _merge(staging, tomodir, cf.manifest, item)
+    finally:
+        packed.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _merge(staging: Path, tomodir: Path, manifest: dict[str, list[int]], item: Item) -> None:
+    for dirpath, dirnames, filenames in os.walk(staging):
+        rel_dir = Path(dirpath).relative_to(staging)
+        (tomodir / rel_dir).mkdir(parents=True, exist_ok=True)
+        dirnames.sort()
+        for name in sorted(filenames):
+            rel = (rel_dir / name).as_posix()
+            source = Path(dirpath) / name
+            target = tomodir / rel
+            if target.is_symlink() or (target.exists() and _user_changed(target, rel, manifest)):
+                if target.is_file() and not target.is_symlink() and _same_content(source, target):
+                    continue
+                os.replace(source, target.with_name(target.name + CONFLICT_SUFFIX))
+                item.conflicts.append(rel)
+            else:
+                os.replace(source, target)
+            item.files += 1
+
+
+def _user_changed(target: Path, rel: str, manifest: dict[str, list[int]]) -> bool:
+    """True when the file is not as crh_add saw it: the user's, not ours to replace."""
+    recorded = manifest.get(rel)
+    if recorded is None:
+        return True
+    st = target.stat()
+    return [st.st_size, st.st_mtime_ns] != list(recorded)
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block_a, block_b = fa.read(1 << 20), fb.read(1 << 20)
+            if block_a != block_b:
+                return False
+            if not block_a:
+                return True
+
+
+def wait_retrieve(
+    db: Database,
+    paths: Iterable[Path],
+    *,
+    poll_s: float = 5.0,
+    progress: Callable[[Item], None] | None = None,
+    on_round: Callable[[RetrieveReport], None] | None = None,
+    max_wait_s: float | None = None,
+) -> RetrieveReport:
+    """Retrieve as jobs finish, until nothing under the paths is pending."""
+    paths = [Path(p) for p in paths]
+    total = RetrieveReport()
+    started = time.monotonic()
+    while True:
+        this_round = retrieve(db, paths, progress=progress)
+        total.merge(this_round)
+        if on_round is not None:
+            on_round(total)
+        if not this_round.pending:
+            return total
+        if max_wait_s is not None and time.monotonic() - started > max_wait_s:
+            return total
+        time.sleep(poll_s)

@@ -1,0 +1,208 @@
+"""Finding, running and judging CRMod and CRTomo.
+
+The real solvers exit 0 when they fail, so the exit status alone says little:
+a step succeeded only when it exited 0, left no ``exe/error.dat`` and the
+tomodir no longer needs that step by the same rules that made it a job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from . import discover
+
+STEP_SOLVER = {"mod": "crmod", "inv": "crtomo"}
+DISPLAY = {"crmod": "CRMod", "crtomo": "CRTomo"}
+# Names the binaries usually have, tried on PATH when nothing is configured.
+PATH_NAMES = {"crmod": ("CRMod", "CRMod_dev"), "crtomo": ("CRTomo", "CRTomo_dev")}
+# Files a previous run may have left in the user's copy; they would confuse the verdict.
+STALE_FILES = ("exe/error.dat", "exe/crtomo.pid", "exe/crmod.pid")
+
+
+class SolverError(Exception):
+    """A solver binary is missing or unusable: the worker must not start."""
+
+
+@dataclass(frozen=True)
+class Solver:
+    name: str
+    path: Path
+
+    def describe(self) -> dict[str, object]:
+        """Provenance of the binary: what exactly computed a result."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return {"path": str(self.path), "sha256": digest.hexdigest(), "size": self.path.stat().st_size}
+
+
+def _check(name: str, raw: str, origin: str) -> Solver:
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and os.sep not in raw:
+        found = shutil.which(raw)
+        if found:
+            path = Path(found)
+    if not path.exists():
+        raise SolverError(
+            f"the {DISPLAY[name]} binary {path} (from {origin}) does not exist. "
+            f"Give the right path with --{name}, CRH_{name.upper()} or [solvers] {name} in the config."
+        )
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise SolverError(
+            f"the {DISPLAY[name]} binary {path} (from {origin}) is not an executable file. "
+            f"Fix its permissions (chmod +x {path}) or point --{name} at the right file."
+        )
+    return Solver(name, path.resolve())
+
+
+def resolve(configured: Mapping[str, tuple[str | None, str]]) -> dict[str, Solver]:
+    """Check the configured solvers; fall back to the usual names on PATH.
+
+    ``configured`` maps "crmod"/"crtomo" to (path or None, where it came from).
+    A configured path that is wrong is an error even if the other solver is fine:
+    a typo must not silently turn a node into one that only models.
+    """
+    solvers: dict[str, Solver] = {}
+    for name in ("crmod", "crtomo"):
+        raw, origin = configured.get(name, (None, ""))
+        if raw:
+            solvers[name] = _check(name, raw, origin)
+            continue
+        for candidate in PATH_NAMES[name]:
+            found = shutil.which(candidate)
+            if found:
+                solvers[name] = _check(name, found, "PATH")
+                break
+    if not solvers:
+        raise SolverError(
+            "no solver found: neither CRMod nor CRTomo is configured or on PATH. "
+            "Give them with --crmod/--crtomo, CRH_CRMOD/CRH_CRTOMO or [solvers] in the config "
+            "(for a trial without the real binaries: --crmod crh_standin_crmod --crtomo crh_standin_crtomo)."
+        )
+    return solvers
+
+
+def prepare(tomodir: Path) -> None:
+    """Remove leftovers of an earlier run from the worker's private copy."""
+    for rel in STALE_FILES:
+        (tomodir / rel).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    step: str
+    returncode: int | None
+    timed_out: bool
+    aborted: bool
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    category: str | None = None
+    reason: str | None = None
+    exit_code: int | None = None
+
+
+def run_step(
+    solver: Solver,
+    tomodir: Path,
+    *,
+    step: str,
+    threads: int,
+    log: BinaryIO,
+    timeout: float | None = None,
+    abort: threading.Event | None = None,
+    nice: int = 0,
+    env: Mapping[str, str] | None = None,
+) -> Outcome:
+    """Run one solver in ``tomodir/exe`` in its own process group.
+
+    The whole group is killed on timeout or abort, so helpers the solver
+    spawned do not outlive the job.
+    """
+    run_env = dict(os.environ if env is None else env)
+    run_env["OMP_NUM_THREADS"] = str(threads)
+    log.write(f"=== cr_queue: {DISPLAY[solver.name]} {solver.path} with OMP_NUM_THREADS={threads}\n".encode())
+    log.flush()
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [str(solver.path)],
+        cwd=tomodir / "exe",
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=run_env,
+        start_new_session=True,
+        preexec_fn=(lambda: os.nice(nice)) if nice else None,
+    )
+    timed_out = aborted = False
+    while True:
+        try:
+            proc.wait(timeout=0.05 if time.monotonic() - start < 1 else 0.25)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if timeout is not None and time.monotonic() - start > timeout:
+            timed_out = True
+        elif abort is not None and abort.is_set():
+            aborted = True
+        else:
+            continue
+        kill_group(proc)
+        break
+    return Outcome(step, proc.returncode, timed_out, aborted, time.monotonic() - start)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _error_dat_text(path: Path) -> str:
+    text = path.read_text(errors="replace")
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    return " | ".join(lines)[:2000]
+
+
+def judge(outcome: Outcome, tomodir: Path, timeout: float | None = None) -> Verdict:
+    solver = DISPLAY[STEP_SOLVER[outcome.step]]
+    rc = outcome.returncode
+    if outcome.timed_out:
+        return Verdict(False, "timeout", f"{solver} ran longer than the job's timeout of {timeout:g} s; its process group was killed", rc)
+    if outcome.aborted:
+        return Verdict(False, "aborted", f"{solver} was stopped by the worker", rc)
+    if rc is not None and rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return Verdict(False, "signal", f"{solver} was killed by {name}", rc)
+    if rc:
+        return Verdict(False, "exit_code", f"{solver} exited with status {rc}", rc)
+    error_dat = tomodir / "exe" / "error.dat"
+    if error_dat.exists():
+        return Verdict(False, "error_dat", f"{solver} wrote exe/error.dat: {_error_dat_text(error_dat)}", rc)
+    state = discover.classify(tomodir)
+    still = isinstance(state, discover.Tomodir) and (
+        state.needs_mod if outcome.step == "mod" else state.needs_inv
+    )
+    if still or isinstance(state, discover.Incomplete):
+        missing = "mod/volt.dat" if outcome.step == "mod" else "an inv/inv.ctr ending in ***finished***"
+        return Verdict(False, "output_missing", f"{solver} exited 0 but wrote no {missing}", rc)
+    return Verdict(True, exit_code=rc)

@@ -1,0 +1,127 @@
+"""Shared fixtures: one throwaway PostgreSQL cluster per test session, a fresh database per test.
+
+The cluster is started by the suite itself (never a server someone started by
+hand).  Each test gets its own database, cloned from a template that already
+carries the migrated schema, so tests cannot see each other's jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import conninfo, sql
+
+from cr_queue import migrate
+from cr_queue.embedded import Cluster
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_EXAMPLES = REPO.parent / "shared" / "examples" / "tomodirs.tar.gz"
+TEMPLATE = "crh_template"
+
+
+def _url(cluster: Cluster, dbname: str) -> str:
+    return conninfo.make_conninfo(cluster.url, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory) -> Cluster:
+    # Durability settings off: a test cluster is thrown away, and it saves minutes.
+    cluster = Cluster(
+        tmp_path_factory.mktemp("pg") / "data",
+        extra_conf={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+    )
+    cluster.start()
+    yield cluster
+    cluster.stop(mode="immediate")
+
+
+@pytest.fixture(scope="session")
+def template_url(pg_cluster: Cluster) -> str:
+    with psycopg.connect(pg_cluster.url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(TEMPLATE)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
+    url = _url(pg_cluster, TEMPLATE)
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def db_url(pg_cluster: Cluster, template_url: str) -> str:
+    """A fresh, migrated database of its own for this test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_cluster.url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(TEMPLATE)))
+    yield _url(pg_cluster, name)
+    with psycopg.connect(pg_cluster.url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def empty_db_url(pg_cluster: Cluster) -> str:
+    """A fresh database with no schema at all (for migration tests)."""
+    name = f"e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_cluster.url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield _url(pg_cluster, name)
+    with psycopg.connect(pg_cluster.url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def conn(db_url: str):
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        yield connection
+
+
+def script(name: str) -> str:
+    """Path of an installed console script (the suite runs the real commands)."""
+    found = shutil.which(name) or str(Path(sys.executable).parent / name)
+    if not os.path.exists(found):
+        pytest.fail(f"console script {name} not installed: run `pip install -e .` first")
+    return found
+
+
+@pytest.fixture
+def cli_env(db_url: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for running the real commands against this test's database."""
+    env = dict(os.environ)
+    for key in ("CRH_CONFIG", "CRH_CRMOD", "CRH_CRTOMO", "CRH_STANDIN_FAIL", "CRH_STANDIN_SLEEP", "CRH_PAUSE_AT"):
+        env.pop(key, None)
+    env.update(
+        {
+            "CRH_DATABASE_URL": db_url,
+            "CRH_CRMOD": script("crh_standin_crmod"),
+            "CRH_CRTOMO": script("crh_standin_crtomo"),
+            "CRH_SYSTEM_CONFIG": str(tmp_path / "no-system-config.toml"),
+            "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
+            "NO_COLOR": "1",
+        }
+    )
+    return env
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 300, check: int | None = 0):
+    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check is not None and proc.returncode != check:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} exited {proc.returncode}, expected {check}\n"
+            f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def examples_dir(tmp_path_factory) -> Path:
+    """The real example tomodirs from ../shared, unpacked; skipped where ../shared is absent."""
+    if not SHARED_EXAMPLES.exists():
+        pytest.skip("../shared/examples/tomodirs.tar.gz is not beside this checkout")
+    target = tmp_path_factory.mktemp("examples")
+    subprocess.run(["tar", "-xzf", str(SHARED_EXAMPLES), "-C", str(target)], check=True)
+    return target
