@@ -1,0 +1,204 @@
+"""The query layer against real PostgreSQL: registration, claim, fencing, rescue, store."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import psycopg
+import pytest
+
+from cr_queue import queue, store
+
+ACTOR = queue.Actor(os_user="tester", host="testhost", pid=1)
+
+
+def _new(path: str = "/data/td", **kw) -> queue.NewJob:
+    base = dict(
+        sim_type="inv",
+        model_first=False,
+        source_path=path,
+        crh_file=path + ".crh",
+        username="tester",
+        source_computer="ws1",
+    )
+    base.update(kw)
+    return queue.NewJob(**base)
+
+
+def _queued(conn, path="/data/td", **kw) -> int:
+    job_id = queue.begin_registration(conn, _new(path, **kw), ACTOR)
+    sha = _blob(conn, path.encode())
+    assert queue.finish_registration(conn, job_id, sha, ACTOR)
+    return job_id
+
+
+def _blob(conn, payload: bytes) -> str:
+    writer = store.BlobWriter(conn, chunk_size=4)
+    writer.write(payload)
+    return writer.seal(hashlib.sha256(payload).hexdigest(), len(payload))
+
+
+def _worker(conn, name="w") -> queue.Actor:
+    wid = queue.register_worker(
+        conn, name=name, host="node1", pid=2, version="t", jobs=1, threads=1, groups=[], solvers={}
+    )
+    return queue.Actor(os_user="worker", host="node1", pid=2, worker_id=wid)
+
+
+def _drop(observer, victim) -> None:
+    """Close a connection as a dying worker would, and wait until the server has noticed."""
+    pid = victim.info.backend_pid
+    victim.close()
+    for _ in range(500):
+        gone = observer.execute(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s)"
+            " AND NOT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s)",
+            (pid, pid),
+        ).fetchone()[0]
+        if gone:
+            return
+        observer.execute("SELECT pg_sleep(0.01)")
+    raise AssertionError(f"backend {pid} did not go away")
+
+
+def _claim(conn, actor, **kw):
+    params = dict(actor=actor, can_mod=True, can_inv=True, lease_s=30)
+    params.update(kw)
+    return queue.claim(conn, **params)
+
+
+def test_registering_job_is_invisible_until_finished(conn):
+    job_id = queue.begin_registration(conn, _new(), ACTOR)
+    actor = _worker(conn)
+    assert _claim(conn, actor) is None
+    # An interrupted crh_add for the same directory takes the row over: no duplicate.
+    assert queue.begin_registration(conn, _new(), ACTOR) == job_id
+    sha = _blob(conn, b"x")
+    assert queue.finish_registration(conn, job_id, sha, ACTOR)
+    assert not queue.finish_registration(conn, job_id, sha, ACTOR)
+    job = _claim(conn, actor)
+    assert job.id == job_id and job.attempt == 1 and job.status == "running"
+    assert conn.execute("SELECT count(*) FROM inversions").fetchone()[0] == 1
+
+
+def test_claim_order_capabilities_and_groups(conn):
+    low = _queued(conn, "/a", priority=0)
+    high = _queued(conn, "/b", priority=5)
+    mod = _queued(conn, "/c", sim_type="mod")
+    both = _queued(conn, "/d", model_first=True)
+    grouped = _queued(conn, "/e", job_group="big")
+    actor = _worker(conn)
+    assert _claim(conn, actor).id == high
+    # A node without CRMod never takes modelling, nor an inversion that must model first.
+    assert _claim(conn, actor, can_mod=False).id == low
+    assert _claim(conn, actor, can_mod=False) is None
+    assert _claim(conn, actor, can_inv=False).id == mod
+    assert _claim(conn, actor).id == both
+    assert _claim(conn, actor) is None
+    assert _claim(conn, actor, groups=["big"]).id == grouped
+
+
+def test_skip_locked_two_claimers_never_share_a_job(db_url):
+    with psycopg.connect(db_url, autocommit=True) as setup:
+        ids = {_queued(setup, f"/td{i}") for i in range(20)}
+        actor = _worker(setup)
+    claimed = []
+    conns = [psycopg.connect(db_url, autocommit=True) for _ in range(2)]
+    try:
+        while True:
+            got = [_claim(c, actor) for c in conns]
+            claimed += [j.id for j in got if j]
+            if not any(got):
+                break
+    finally:
+        for c in conns:
+            c.close()
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_completion_is_fenced_on_the_attempt(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        job_id = _queued(conn)
+        actor = _worker(conn)
+        holder = psycopg.connect(db_url, autocommit=True)
+        first = _claim(holder, actor)
+        _drop(conn, holder)  # the worker dies: its advisory lock goes with its connection
+        assert queue.rescue(conn, ACTOR) == [(job_id, "queued")]
+        second = _claim(conn, actor)
+        assert second.attempt == first.attempt + 1
+        sha = _blob(conn, b"result")
+        # The late first attempt is refused, the current one accepted, exactly once.
+        assert not queue.complete(conn, first, result_sha256=sha, exit_code=0, actor=actor)
+        assert not queue.fail(conn, first, category="x", reason="y", exit_code=1, result_sha256=None, actor=actor)
+        assert queue.renew(conn, actor.worker_id, [(job_id, first.attempt)], 30) == set()
+        assert queue.renew(conn, actor.worker_id, [(job_id, second.attempt)], 30) == {job_id}
+        assert queue.complete(conn, second, result_sha256=sha, exit_code=0, actor=actor)
+        assert not queue.complete(conn, second, result_sha256=sha, exit_code=0, actor=actor)
+        events = [e["event"] for e in queue.events_of(conn, job_id)]
+        assert events == ["registering", "queued", "claimed", "rescued", "claimed", "finished"]
+
+
+def test_rescue_leaves_live_workers_alone_and_fails_after_max_attempts(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        live_id = _queued(conn, "/live")
+        job_id = _queued(conn, "/dying", max_attempts=2)
+        actor = _worker(conn)
+        live = psycopg.connect(db_url, autocommit=True)
+        assert _claim(live, actor).id == live_id
+        for expected in ("queued", "failed"):
+            holder = psycopg.connect(db_url, autocommit=True)
+            assert _claim(holder, actor).id == job_id
+            _drop(conn, holder)
+            assert queue.rescue(conn, ACTOR) == [(job_id, expected)]
+        job = queue.get_job(conn, job_id)
+        assert job.status == "failed" and job.failure_category == "lost_worker"
+        assert queue.get_job(conn, live_id).status == "running"
+        live.close()
+
+
+def test_expired_lease_is_rescued_even_while_the_lock_is_held(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        job_id = _queued(conn)
+        actor = _worker(conn)
+        hung = psycopg.connect(db_url, autocommit=True)
+        job = _claim(hung, actor, lease_s=0.01)
+        assert job.id == job_id
+        conn.execute("SELECT pg_sleep(0.05)")
+        assert queue.rescue(conn, ACTOR) == [(job_id, "queued")]
+        hung.close()
+
+
+def test_release_gives_back_without_burning_a_try(conn):
+    job_id = _queued(conn, max_attempts=1)
+    actor = _worker(conn)
+    job = _claim(conn, actor)
+    assert queue.release(conn, job, reason="shutdown", actor=actor)
+    again = queue.get_job(conn, job_id)
+    assert again.status == "queued" and again.tries == 0 and again.attempt == 1
+
+
+def test_store_round_trip_and_dedup(conn):
+    payload = os.urandom(3 * store.CHUNK_SIZE + 17)
+    sha = hashlib.sha256(payload).hexdigest()
+    for _ in range(2):
+        writer = store.BlobWriter(conn)
+        for i in range(0, len(payload), 100_000):
+            writer.write(payload[i : i + 100_000])
+        assert writer.seal(sha, len(payload)) == sha
+    assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
+    assert conn.execute("SELECT max(length(data)) FROM binary_data").fetchone()[0] <= store.CHUNK_SIZE
+    out = io.BytesIO()
+    assert store.fetch(conn, sha, out) == len(payload)
+    assert out.getvalue() == payload
+    with pytest.raises(store.BlobMissing):
+        store.fetch(conn, "0" * 64, io.BytesIO())
+
+
+def test_notify_on_queued(db_url):
+    with psycopg.connect(db_url, autocommit=True) as listener, psycopg.connect(db_url, autocommit=True) as conn:
+        queue.listen(listener)
+        _queued(conn)
+        got = list(listener.notifies(timeout=5, stop_after=1))
+        assert got and got[0].channel == queue.CHANNEL
