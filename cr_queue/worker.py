@@ -308,7 +308,8 @@ class Worker:
                 result = store.put_tree(conn, tomodir, members=members)
                 if queue.complete(conn, job, result_sha256=result.sha256, exit_code=verdict.exit_code, actor=self.actor):
                     self.tally.finished += 1
-                    self.on_event(f"job {job.id}: finished ({len(members)} result files)")
+                    files = sum(1 for m in members if (tomodir / m).is_file())
+                    self.on_event(f"job {job.id}: finished ({files} result files)")
                 else:
                     self.tally.refused += 1
                     self.on_event(f"job {job.id}: completion refused, attempt {job.attempt} is stale; result discarded")

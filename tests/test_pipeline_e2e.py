@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import subprocess
 from collections import Counter
@@ -56,7 +57,8 @@ def test_twenty_tomodirs_two_workers_each_runs_exactly_once(tmp_path, cli_env, d
     runs = Counter()
     for line in (marks / "runs.log").read_text().splitlines():
         _pid, solver, cwd = line.split(" ", 2)
-        runs[(solver, str(Path(cwd).parent.name))] += 1
+        job = re.search(r"crh-job(\d+)-", cwd).group(1)
+        runs[(solver, job)] += 1
     assert all(count == 1 for count in runs.values()), runs
     expected_runs = 8 + 8 + 2 * 6
     assert sum(runs.values()) == expected_runs

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import add as add_service
-from .common import Output, db_option, handle_errors, open_db, output_options, setup_logging
+from .common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
 
 
 @click.command("add")
@@ -31,6 +31,12 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
     setup_logging(log_level)
     out = Output(json=as_json, quiet=quiet)
     paths = list(paths) or [Path(".")]
+    for path in paths:
+        # A mistyped path is a usage error: register nothing rather than half of what was meant.
+        if not path.exists():
+            fail(f"{path}: no such directory; check the path (crh_add takes directories holding tomodirs)")
+        if not path.is_dir():
+            fail(f"{path}: not a directory; give the tomodir or a directory above it")
     found = add_service.plan(paths)
     options = add_service.AddOptions(
         force=force,

@@ -66,7 +66,7 @@ def demo_command(db_url, keep, jobs, as_json, quiet, log_level):
     w = worker.Worker(
         database,
         solver_map,
-        worker.WorkerOptions(jobs=jobs, quit_when_empty=True, groups=(group,), name=f"demo-{group}"),
+        worker.WorkerOptions(jobs=jobs, quit_when_empty=True, groups=(group,), name=group),
         on_event=lambda message: out.line(f"  worker: {message}"),
     )
     w.run()
