@@ -18,6 +18,15 @@ from . import config, migrate
 log = logging.getLogger(__name__)
 
 
+KEEPALIVE = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10000,
+}
+
+
 class DatabaseError(Exception):
     """The database cannot be used; the message says which one and what to do."""
 
@@ -32,8 +41,12 @@ class Database:
     def redacted(self) -> str:
         return config.redact(self.url)
 
-    def connect(self, application_name: str = "cr_queue", *, autocommit: bool = True) -> psycopg.Connection:
-        return connect(self.url, application_name=application_name, autocommit=autocommit, source=self.source)
+    def connect(
+        self, application_name: str = "cr_queue", *, autocommit: bool = True, keepalive: bool = False
+    ) -> psycopg.Connection:
+        return connect(
+            self.url, application_name=application_name, autocommit=autocommit, source=self.source, keepalive=keepalive
+        )
 
 
 def connect(
@@ -43,13 +56,18 @@ def connect(
     autocommit: bool = True,
     source: str = "",
     connect_timeout: int = 10,
+    keepalive: bool = False,
 ) -> psycopg.Connection:
+    # A worker must notice a dead network within seconds, not the kernel's
+    # fifteen minutes of retransmissions (ignored on Unix sockets).
+    extra = KEEPALIVE if keepalive else {}
     try:
         return psycopg.connect(
             url,
             autocommit=autocommit,
             application_name=application_name,
             connect_timeout=connect_timeout,
+            **extra,
         )
     except psycopg.OperationalError as exc:
         raise DatabaseError(unreachable_message(url, source, exc)) from None

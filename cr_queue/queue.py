@@ -5,10 +5,13 @@ the history can never disagree with the state.  Writes a worker makes about a
 job name the attempt it holds (fencing): a write for an attempt that is no
 longer current changes nothing and the caller learns it was refused.
 
-A running job is also protected by a session advisory lock held by the
-worker's connection: when the worker dies its connection drops, the lock
-vanishes, and the next rescue sweep returns the job to the queue without
-waiting for the lease to run out.
+A live worker holds a session advisory lock on its own id (on its heartbeat
+connection) and beats every few seconds.  When the worker dies its
+connection drops, the lock vanishes, its heartbeat stops, and the next rescue
+sweep returns its jobs to the queue within seconds, long before their leases
+run out.  Requiring both signals keeps a short network blip or a database
+restart (which drops every lock at once) from taking jobs away from workers
+that are still alive and will reconnect.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 
-# First key of the two-key advisory locks on running jobs (the second is the job id).
+# First key of the two-key advisory locks of live workers (the second is the worker id).
 LOCK_NAMESPACE = 17234
 CHANNEL = "crh_jobs"
+CANCEL_CHANNEL = "crh_cancel"
+# A worker whose lock is gone and whose heartbeat is older than this is lost.
+RESCUE_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -264,7 +270,7 @@ WITH next AS (
         lease_expires = now() + make_interval(secs => %(lease_s)s),
         exit_code = NULL, failure_category = NULL, failure_reason = NULL
     FROM next WHERE j.id = next.id
-    RETURNING j.*, pg_try_advisory_lock({LOCK_NAMESPACE}, j.id::int) AS locked
+    RETURNING j.*
 ), e AS (
     INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("claimed")}
 )
@@ -281,11 +287,7 @@ def claim(
     groups: Sequence[str] = (),
     lease_s: float,
 ) -> Job | None:
-    """Take the best queued job this worker can run, in one short transaction.
-
-    Runs on the connection that will keep the job's advisory lock for as long
-    as the job runs; that connection must not be shared with other jobs.
-    """
+    """Take the best queued job this worker can run, in one short transaction."""
     params = {
         "can_mod": can_mod,
         "can_inv": can_inv,
@@ -298,9 +300,9 @@ def claim(
         return cur.execute(_CLAIM, params).fetchone()
 
 
-def unlock(conn: psycopg.Connection, job_id: int) -> None:
-    """Drop the advisory lock of a job this connection no longer runs."""
-    conn.execute("SELECT pg_advisory_unlock(%s, %s::int)", (LOCK_NAMESPACE, job_id))
+def hold_worker_lock(conn: psycopg.Connection, worker_id: int) -> bool:
+    """Take the lock that says "this worker is alive" for as long as ``conn`` lives."""
+    return bool(conn.execute("SELECT pg_try_advisory_lock(%s, %s::int)", (LOCK_NAMESPACE, worker_id)).fetchone()[0])
 
 
 # ------------------------------------------------------ heartbeats and leases
@@ -419,15 +421,18 @@ def release(conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor) ->
 
 _RESCUE = f"""
 WITH lost AS (
-    SELECT j.id FROM inversions j
+    SELECT j.id FROM inversions j LEFT JOIN workers w ON w.id = j.worker_id
     WHERE j.status = 'running'
       AND (j.lease_expires < now()
-           OR NOT EXISTS (
-               SELECT 1 FROM pg_locks l
-               WHERE l.locktype = 'advisory' AND l.granted
-                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                 AND l.classid = {LOCK_NAMESPACE}::oid AND l.objid::bigint = j.id AND l.objsubid = 2))
-    FOR UPDATE SKIP LOCKED
+           OR (coalesce(w.last_heartbeat < now() - make_interval(secs => %(grace_s)s), true)
+               AND pg_postmaster_start_time() < now() - make_interval(secs => %(grace_s)s)
+               AND NOT EXISTS (
+                   SELECT 1 FROM pg_locks l
+                   WHERE l.locktype = 'advisory' AND l.granted
+                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                     AND l.classid = {LOCK_NAMESPACE}::oid AND l.objid::bigint = j.worker_id
+                     AND l.objsubid = 2)))
+    FOR UPDATE OF j SKIP LOCKED
 ), u AS (
     UPDATE inversions j
     SET status = CASE WHEN j.tries >= j.max_attempts THEN 'failed' ELSE 'queued' END,
@@ -445,9 +450,57 @@ SELECT id, status FROM u
 """
 
 
-def rescue(conn: psycopg.Connection, actor: Actor) -> list[tuple[int, str]]:
+def rescue(conn: psycopg.Connection, actor: Actor, grace_s: float = RESCUE_GRACE_S) -> list[tuple[int, str]]:
     """Return running jobs whose worker is gone to the queue (or fail them), in one statement."""
-    return [tuple(row) for row in conn.execute(_RESCUE, _actor(actor, {"reason": "worker lost"}))]
+    params = {"grace_s": grace_s, **_actor(actor, {"reason": "worker lost"})}
+    return [tuple(row) for row in conn.execute(_RESCUE, params)]
+
+
+# ------------------------------------------------------- cancel and requeue
+
+_CANCEL = f"""
+WITH u AS (
+    UPDATE inversions SET status = 'cancelled', datetime_finished = now(), lease_expires = NULL
+    WHERE id = ANY(%(ids)s) AND status IN ('registering', 'queued', 'running')
+    RETURNING id, status, attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("cancelled")}
+)
+SELECT id, pg_notify('{CANCEL_CHANNEL}', id::text) FROM u
+"""
+
+_REQUEUE = f"""
+WITH u AS (
+    UPDATE inversions SET status = 'queued', tries = 0, exit_code = NULL, failure_category = NULL,
+        failure_reason = NULL, result_sha256 = NULL, datetime_finished = NULL, datetime_queued = now(),
+        worker_id = NULL, lease_expires = NULL
+    WHERE id = ANY(%(ids)s) AND status IN ('failed', 'cancelled') AND NOT downloaded
+    RETURNING id, status, attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("requeued")}
+)
+SELECT id FROM u
+"""
+
+_FAILED_OF = """
+SELECT id FROM inversions
+WHERE status = 'failed' AND NOT downloaded AND username = %s AND source_computer = %s
+ORDER BY id
+"""
+
+
+def cancel(conn: psycopg.Connection, ids: Sequence[int], actor: Actor) -> list[int]:
+    """Cancel jobs not yet ended; running ones are stopped by their worker via NOTIFY (or its next heartbeat)."""
+    return [row[0] for row in conn.execute(_CANCEL, {"ids": list(ids), **_actor(actor)})]
+
+
+def requeue(conn: psycopg.Connection, ids: Sequence[int], actor: Actor) -> list[int]:
+    """Send failed or cancelled jobs (not yet retrieved) to the queue again, with fresh tries."""
+    return [row[0] for row in conn.execute(_REQUEUE, {"ids": list(ids), **_actor(actor)})]
+
+
+def failed_of(conn: psycopg.Connection, username: str, source_computer: str) -> list[int]:
+    return [row[0] for row in conn.execute(_FAILED_OF, (username, source_computer))]
 
 
 # ----------------------------------------------------------------- retrieval
@@ -473,6 +526,7 @@ def mark_downloaded(conn: psycopg.Connection, job_id: int, actor: Actor) -> bool
 
 def listen(conn: psycopg.Connection) -> None:
     conn.execute(f"LISTEN {CHANNEL}")
+    conn.execute(f"LISTEN {CANCEL_CHANNEL}")
 
 
 def count_claimable(conn: psycopg.Connection) -> int:

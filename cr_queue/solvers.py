@@ -7,6 +7,7 @@ tomodir no longer needs that step by the same rules that made it a job.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -14,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -27,6 +28,7 @@ DISPLAY = {"crmod": "CRMod", "crtomo": "CRTomo"}
 PATH_NAMES = {"crmod": ("CRMod", "CRMod_dev"), "crtomo": ("CRTomo", "CRTomo_dev")}
 # Files a previous run may have left in the user's copy; they would confuse the verdict.
 STALE_FILES = ("exe/error.dat", "exe/crtomo.pid", "exe/crmod.pid")
+PR_SET_PDEATHSIG = 1
 
 
 class SolverError(Exception):
@@ -146,7 +148,7 @@ def run_step(
         stderr=subprocess.STDOUT,
         env=run_env,
         start_new_session=True,
-        preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        preexec_fn=_child_setup(nice),
     )
     timed_out = aborted = False
     while True:
@@ -164,6 +166,24 @@ def run_step(
         kill_group(proc)
         break
     return Outcome(step, proc.returncode, timed_out, aborted, time.monotonic() - start)
+
+
+def _child_setup(nice: int) -> Callable[[], None]:
+    """In the child: die with the worker (kill -9 of the worker must not leave an orphan
+    solver writing into a deleted directory), and lower the priority if asked."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        prctl = None
+
+    def setup() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if nice:
+            os.nice(nice)
+
+    return setup
 
 
 def kill_group(proc: subprocess.Popen) -> None:

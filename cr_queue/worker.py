@@ -2,15 +2,20 @@
 
 Threads and connections, and why:
 
-* one *slot* thread per concurrent job, each with its own connection: the
-  claim takes a session advisory lock on that connection, and the lock must
-  live exactly as long as the job does;
-* one *heartbeat* thread with its own connection renews the leases every
-  lease/3, so a solver that hogs the CPU or a slow upload cannot starve it;
-* the main thread listens for NOTIFY (waking idle slots at once), runs the
-  rescue sweep that returns lost workers' jobs, and handles signals.
+* one *slot* thread per concurrent job, each with its own connection, so a
+  slow upload in one job never delays another;
+* one *heartbeat* thread with its own connection holds the advisory lock that
+  says "this worker is alive" and renews the leases every couple of seconds,
+  so a solver that hogs the CPU or a slow upload cannot starve it;
+* the main thread listens for NOTIFY (new jobs wake idle slots at once, a
+  cancel stops a running solver), runs the rescue sweep that returns lost
+  workers' jobs, and watches the clock: drain timeout, max runtime, and a
+  lease that could not be renewed for half its length.
 
 No transaction stays open while a solver runs: every statement is short.
+Losing the database is survivable: every connection reconnects with backoff,
+solvers keep running, and a result is uploaded once the database is back, as
+long as the attempt is still this worker's (the database decides: fencing).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 
@@ -34,8 +40,12 @@ from .db import Database
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 LOG_NAME = "exe/crh_solver.log"
 FAILURE_MEMBERS = ("exe/error.dat", LOG_NAME)
+TMP_PREFIX = "crh-w"
+EXIT_NODE_BROKEN = 3
 
 
 @dataclass
@@ -46,9 +56,14 @@ class WorkerOptions:
     quit_when_empty: bool = False
     groups: tuple[str, ...] = ()
     lease_s: float = 30.0
+    heartbeat_s: float = 2.0
     poll_s: float = 5.0
     rescue_s: float = 2.0
     timeout_s: float | None = None
+    drain_timeout_s: float | None = None
+    max_runtime_s: float | None = None
+    max_node_failures: int = 5
+    nice: int = 0
     workdir: Path | None = None
 
 
@@ -56,7 +71,13 @@ class WorkerOptions:
 class _Running:
     job: queue.Job
     abort: threading.Event = field(default_factory=threading.Event)
-    lost: bool = False
+    # Why the solver was stopped: "lost" (attempt taken away), "cancelled", or "release".
+    why: str | None = None
+
+    def stop(self, why: str) -> None:
+        if self.why is None:
+            self.why = why
+        self.abort.set()
 
 
 @dataclass
@@ -65,6 +86,11 @@ class Tally:
     failed: int = 0
     refused: int = 0
     released: int = 0
+    cancelled: int = 0
+
+
+class NodeFailure(Exception):
+    """This node cannot run jobs (solver will not start, disk full, ...): not the job's fault."""
 
 
 class Worker:
@@ -83,98 +109,170 @@ class Worker:
         self.name = options.name or f"{self.host}-{os.getpid()}"
         self.on_event = on_event or (lambda message: log.info("%s", message))
         self.tally = Tally()
+        self.exit_code = 0
+        self.stop_reason = "stopped"
+        self.workdir = Path(options.workdir or tempfile.gettempdir())
         self._stopping = threading.Event()
-        self._abort_all = threading.Event()
+        self._finished = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._generation = 0
         self._busy = 0
+        self._node_failures = 0
         self._held: dict[int, _Running] = {}
+        self._last_renewal = time.monotonic()
+        self._drain_deadline: float | None = None
+        self._started = time.monotonic()
         self.worker_id: int | None = None
         self.actor = queue.Actor()
 
     # ----------------------------------------------------------- lifecycle
 
     def run(self) -> int:
-        control = self.db.connect(f"crh_worker {self.name}")
+        control = self._connect("control")
+        self.worker_id = queue.register_worker(
+            control,
+            name=self.name,
+            host=self.host,
+            pid=os.getpid(),
+            version=__version__,
+            jobs=self.options.jobs,
+            threads=self.options.threads,
+            groups=self.options.groups,
+            solvers={name: s.describe() for name, s in self.solvers.items()},
+        )
+        self.actor = queue.Actor(worker_id=self.worker_id)
+        self.on_event(
+            f"worker {self.name} (id {self.worker_id}) started: {self.options.jobs} job(s) at a time, "
+            f"{self.options.threads} thread(s) each, solvers: "
+            + ", ".join(f"{solvers.DISPLAY[n]}={s.path}" for n, s in sorted(self.solvers.items()))
+        )
+        self._sweep_tmp()
+        beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        beat.start()
+        slots = [
+            threading.Thread(target=self._slot, args=(i,), name=f"slot-{i}", daemon=True)
+            for i in range(self.options.jobs)
+        ]
+        for t in slots:
+            t.start()
         try:
-            self.worker_id = queue.register_worker(
-                control,
-                name=self.name,
-                host=self.host,
-                pid=os.getpid(),
-                version=__version__,
-                jobs=self.options.jobs,
-                threads=self.options.threads,
-                groups=self.options.groups,
-                solvers={name: str(s.path) for name, s in self.solvers.items()},
-            )
-            self.actor = queue.Actor(worker_id=self.worker_id)
-            self.on_event(
-                f"worker {self.name} (id {self.worker_id}) started: {self.options.jobs} job(s) at a time, "
-                f"{self.options.threads} thread(s) each, solvers: "
-                + ", ".join(f"{solvers.DISPLAY[n]}={s.path}" for n, s in sorted(self.solvers.items()))
-            )
-            queue.listen(control)
-            self._rescue(control)
-            threads = [
-                threading.Thread(target=self._slot, args=(i,), name=f"slot-{i}", daemon=True)
-                for i in range(self.options.jobs)
-            ]
-            beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
-            beat.start()
-            for t in threads:
-                t.start()
-            self._main_loop(control, threads)
-            for t in threads:
-                t.join()
-            reason = "quit: queue empty" if self.options.quit_when_empty else "stopped"
-            queue.stop_worker(control, self.worker_id, reason)
+            control = self._main_loop(control, slots)
         finally:
             self._stopping.set()
-            control.close()
+            self._kick()
+            for t in slots:
+                t.join()
+            self._finished.set()
+            beat.join(timeout=10)
+        self._run_db(lambda conn: queue.stop_worker(conn, self.worker_id, self.stop_reason), control)
         self.on_event(
-            f"worker {self.name} stopped: {self.tally.finished} finished, {self.tally.failed} failed"
+            f"worker {self.name} stopped ({self.stop_reason}): {self.tally.finished} finished, "
+            f"{self.tally.failed} failed"
             + (f", {self.tally.released} given back" if self.tally.released else "")
+            + (f", {self.tally.cancelled} cancelled" if self.tally.cancelled else "")
             + (f", {self.tally.refused} results refused (stale attempt)" if self.tally.refused else "")
         )
-        return 0
+        return self.exit_code
 
-    def request_stop(self, *, abort: bool = False) -> None:
-        """First call: stop claiming and let running jobs finish. With abort: give them back now."""
+    def request_stop(self, *, abort: bool = False, reason: str | None = None) -> None:
+        """Stop claiming and let running jobs finish; with abort, give them back at once."""
+        if reason and not self._stopping.is_set():
+            self.stop_reason = reason
         self._stopping.set()
+        if self._drain_deadline is None and self.options.drain_timeout_s is not None:
+            self._drain_deadline = time.monotonic() + self.options.drain_timeout_s
         if abort:
-            self._abort_all.set()
-            with self._lock:
-                for running in self._held.values():
-                    running.abort.set()
+            self._stop_all("release")
         self._kick()
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
             again = self._stopping.is_set()
-            self.on_event(
-                f"received {signal.Signals(signum).name}: "
-                + ("giving running jobs back to the queue" if again else "finishing running jobs, claiming no more")
-            )
-            self.request_stop(abort=again)
+            name = signal.Signals(signum).name
+            if again:
+                self.on_event(f"received {name} again: giving running jobs back to the queue")
+            else:
+                drain = self.options.drain_timeout_s
+                self.on_event(
+                    f"received {name}: claiming no more, letting running jobs finish"
+                    + (f" for up to {drain:g} s" if drain is not None else "")
+                    + " (send it again to give them back now)"
+                )
+            self.request_stop(abort=again, reason=f"stopped by {name}")
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
     # ------------------------------------------------------------ main loop
 
-    def _main_loop(self, control: psycopg.Connection, threads: list[threading.Thread]) -> None:
-        next_rescue = time.monotonic() + self.options.rescue_s
-        while any(t.is_alive() for t in threads):
-            woke = False
-            for _ in control.notifies(timeout=min(0.5, self.options.poll_s), stop_after=1):
-                woke = True
-            if woke:
-                self._kick()
-            if time.monotonic() >= next_rescue:
-                self._rescue(control)
-                next_rescue = time.monotonic() + self.options.rescue_s
+    def _main_loop(self, control: psycopg.Connection | None, slots: list[threading.Thread]) -> psycopg.Connection | None:
+        next_rescue = 0.0
+        backoff = 0.5
+        while any(t.is_alive() for t in slots):
+            try:
+                if control is None or control.closed:
+                    control = self._connect("control")
+                    backoff = 0.5
+                    next_rescue = 0.0
+                queue.listen(control)
+                while any(t.is_alive() for t in slots):
+                    for note in control.notifies(timeout=0.25, stop_after=1):
+                        self._on_notify(note)
+                    self._watch_clock()
+                    if time.monotonic() >= next_rescue:
+                        self._rescue(control)
+                        self._sweep_tmp()
+                        next_rescue = time.monotonic() + self.options.rescue_s
+            except psycopg.OperationalError as exc:
+                self.on_event(f"control connection lost ({_first_line(exc)}); reconnecting in {backoff:g} s")
+                if control is not None:
+                    control.close()
+                control = None
+                self._watch_clock()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        return control
+
+    def _on_notify(self, note) -> None:
+        if note.channel == queue.CANCEL_CHANNEL:
+            with self._lock:
+                running = self._held.get(int(note.payload or 0))
+            if running is not None:
+                self.on_event(f"job {running.job.id}: cancelled by its owner; stopping the solver")
+                running.stop("cancelled")
+        else:
+            self._kick()
+
+    def _watch_clock(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            held = list(self._held.values())
+        if held and now - self._last_renewal > self.options.lease_s / 2:
+            self.on_event(
+                f"could not renew the leases for {now - self._last_renewal:.0f} s (over half the lease): "
+                "stopping the solvers and giving up their jobs"
+            )
+            for running in held:
+                running.stop("lost")
+        if self._drain_deadline is not None and now > self._drain_deadline and held:
+            self.on_event("drain timeout reached: giving the running jobs back to the queue")
+            self._stop_all("release")
+        limit = self.options.max_runtime_s
+        if limit is not None:
+            elapsed = now - self._started
+            # Stop claiming early enough to finish, and give back what cannot finish in time.
+            if elapsed > limit * 0.9 and not self._stopping.is_set():
+                self.on_event("max runtime almost reached: claiming no more jobs")
+                self.request_stop(reason="max runtime reached")
+            if elapsed > limit - min(30.0, limit * 0.05) and held:
+                self.on_event("max runtime reached: giving the running jobs back to the queue")
+                self._stop_all("release")
+
+    def _stop_all(self, why: str) -> None:
+        with self._lock:
+            for running in self._held.values():
+                running.stop(why)
 
     def _rescue(self, conn: psycopg.Connection) -> None:
         for job_id, status in queue.rescue(conn, self.actor):
@@ -187,6 +285,43 @@ class Worker:
             self._generation += 1
             self._wake.notify_all()
 
+    def _sweep_tmp(self) -> None:
+        """Remove job directories of workers on this node that died without cleaning up."""
+        try:
+            entries = list(os.scandir(self.workdir))
+        except OSError:
+            return
+        mine = f"{TMP_PREFIX}{os.getpid()}-"
+        for entry in entries:
+            if not entry.name.startswith(TMP_PREFIX) or entry.name.startswith(mine):
+                continue
+            pid_text = entry.name[len(TMP_PREFIX) :].split("-", 1)[0]
+            if not pid_text.isdigit() or _alive(int(pid_text)):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid():
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------- db connections
+
+    def _connect(self, role: str) -> psycopg.Connection:
+        return self.db.connect(f"crh_worker {self.name} {role}", keepalive=True)
+
+    def _run_db(self, fn: Callable[[psycopg.Connection], T], conn: psycopg.Connection | None = None) -> T | None:
+        """Run a statement, reconnecting once if the connection went away meanwhile."""
+        for attempt in range(2):
+            try:
+                if conn is None or conn.closed:
+                    conn = self._connect("control")
+                return fn(conn)
+            except psycopg.OperationalError as exc:
+                if attempt:
+                    self.on_event(f"database unreachable ({_first_line(exc)})")
+                conn = None
+        return None
+
     # ---------------------------------------------------------------- slots
 
     def _slot(self, index: int) -> None:
@@ -195,13 +330,12 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 if conn is None or conn.closed:
-                    conn = self.db.connect(f"crh_worker {self.name} slot {index}")
+                    conn = self._connect(f"slot {index}")
                     backoff = 0.5
                 if not self._claim_and_run(conn):
                     break
             except psycopg.OperationalError as exc:
-                # The database went away: any job we held is rescued by its lock or lease.
-                self.on_event(f"slot {index}: database connection lost ({exc}); reconnecting in {backoff:g} s")
+                self.on_event(f"slot {index}: database connection lost ({_first_line(exc)}); reconnecting in {backoff:g} s")
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -226,8 +360,7 @@ class Worker:
             with self._lock:
                 idle_everywhere = self._busy == 0
             if self.options.quit_when_empty and idle_everywhere:
-                self._stopping.set()
-                self._kick()
+                self.request_stop(reason="queue empty")
                 return False
             with self._wake:
                 if self._generation == seen and not self._stopping.is_set():
@@ -238,44 +371,66 @@ class Worker:
             running = self._held[job.id] = _Running(job)
         try:
             self._process(conn, running)
-        except psycopg.OperationalError:
-            raise
+            self._node_failures = 0
+        except NodeFailure as exc:
+            self._node_trouble(conn, running, str(exc))
         except Exception as exc:
-            # A bug or a node problem (disk full, ...) is not the job's fault: give it back.
             log.exception("job %s: unexpected error", job.id)
-            self.on_event(f"job {job.id}: worker error ({type(exc).__name__}: {exc}); giving it back to the queue")
-            if queue.release(conn, job, reason=f"worker error: {exc}", actor=self.actor):
-                self.tally.released += 1
+            self._node_trouble(conn, running, f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 self._busy -= 1
                 del self._held[job.id]
-            if not conn.closed:
-                try:
-                    queue.unlock(conn, job.id)
-                except psycopg.OperationalError:
-                    pass
             self._kick()
         return True
+
+    def _node_trouble(self, conn: psycopg.Connection, running: _Running, reason: str) -> None:
+        """Give the job back without burning a try; after too many in a row, stop this node."""
+        job = running.job
+        self._node_failures += 1
+        self.on_event(f"job {job.id}: this node could not run it ({reason}); giving it back to the queue")
+        if self._persist(conn, running, lambda c: queue.release(c, job, reason=f"node failure: {reason}", actor=self.actor)):
+            self.tally.released += 1
+        if self._node_failures >= self.options.max_node_failures and not self._stopping.is_set():
+            self.exit_code = EXIT_NODE_BROKEN
+            message = (
+                f"node broken: {self._node_failures} jobs in a row failed here for reasons not "
+                f"attributable to the jobs (last: {reason}); claiming no more"
+            )
+            self.on_event(message)
+            log.error("%s", message)
+            self.request_stop(abort=True, reason=message)
 
     # ------------------------------------------------------------ heartbeat
 
     def _heartbeat(self) -> None:
-        conn = self.db.connect(f"crh_worker {self.name} heartbeat")
-        try:
-            while not self._stopping.wait(self.options.lease_s / 3) or self._held:
+        conn: psycopg.Connection | None = None
+        backoff = 0.5
+        while not self._finished.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = self._connect("heartbeat")
+                    if not queue.hold_worker_lock(conn, self.worker_id):
+                        log.warning("worker lock %s already held by an old session", self.worker_id)
+                    backoff = 0.5
                 with self._lock:
                     held = [(r.job.id, r.job.attempt) for r in self._held.values()]
                 still_ours = queue.renew(conn, self.worker_id, held, self.options.lease_s)
+                self._last_renewal = time.monotonic()
                 with self._lock:
-                    for job_id, _attempt in held:
+                    for job_id, attempt in held:
                         running = self._held.get(job_id)
-                        if running is not None and job_id not in still_ours:
-                            running.lost = True
-                            running.abort.set()
-                if self._stopping.is_set() and not self._held:
-                    break
-        finally:
+                        if running is not None and running.job.attempt == attempt and job_id not in still_ours:
+                            running.stop("lost")
+                self._finished.wait(self.options.heartbeat_s)
+            except psycopg.OperationalError as exc:
+                log.warning("heartbeat: database connection lost (%s); reconnecting", _first_line(exc))
+                if conn is not None:
+                    conn.close()
+                conn = None
+                self._finished.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+        if conn is not None:
             conn.close()
 
     # ------------------------------------------------------------------ jobs
@@ -283,42 +438,100 @@ class Worker:
     def _process(self, conn: psycopg.Connection, running: _Running) -> None:
         job = running.job
         self.on_event(f"job {job.id}: started attempt {job.attempt} ({'+'.join(job.steps)}) from {job.source_path}")
-        tmp = Path(tempfile.mkdtemp(prefix=f"crh-job{job.id}-", dir=self.options.workdir))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-job{job.id}-", dir=self.workdir))
         try:
             tomodir = tmp / "tomodir"
             try:
                 self._unpack_input(conn, job, tmp, tomodir)
             except (archive.UnsafeArchive, archive.ChecksumMismatch, store.BlobMissing) as exc:
-                self._finish_failed(conn, job, "input_archive", f"the input archive cannot be used: {exc}", None, None)
+                self._report_failure(conn, running, "input_archive", f"the input archive cannot be used: {exc}", None, None)
                 return
+            except OSError as exc:
+                raise NodeFailure(f"cannot unpack the input in {tmp}: {exc}") from exc
             solvers.prepare(tomodir)
             before = archive.snapshot(tomodir)
             verdict = self._run_solvers(job, tomodir, running)
-            if running.lost:
-                self.tally.refused += 1
-                self.on_event(f"job {job.id}: attempt {job.attempt} is no longer this worker's; result discarded")
-                return
-            if verdict.category == "aborted":
-                if queue.release(conn, job, reason="worker shut down", actor=self.actor):
-                    self.tally.released += 1
-                    self.on_event(f"job {job.id}: given back to the queue")
+            if self._stopped_early(conn, running):
                 return
             if verdict.ok:
                 members = archive.changed_since(tomodir, before)
-                result = store.put_tree(conn, tomodir, members=members)
-                if queue.complete(conn, job, result_sha256=result.sha256, exit_code=verdict.exit_code, actor=self.actor):
+                result_sha = self._upload(conn, running, tomodir, members)
+                if result_sha is None:
+                    return
+                ok = self._persist(
+                    conn,
+                    running,
+                    lambda c: queue.complete(c, job, result_sha256=result_sha, exit_code=verdict.exit_code, actor=self.actor),
+                )
+                if ok:
                     self.tally.finished += 1
                     files = sum(1 for m in members if (tomodir / m).is_file())
                     self.on_event(f"job {job.id}: finished ({files} result files)")
                 else:
-                    self.tally.refused += 1
-                    self.on_event(f"job {job.id}: completion refused, attempt {job.attempt} is stale; result discarded")
+                    self._refused(job)
                 return
             members = [m for m in FAILURE_MEMBERS if (tomodir / m).exists()]
-            result_sha = store.put_tree(conn, tomodir, members=members).sha256 if members else None
-            self._finish_failed(conn, job, verdict.category, verdict.reason, verdict.exit_code, result_sha)
+            result_sha = self._upload(conn, running, tomodir, members) if members else None
+            self._report_failure(conn, running, verdict.category, verdict.reason, verdict.exit_code, result_sha)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _stopped_early(self, conn: psycopg.Connection, running: _Running) -> bool:
+        job = running.job
+        if running.why == "lost":
+            self._refused(job)
+            return True
+        if running.why == "cancelled":
+            self.tally.cancelled += 1
+            self.on_event(f"job {job.id}: solver stopped, job cancelled")
+            return True
+        if running.why == "release":
+            if self._persist(conn, running, lambda c: queue.release(c, job, reason=self.stop_reason, actor=self.actor)):
+                self.tally.released += 1
+                self.on_event(f"job {job.id}: given back to the queue")
+            return True
+        return False
+
+    def _refused(self, job: queue.Job) -> None:
+        self.tally.refused += 1
+        self.on_event(f"job {job.id}: attempt {job.attempt} is no longer this worker's; its result was discarded")
+
+    def _persist(self, conn: psycopg.Connection, running: _Running, fn: Callable[[psycopg.Connection], T]) -> T | None:
+        """Run a fenced write, riding out a database restart as long as the job is still ours.
+
+        The write names the attempt, so retrying after a reconnect can never
+        complete a job twice; the slot's own connection is replaced if needed.
+        """
+        backoff = 0.5
+        own: psycopg.Connection | None = None
+        try:
+            while True:
+                current = conn if not conn.closed else own
+                try:
+                    if current is None or current.closed:
+                        current = own = self._connect("retry")
+                    return fn(current)
+                except psycopg.OperationalError as exc:
+                    current.close()
+                    if running.why == "lost" or self._finished.is_set():
+                        return None
+                    self.on_event(
+                        f"job {running.job.id}: database unreachable ({_first_line(exc)}); retrying in {backoff:g} s"
+                    )
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            if own is not None:
+                own.close()
+
+    def _upload(self, conn: psycopg.Connection, running: _Running, tomodir: Path, members: list[str]) -> str | None:
+        def put(c: psycopg.Connection) -> str:
+            try:
+                return store.put_tree(c, tomodir, members=members).sha256
+            except OSError as exc:
+                raise NodeFailure(f"cannot pack the results: {exc}") from exc
+
+        return self._persist(conn, running, put)
 
     def _unpack_input(self, conn: psycopg.Connection, job: queue.Job, tmp: Path, tomodir: Path) -> None:
         packed = tmp / "input.tar.zst"
@@ -335,40 +548,66 @@ class Worker:
         with open(tomodir / LOG_NAME, "wb") as log_file:
             for step in job.steps:
                 solver = self.solvers[solvers.STEP_SOLVER[step]]
-                outcome = solvers.run_step(
-                    solver,
-                    tomodir,
-                    step=step,
-                    threads=job.threads if job.threads > 1 else self.options.threads,
-                    log=log_file,
-                    timeout=timeout,
-                    abort=running.abort,
-                )
+                try:
+                    outcome = solvers.run_step(
+                        solver,
+                        tomodir,
+                        step=step,
+                        threads=max(job.threads, self.options.threads),
+                        log=log_file,
+                        timeout=timeout,
+                        abort=running.abort,
+                        nice=self.options.nice,
+                    )
+                except OSError as exc:
+                    raise NodeFailure(f"cannot start {solver.path}: {exc}") from exc
+                if outcome.returncode == -signal.SIGILL:
+                    raise NodeFailure(f"{solver.path} died of SIGILL (built for another CPU?)")
                 verdict = solvers.judge(outcome, tomodir, timeout)
                 if not verdict.ok:
                     break
         return verdict
 
-    def _finish_failed(
+    def _report_failure(
         self,
         conn: psycopg.Connection,
-        job: queue.Job,
+        running: _Running,
         category: str,
         reason: str,
         exit_code: int | None,
         result_sha: str | None,
     ) -> None:
-        if queue.fail(
+        job = running.job
+        ok = self._persist(
             conn,
-            job,
-            category=category,
-            reason=reason,
-            exit_code=exit_code,
-            result_sha256=result_sha,
-            actor=self.actor,
-        ):
+            running,
+            lambda c: queue.fail(
+                c,
+                job,
+                category=category,
+                reason=reason,
+                exit_code=exit_code,
+                result_sha256=result_sha,
+                actor=self.actor,
+            ),
+        )
+        if ok:
             self.tally.failed += 1
             self.on_event(f"job {job.id}: failed ({category}): {reason}")
         else:
-            self.tally.refused += 1
-            self.on_event(f"job {job.id}: failure report refused, attempt {job.attempt} is stale")
+            self._refused(job)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

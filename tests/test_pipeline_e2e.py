@@ -57,7 +57,7 @@ def test_twenty_tomodirs_two_workers_each_runs_exactly_once(tmp_path, cli_env, d
     runs = Counter()
     for line in (marks / "runs.log").read_text().splitlines():
         _pid, solver, cwd = line.split(" ", 2)
-        job = re.search(r"crh-job(\d+)-", cwd).group(1)
+        job = re.search(r"crh-w\d+-job(\d+)-", cwd).group(1)
         runs[(solver, job)] += 1
     assert all(count == 1 for count in runs.values()), runs
     expected_runs = 8 + 8 + 2 * 6

@@ -118,21 +118,31 @@ def test_skip_locked_two_claimers_never_share_a_job(db_url):
     assert sorted(claimed) == sorted(ids)
 
 
+def _alive_worker(db_url, conn, name="w"):
+    """A worker as the daemon runs one: registered, holding its liveness lock on its own connection."""
+    actor = _worker(conn, name)
+    heartbeat = psycopg.connect(db_url, autocommit=True)
+    assert queue.hold_worker_lock(heartbeat, actor.worker_id)
+    return actor, heartbeat
+
+
 def test_completion_is_fenced_on_the_attempt(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         job_id = _queued(conn)
-        actor = _worker(conn)
-        holder = psycopg.connect(db_url, autocommit=True)
-        first = _claim(holder, actor)
-        _drop(conn, holder)  # the worker dies: its advisory lock goes with its connection
-        assert queue.rescue(conn, ACTOR) == [(job_id, "queued")]
+        dying, heartbeat = _alive_worker(db_url, conn, "dying")
+        first = _claim(conn, dying)
+        # While the worker's lock is held nothing is rescued, whatever its heartbeat says.
+        assert queue.rescue(conn, ACTOR, grace_s=0) == []
+        _drop(conn, heartbeat)  # the worker dies: its lock goes with its connection
+        assert queue.rescue(conn, ACTOR, grace_s=0) == [(job_id, "queued")]
+        actor, _hb = _alive_worker(db_url, conn, "other")
         second = _claim(conn, actor)
         assert second.attempt == first.attempt + 1
         sha = _blob(conn, b"result")
         # The late first attempt is refused, the current one accepted, exactly once.
-        assert not queue.complete(conn, first, result_sha256=sha, exit_code=0, actor=actor)
-        assert not queue.fail(conn, first, category="x", reason="y", exit_code=1, result_sha256=None, actor=actor)
-        assert queue.renew(conn, actor.worker_id, [(job_id, first.attempt)], 30) == set()
+        assert not queue.complete(conn, first, result_sha256=sha, exit_code=0, actor=dying)
+        assert not queue.fail(conn, first, category="x", reason="y", exit_code=1, result_sha256=None, actor=dying)
+        assert queue.renew(conn, dying.worker_id, [(job_id, first.attempt)], 30) == set()
         assert queue.renew(conn, actor.worker_id, [(job_id, second.attempt)], 30) == {job_id}
         assert queue.complete(conn, second, result_sha256=sha, exit_code=0, actor=actor)
         assert not queue.complete(conn, second, result_sha256=sha, exit_code=0, actor=actor)
@@ -140,34 +150,60 @@ def test_completion_is_fenced_on_the_attempt(db_url):
         assert events == ["registering", "queued", "claimed", "rescued", "claimed", "finished"]
 
 
+def test_a_fresh_heartbeat_protects_a_worker_that_lost_its_lock(db_url):
+    """A network blip drops the lock, but a worker that still beats keeps its jobs."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        job_id = _queued(conn)
+        actor, heartbeat = _alive_worker(db_url, conn)
+        _claim(conn, actor)
+        _drop(conn, heartbeat)
+        assert queue.renew(conn, actor.worker_id, [], 30) == set()
+        assert queue.rescue(conn, ACTOR, grace_s=60) == []
+        assert queue.rescue(conn, ACTOR, grace_s=0) == [(job_id, "queued")]
+
+
 def test_rescue_leaves_live_workers_alone_and_fails_after_max_attempts(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         live_id = _queued(conn, "/live")
         job_id = _queued(conn, "/dying", max_attempts=2)
-        actor = _worker(conn)
-        live = psycopg.connect(db_url, autocommit=True)
-        assert _claim(live, actor).id == live_id
+        live, _live_hb = _alive_worker(db_url, conn, "live")
+        assert _claim(conn, live).id == live_id
         for expected in ("queued", "failed"):
-            holder = psycopg.connect(db_url, autocommit=True)
-            assert _claim(holder, actor).id == job_id
-            _drop(conn, holder)
-            assert queue.rescue(conn, ACTOR) == [(job_id, expected)]
+            actor, heartbeat = _alive_worker(db_url, conn)
+            assert _claim(conn, actor).id == job_id
+            _drop(conn, heartbeat)
+            assert queue.rescue(conn, ACTOR, grace_s=0) == [(job_id, expected)]
         job = queue.get_job(conn, job_id)
         assert job.status == "failed" and job.failure_category == "lost_worker"
         assert queue.get_job(conn, live_id).status == "running"
-        live.close()
 
 
 def test_expired_lease_is_rescued_even_while_the_lock_is_held(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn:
         job_id = _queued(conn)
-        actor = _worker(conn)
-        hung = psycopg.connect(db_url, autocommit=True)
-        job = _claim(hung, actor, lease_s=0.01)
+        actor, _heartbeat = _alive_worker(db_url, conn)
+        job = _claim(conn, actor, lease_s=0.01)
         assert job.id == job_id
         conn.execute("SELECT pg_sleep(0.05)")
         assert queue.rescue(conn, ACTOR) == [(job_id, "queued")]
-        hung.close()
+
+
+def test_cancel_and_requeue(db_url):
+    with psycopg.connect(db_url, autocommit=True) as conn, psycopg.connect(db_url, autocommit=True) as listener:
+        queue.listen(listener)
+        queued_id = _queued(conn, "/q")
+        running_id = _queued(conn, "/r")
+        actor, _hb = _alive_worker(db_url, conn)
+        running = _claim(conn, actor)
+        assert running.id == queued_id
+        assert sorted(queue.cancel(conn, [queued_id, running_id], ACTOR)) == [queued_id, running_id]
+        notes = [n for n in listener.notifies(timeout=2) if n.channel == queue.CANCEL_CHANNEL]
+        assert {int(n.payload) for n in notes} == {queued_id, running_id}
+        # The worker's late report about a cancelled job is refused.
+        assert not queue.complete(conn, running, result_sha256=None, exit_code=0, actor=actor)
+        assert queue.cancel(conn, [queued_id], ACTOR) == []
+        assert sorted(queue.requeue(conn, [queued_id, running_id], ACTOR)) == [queued_id, running_id]
+        assert {j.status for j in queue.get_jobs(conn, [queued_id, running_id]).values()} == {"queued"}
 
 
 def test_release_gives_back_without_burning_a_try(conn):
