@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import add as add_service
-from .common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
+from .common import DURATION, Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
 
 
 @click.command("add")
@@ -17,7 +17,7 @@ from .common import Output, db_option, fail, handle_errors, open_db, output_opti
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @click.option("--group", default=None, help="Queue group; only workers of this group take the jobs.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="OpenMP threads per job.")
-@click.option("--timeout", "timeout_s", type=click.IntRange(min=1), default=None, help="Kill the solver after this many seconds.")
+@click.option("--timeout", "timeout_s", type=DURATION, default=None, help="Kill the solver after this long (e.g. 90s, 2h, 1d).")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, help="Tries before a job whose worker keeps dying fails.")
 @db_option
 @output_options
@@ -44,7 +44,7 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
         priority=priority,
         group=group,
         threads=threads,
-        timeout_s=timeout_s,
+        timeout_s=int(timeout_s) if timeout_s is not None else None,
         max_attempts=max_attempts,
     )
     if dry_run:

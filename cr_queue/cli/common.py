@@ -110,3 +110,35 @@ def setup_logging(level: str) -> None:
 def open_db(db_url: str | None, **settings_kw: Any) -> tuple[config.Settings, db.Database]:
     settings = config.load(db=db_url, **settings_kw)
     return settings, db.open_database(settings)
+
+
+class Duration(click.ParamType):
+    """Seconds, or a number with a unit: 90, 90s, 15m, 2h, 1d, 1h30m."""
+
+    name = "duration"
+    _units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        total, number = 0.0, ""
+        try:
+            for ch in text:
+                if ch.isdigit() or ch == ".":
+                    number += ch
+                elif ch in self._units and number:
+                    total += float(number) * self._units[ch]
+                    number = ""
+                else:
+                    raise ValueError
+            if number:
+                total += float(number)
+        except ValueError:
+            total = -1
+        if not text or total <= 0:
+            self.fail(f"{value!r} is not a duration; write e.g. 90, 90s, 15m, 2h or 1h30m", param, ctx)
+        return total
+
+
+DURATION = Duration()

@@ -8,6 +8,7 @@ from .. import __version__
 from .add import add_command
 from .db import db_group
 from .demo import demo_command
+from .manage import cancel_command, requeue_command
 from .retrieve import retrieve_command, wait_retrieve_command
 from .worker import worker_command
 
@@ -28,6 +29,8 @@ crh.add_command(retrieve_command)
 crh.add_command(wait_retrieve_command)
 crh.add_command(db_group)
 crh.add_command(demo_command)
+crh.add_command(cancel_command)
+crh.add_command(requeue_command)
 
 _settings = {"help_option_names": ["-h", "--help"]}
 
@@ -43,3 +46,4 @@ crh_add = _standalone(add_command, "crh_add")
 crh_worker = _standalone(worker_command, "crh_worker")
 crh_retrieve = _standalone(retrieve_command, "crh_retrieve")
 crh_wait_retrieve = _standalone(wait_retrieve_command, "crh_wait_retrieve")
+crh_cancel = _standalone(cancel_command, "crh_cancel")

@@ -10,7 +10,7 @@ import click
 
 from .. import solvers
 from .. import worker as worker_service
-from .common import Output, db_option, handle_errors, open_db, output_options, setup_logging
+from .common import DURATION, Output, db_option, handle_errors, open_db, output_options, setup_logging
 
 
 @click.command("worker")
@@ -21,14 +21,18 @@ from .common import Output, db_option, handle_errors, open_db, output_options, s
 @click.option("--group", "groups", multiple=True, help="Only take jobs of this group (repeatable); without it, only jobs without a group.")
 @click.option("--crtomo", default=None, metavar="PATH", help="CRTomo binary (else CRH_CRTOMO, [solvers] crtomo, or CRTomo on PATH).")
 @click.option("--crmod", default=None, metavar="PATH", help="CRMod binary (else CRH_CRMOD, [solvers] crmod, or CRMod on PATH).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None, help="Default solver time limit in seconds for jobs that set none.")
+@click.option("--timeout", "timeout_s", type=DURATION, default=None, help="Default solver time limit for jobs that set none (e.g. 90s, 2h).")
 @click.option("--lease", "lease_s", type=click.FloatRange(min=3), default=30.0, show_default=True, help="Lease length in seconds; renewed every third of it.")
 @click.option("--poll", "poll_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between polls when no NOTIFY arrives.")
+@click.option("--drain-timeout", "drain_timeout_s", type=DURATION, default=None, help="On SIGTERM, wait this long for running jobs before giving them back (e.g. 10m; default: wait).")
+@click.option("--max-runtime", "max_runtime_s", type=DURATION, default=None, help="Pilot mode: stop claiming before this much time (e.g. 23h30m) and give back what cannot finish.")
+@click.option("--max-node-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop claiming after this many jobs in a row fail here for node reasons.")
+@click.option("--nice", type=click.IntRange(0, 19), default=0, show_default=True, help="Nice level of the solvers.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where private job directories are made (default: the system temp dir).")
 @db_option
 @output_options
 @handle_errors
-def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, timeout_s, lease_s, poll_s, workdir, db_url, as_json, quiet, log_level):
+def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, timeout_s, lease_s, poll_s, drain_timeout_s, max_runtime_s, max_node_failures, nice, workdir, db_url, as_json, quiet, log_level):
     """Claim jobs from the queue and run CRMod/CRTomo on them.
 
     SIGTERM or Ctrl-C: stop claiming and let running jobs finish; a second
@@ -54,6 +58,10 @@ def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, 
         lease_s=lease_s,
         poll_s=poll_s,
         timeout_s=timeout_s,
+        drain_timeout_s=drain_timeout_s,
+        max_runtime_s=max_runtime_s,
+        max_node_failures=max_node_failures,
+        nice=nice,
         workdir=workdir,
     )
     events: list[str] = []
@@ -73,6 +81,8 @@ def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, 
             "failed": w.tally.failed,
             "released": w.tally.released,
             "refused": w.tally.refused,
+            "cancelled": w.tally.cancelled,
+            "stop_reason": w.stop_reason,
             "events": events,
         }
     )

@@ -1,0 +1,52 @@
+"""Naming jobs the way users do: by tomodir path, by .crh file, or by job id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import control
+
+
+@dataclass
+class Selection:
+    ids: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def select(targets: list[str]) -> Selection:
+    """Turn command-line targets into job ids.
+
+    A plain number is a job id unless a file or directory of that name exists;
+    a .crh file names its job; a tomodir with a .crh beside it names that job;
+    any other directory names every job whose .crh lies below it.
+    """
+    selection = Selection()
+    for target in targets:
+        path = Path(target)
+        if target.isdigit() and not path.exists():
+            selection.ids.append(int(target))
+            continue
+        if not path.exists():
+            selection.problems.append(
+                f"{target}: neither a job id nor an existing path; give a job id, a tomodir or its .crh file"
+            )
+            continue
+        crh_files: list[Path]
+        if path.is_dir() and control.control_path(path).exists():
+            crh_files = [control.control_path(path)]
+        else:
+            try:
+                crh_files = control.find([path])
+            except control.ControlFileError as exc:
+                selection.problems.append(str(exc))
+                continue
+        if not crh_files:
+            selection.problems.append(f"{target}: no .crh file here or below; was it added with crh_add?")
+        for crh in crh_files:
+            try:
+                selection.ids.append(control.read(crh).job_id)
+            except control.ControlFileError as exc:
+                selection.problems.append(str(exc))
+    selection.ids = sorted(set(selection.ids))
+    return selection
