@@ -1,0 +1,295 @@
+"""Where the database and the solvers are.
+
+Every command resolves its settings here, so the precedence rules of the
+design's Contract live in exactly one place: for the database, the ``--db``
+option, then ``CRH_DATABASE_URL``, then ``[database] url`` of the user's
+config file, then of the system-wide one, then cr_hydra's ``~/.crhydra.cfg``,
+else the embedded cluster.  Solver paths come from the config files,
+overridden by ``CRH_CRTOMO``/``CRH_CRMOD``, overridden by the worker's options.
+
+Nothing here touches the database; errors are :class:`ConfigError` whose
+messages name the file, the problem and the remedy, because the CLI shows
+them to users verbatim (exit code 2, no traceback).
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+__all__ = ["ConfigError", "Settings", "load", "redact", "SYSTEM_CONFIG"]
+
+SYSTEM_CONFIG = Path("/etc/cr_queue/config.toml")
+LEGACY_NAME = ".crhydra.cfg"
+SOLVERS = ("crtomo", "crmod")
+
+
+class ConfigError(Exception):
+    """A configuration problem the user has to fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration; ``raw`` keeps the TOML for later sections."""
+
+    database_url: str | None
+    database_source: str
+    crtomo: str | None
+    crmod: str | None
+    config_path: Path | None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _ConfigFile:
+    path: Path
+    data: dict[str, Any]
+    system: bool
+
+
+def load(
+    *,
+    db: str | None = None,
+    crtomo: str | None = None,
+    crmod: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve the settings; ``db``/``crtomo``/``crmod`` are command-line values."""
+    env = os.environ if env is None else env
+    files = _config_files(env)
+    database_url, source = _resolve_database(db, env, files)
+    solvers = {
+        name: _resolve_solver(name, option, env, files)
+        for name, option in (("crtomo", crtomo), ("crmod", crmod))
+    }
+    return Settings(
+        database_url=database_url,
+        database_source=source,
+        crtomo=solvers["crtomo"],
+        crmod=solvers["crmod"],
+        config_path=files[0].path if files else None,
+        raw=_merge([f.data for f in reversed(files)]),
+    )
+
+
+def redact(url_or_conninfo: str) -> str:
+    """Hide the password so URLs can be logged and shown in errors."""
+    text = url_or_conninfo
+    match = re.match(r"(?i)(postgres(?:ql)?(?:\+\w+)?://)(.*)$", text)
+    if match is None:
+        return _CONNINFO_PASSWORD.sub(r"\1***", text)
+    scheme, rest = match.groups()
+    query_at = rest.find("?")
+    end = len(rest) if query_at < 0 else query_at
+    at = rest.rfind("@", 0, end)
+    if at >= 0 and ":" in rest[:at]:
+        user = rest[:at].split(":", 1)[0]
+        rest = f"{user}:***{rest[at:]}"
+    return scheme + _QUERY_PASSWORD.sub(r"\1***", rest)
+
+
+_CONNINFO_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']\S*)")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)([^&#]*)")
+
+
+def _config_files(env: Mapping[str, str]) -> list[_ConfigFile]:
+    """The TOML files in priority order; an explicit ``CRH_CONFIG`` must exist."""
+    files: list[_ConfigFile] = []
+    explicit = env.get("CRH_CONFIG")
+    if explicit:
+        user_path = Path(explicit).expanduser()
+        if not user_path.exists():
+            raise ConfigError(
+                f"{user_path}: config file named by CRH_CONFIG does not exist; "
+                "create it, or unset CRH_CONFIG to use the default location "
+                f"{platformdirs.user_config_path('cr_queue') / 'config.toml'}"
+            )
+    else:
+        user_path = platformdirs.user_config_path("cr_queue") / "config.toml"
+    if user_path.exists():
+        files.append(_ConfigFile(user_path, _read_toml(user_path), system=False))
+    system_path = Path(env.get("CRH_SYSTEM_CONFIG") or SYSTEM_CONFIG)
+    if system_path.exists() and system_path != user_path:
+        files.append(_ConfigFile(system_path, _read_toml(system_path), system=True))
+    for config in files:
+        _validate(config)
+    return files
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read config file ({exc.strerror or exc}); "
+            "make it readable by this user or point CRH_CONFIG elsewhere"
+        ) from exc
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: config file is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "save it as UTF-8"
+        ) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"{path}: invalid TOML: {exc}; fix the syntax there (format: https://toml.io)"
+        ) from exc
+
+
+def _validate(config: _ConfigFile) -> None:
+    """Check types and permissions once, so later code can trust ``raw``."""
+    path, data = config.path, config.data
+    for section, keys in (("database", ("url",)), ("solvers", SOLVERS)):
+        table = data.get(section)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{path}: '{section}' must be a table; write it as a [{section}] section"
+            )
+        for key in keys:
+            value = table.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ConfigError(
+                    f"{path}: [{section}] {key} must be a string, got "
+                    f"{type(value).__name__}; quote it, e.g. {key} = \"...\""
+                )
+            if not value.strip():
+                raise ConfigError(
+                    f"{path}: [{section}] {key} is empty; set a value or remove the line"
+                )
+    if _has_password(data):
+        _require_private(path, system=config.system)
+
+
+def _has_password(data: Mapping[str, Any]) -> bool:
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            if _has_password(value):
+                return True
+        elif key == "password" and value:
+            return True
+    url = data.get("database", {}).get("url")
+    return isinstance(url, str) and redact(url) != url
+
+
+def _require_private(path: Path, *, system: bool) -> None:
+    """Refuse a password others can read, before anyone else copies it.
+
+    A per-user file must be private (0600).  The system-wide file is meant to
+    be shared with a group of users, so only world-readability is refused there.
+    """
+    mode = path.stat().st_mode
+    if system:
+        if mode & stat.S_IROTH:
+            raise ConfigError(
+                f"{path}: contains a database password and is readable by every user; "
+                f"run 'chmod 640 {path}' and give it to the group of the cr_queue users "
+                f"(chgrp GROUP {path}), or 'chmod 600 {path}'"
+            )
+    elif mode & (stat.S_IRGRP | stat.S_IROTH):
+        raise ConfigError(
+            f"{path}: contains a database password and is readable by other users "
+            f"(mode {stat.S_IMODE(mode):o}); run 'chmod 600 {path}'"
+        )
+
+
+def _resolve_database(
+    option: str | None, env: Mapping[str, str], files: list[_ConfigFile]
+) -> tuple[str | None, str]:
+    if option is not None:
+        if not option.strip():
+            raise ConfigError("--db: the database URL is empty; give a URL or omit --db")
+        return option, "option"
+    from_env = env.get("CRH_DATABASE_URL")
+    if from_env:
+        return from_env, "env"
+    for config in files:
+        url = config.data.get("database", {}).get("url")
+        if url is not None:
+            return url, f"config:{config.path}"
+    legacy = _legacy_credentials(env)
+    if legacy is not None:
+        return legacy
+    return None, "embedded"
+
+
+def _legacy_credentials(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """cr_hydra's file, so its users keep working without a new config."""
+    home = env.get("HOME")
+    path = (Path(home) if home else Path.home()) / LEGACY_NAME
+    if not path.exists():
+        return None
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read legacy cr_hydra config ({exc.strerror or exc}); "
+            "make it readable, or set CRH_DATABASE_URL"
+        ) from exc
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"{path}: invalid legacy cr_hydra config ({first_line}); it must be INI with "
+            "a [general] section and 'db_credentials = ...', or remove the file"
+        ) from exc
+    credentials = parser.get("general", "db_credentials", fallback="").strip()
+    if not credentials:
+        return None
+    if redact(credentials) != credentials:
+        _require_private(path, system=False)
+    return _strip_sqlalchemy_driver(credentials), f"legacy:{path}"
+
+
+def _strip_sqlalchemy_driver(url: str) -> str:
+    """cr_hydra handed this to SQLAlchemy, which allows 'postgresql+psycopg2://'."""
+    return re.sub(r"(?i)^(postgres(?:ql)?)\+\w+://", r"\1://", url)
+
+
+def _resolve_solver(
+    name: str, option: str | None, env: Mapping[str, str], files: list[_ConfigFile]
+) -> str | None:
+    if option:
+        return option
+    from_env = env.get(f"CRH_{name.upper()}")
+    if from_env:
+        return from_env
+    for config in files:
+        value = config.data.get("solvers", {}).get(name)
+        if value is not None:
+            return _expand_home(value, env)
+    return None
+
+
+def _expand_home(value: str, env: Mapping[str, str]) -> str:
+    """Expand '~/' with the given environment's HOME, as a shell would have."""
+    home = env.get("HOME")
+    if home and (value == "~" or value.startswith("~/")):
+        return home + value[1:]
+    return os.path.expanduser(value)
+
+
+def _merge(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Later layers win key by key, tables merged, so one file can refine another."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = _merge([merged[key], value])
+            else:
+                merged[key] = value
+    return merged
