@@ -2,9 +2,12 @@
 
 A result is downloaded to a hidden file beside the tomodir, its sha256 is
 checked, and only then is it unpacked into a hidden staging directory on the
-same filesystem.  Files are then moved into the tomodir one by one with
-``os.replace`` (atomic per file).  The ``.crh`` goes last, so a retrieval that
-is interrupted is simply done again by the next run.
+same filesystem.  The retrieved tomodir is assembled beside the original (a
+hard-link copy plus the results) and exchanged with it in one atomic step, so
+an interrupted retrieval leaves the tomodir either untouched or complete; the
+``.crh`` goes last, and a rerun finishes whatever was left.  Where the
+filesystem cannot exchange directories, files are moved one by one instead
+(each move atomic; a rerun completes an interrupted one).
 
 A file the user changed after crh_add (its size or modification time differs
 from the manifest in the ``.crh``) is never overwritten: the result is put
@@ -20,10 +23,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import archive, control, queue, store
+from . import archive, control, queue, store, swap
 from .db import Database
+from .pause import pause_point
 
 CONFLICT_SUFFIX = ".crh-result"
+# Left inside a retrieved tomodir between the exchange and the end, so a rerun knows.
+MARKER_PREFIX = ".crh-retrieved-"
 PENDING = ("registering", "queued", "running")
 
 
@@ -105,6 +111,7 @@ def retrieve(
                     report.problems.append(f"{crh}: job {job.id}'s result cannot be used: {exc}")
                     continue
                 queue.mark_downloaded(conn, job.id, actor)
+                _finish(tomodir, job.id)
                 control.remove(crh)
                 (report.retrieved if job.status == "finished" else report.failed).append(item)
             if progress is not None:
@@ -115,33 +122,70 @@ def retrieve(
 
 
 def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, item: Item) -> None:
+    parent = tomodir.parent
+    marker = tomodir / f"{MARKER_PREFIX}{job.id}"
+    new = parent / f".{tomodir.name}.crh-new-{job.id}"
+    if marker.exists():
+        # An earlier run was interrupted after its exchange: the results are in place.
+        reconcile_leftovers(new, tomodir)
+        return
+    shutil.rmtree(new, ignore_errors=True)
     if job.result_sha256 is None:
         return
-    parent = tomodir.parent
     packed = parent / f".{tomodir.name}.crh-{job.id}.tar.zst"
     staging = parent / f".{tomodir.name}.crh-staging-{job.id}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         with open(packed, "wb") as fh:
             store.fetch(conn, job.result_sha256, fh)
-        staging.mkdir()
+        pause_point("retrieve:downloaded")
+        staging.mkdir(mode=0o700)
         with open(packed, "rb") as fh:
             archive.unpack(fh, staging)
-        _merge(staging, tomodir, cf.manifest, item)
+        packed.unlink()
+        try:
+            swap.link_copy(tomodir, new)
+        except swap.SwapUnsupported:
+            shutil.rmtree(new, ignore_errors=True)
+            _merge(staging, tomodir, cf.manifest, item)
+            return
+        _merge(staging, new, cf.manifest, item)
+        (new / marker.name).touch()
+        pause_point("retrieve:staged")
+        try:
+            swap.exchange(new, tomodir)
+        except swap.SwapUnsupported:
+            (new / marker.name).unlink()
+            shutil.rmtree(new, ignore_errors=True)
+            item.files, item.conflicts = 0, []
+            _merge(staging, tomodir, cf.manifest, item)
+            return
+        pause_point("retrieve:exchanged")
+        reconcile_leftovers(new, tomodir)
     finally:
         packed.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _merge(staging: Path, tomodir: Path, manifest: dict[str, list[int]], item: Item) -> None:
+def reconcile_leftovers(old: Path, tomodir: Path) -> None:
+    if old.exists():
+        swap.reconcile(old, tomodir)
+
+
+def _finish(tomodir: Path, job_id: int) -> None:
+    (tomodir / f"{MARKER_PREFIX}{job_id}").unlink(missing_ok=True)
+
+
+def _merge(staging: Path, into: Path, manifest: dict[str, list[int]], item: Item) -> None:
+    """Move result files into ``into`` (the tomodir, or its hard-link copy: same inodes, same verdicts)."""
     for dirpath, dirnames, filenames in os.walk(staging):
         rel_dir = Path(dirpath).relative_to(staging)
-        (tomodir / rel_dir).mkdir(parents=True, exist_ok=True)
+        (into / rel_dir).mkdir(parents=True, exist_ok=True)
         dirnames.sort()
         for name in sorted(filenames):
             rel = (rel_dir / name).as_posix()
             source = Path(dirpath) / name
-            target = tomodir / rel
+            target = into / rel
             if target.is_symlink() or (target.exists() and _user_changed(target, rel, manifest)):
                 if target.is_file() and not target.is_symlink() and _same_content(source, target):
                     continue

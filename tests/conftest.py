@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -31,15 +32,19 @@ def _url(cluster: Cluster, dbname: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_cluster(tmp_path_factory) -> Cluster:
+def pg_cluster() -> Cluster:
+    # Not under pytest's basetemp: pytest prunes old basetemps, and a concurrent
+    # session would delete this one's data directory under the running server.
+    home = Path(tempfile.mkdtemp(prefix="crh-test-pg-"))
     # Durability settings off: a test cluster is thrown away, and it saves minutes.
     cluster = Cluster(
-        tmp_path_factory.mktemp("pg") / "data",
+        home / "data",
         extra_conf={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
     )
     cluster.start()
     yield cluster
     cluster.stop(mode="immediate")
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
