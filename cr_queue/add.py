@@ -107,11 +107,11 @@ def _add_one(conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor
             return None
         job = queue.get_job(conn, existing.job_id)
         if job is not None and job.status == "registering":
-            return _register(conn, td, path, crh, options, actor, resume_id=job.id)
+            return _register(conn, td, path, crh, options, actor, report, resume_id=job.id)
         state = job.status if job is not None else "unknown to this database"
         report.skipped.append((path, f"already registered as job {existing.job_id} ({state}); --force registers it again"))
         return None
-    return _register(conn, td, path, crh, options, actor)
+    return _register(conn, td, path, crh, options, actor, report)
 
 
 def _register(
@@ -121,6 +121,7 @@ def _register(
     crh: Path,
     options: AddOptions,
     actor: queue.Actor,
+    report: AddReport,
     *,
     resume_id: int | None = None,
 ) -> Added:
@@ -158,4 +159,9 @@ def _register(
     )
     pause_point("add:control_written")
     queue.finish_registration(conn, job_id, packed.sha256, actor)
+    for rel in packed.skipped:
+        report.problems.append(
+            f"{path / rel}: a symlink pointing outside the tomodir was not sent with job {job_id}; "
+            "replace it with the file it points to if the solver needs it, then crh_add --force"
+        )
     return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resume_id is not None)

@@ -107,7 +107,7 @@ def retrieve(
             else:
                 try:
                     _bring_back(conn, job, cf, tomodir, item)
-                except (archive.ChecksumMismatch, archive.UnsafeArchive, store.BlobMissing) as exc:
+                except (archive.ArchiveError, store.BlobMissing) as exc:
                     report.problems.append(f"{crh}: job {job.id}'s result cannot be used: {exc}")
                     continue
                 queue.mark_downloaded(conn, job.id, actor)

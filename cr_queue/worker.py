@@ -443,7 +443,7 @@ class Worker:
             tomodir = tmp / "tomodir"
             try:
                 self._unpack_input(conn, job, tmp, tomodir)
-            except (archive.UnsafeArchive, archive.ChecksumMismatch, store.BlobMissing) as exc:
+            except (archive.ArchiveError, store.BlobMissing) as exc:
                 self._report_failure(conn, running, "input_archive", f"the input archive cannot be used: {exc}", None, None)
                 return
             except OSError as exc:
