@@ -87,7 +87,21 @@ workers = Table(
     Column("last_heartbeat", DateTime(timezone=True), nullable=False, server_default=_now()),
     Column("datetime_stopped", DateTime(timezone=True), nullable=True),
     Column("stop_reason", Text, nullable=True),
+    Column("requested", Text, nullable=True),
     CheckConstraint("state IN ('running', 'draining', 'stopped')", name="state"),
+    CheckConstraint("requested IN ('drain', 'stop')", name="requested"),
+)
+
+# Per-host settings an admin keeps in the database (cr_hydra's node_settings).
+node_settings = Table(
+    "node_settings",
+    metadata,
+    Column("host", Text, primary_key=True),
+    Column("nice", Integer, nullable=True),
+    Column("cpus", Integer, nullable=True),
+    Column("threads", Integer, nullable=True),
+    Column("active", Boolean, nullable=False, server_default=text("true")),
+    Column("datetime_updated", DateTime(timezone=True), nullable=False, server_default=_now()),
 )
 
 inversions = Table(
@@ -126,6 +140,8 @@ inversions = Table(
     Column("datetime_finished", DateTime(timezone=True), nullable=True),
     Column("downloaded", Boolean, nullable=False, server_default=text("false")),
     Column("datetime_downloaded", DateTime(timezone=True), nullable=True),
+    # The sipdir a frequency's tomodir belongs to: one line in status, one retrieve.
+    Column("sipdir", Text, nullable=True),
     CheckConstraint(
         "status IN ('registering', 'queued', 'running', 'finished', 'failed', 'cancelled')",
         name="status",
@@ -144,6 +160,7 @@ inversions = Table(
     Index("ix_inversions_source", "source_computer", "source_path"),
     Index("ix_inversions_finished", "inv_computer", "datetime_finished"),
     Index("ix_inversions_status", "status"),
+    Index("ix_inversions_sipdir", "sipdir", postgresql_where=text("sipdir IS NOT NULL")),
 )
 
 events = Table(
