@@ -25,6 +25,14 @@ from .db import Database
 from .pause import pause_point
 
 
+class Duplicate(Exception):
+    """The same directory with the same content is already waiting or running."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
 @dataclass(frozen=True)
 class AddOptions:
     force: bool = False
@@ -107,11 +115,19 @@ def _add_one(conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor
             return None
         job = queue.get_job(conn, existing.job_id)
         if job is not None and job.status == "registering":
-            return _register(conn, td, path, crh, options, actor, report, resume_id=job.id)
+            return _register_reporting(conn, td, path, crh, options, actor, report, resume_id=job.id)
         state = job.status if job is not None else "unknown to this database"
         report.skipped.append((path, f"already registered as job {existing.job_id} ({state}); --force registers it again"))
         return None
-    return _register(conn, td, path, crh, options, actor, report)
+    return _register_reporting(conn, td, path, crh, options, actor, report)
+
+
+def _register_reporting(conn, td, path, crh, options, actor, report, *, resume_id=None) -> Added | None:
+    try:
+        return _register(conn, td, path, crh, options, actor, report, resume_id=resume_id)
+    except Duplicate as dup:
+        report.skipped.append((path, f"the same content is already queued or running as job {dup.job_id}"))
+        return None
 
 
 def _register(
@@ -137,12 +153,17 @@ def _register(
         threads=options.threads,
         timeout_s=options.timeout_s,
         max_attempts=options.max_attempts,
+        sipdir=str(sipdir) if (sipdir := discover.sipdir_of(path)) else None,
     )
     job_id = resume_id if resume_id is not None else queue.begin_registration(conn, new, actor)
     pause_point("add:registered")
     manifest = archive.snapshot(path)
     packed = store.put_tree(conn, path)
     pause_point("add:uploaded")
+    duplicate = queue.find_duplicate(conn, actor.host, str(path), packed.sha256, job_id)
+    if duplicate is not None:
+        queue.drop_registration(conn, job_id)
+        raise Duplicate(duplicate)
     control.write(
         control.ControlFile(
             job_id=job_id,

@@ -187,3 +187,11 @@ def discover(paths: Iterable[Path]) -> Discovery:
         else:
             result.done.append(item.path)
     return result
+
+
+def sipdir_of(tomodir: Path) -> Path | None:
+    """The sipdir a tomodir is one frequency of (``SIPDIR/invmod/NN_freq``), if any."""
+    parent = tomodir.parent
+    if parent.name == "invmod" and (parent.parent / "frequencies.dat").is_file():
+        return parent.parent
+    return None

@@ -58,6 +58,7 @@ class Job:
     crh_file: str
     priority: int
     job_group: str | None
+    sipdir: str | None
     threads: int
     timeout_s: int | None
     attempt: int
@@ -115,17 +116,17 @@ ORDER BY id LIMIT 1 FOR UPDATE
 _UPDATE_REGISTERING = """
 UPDATE inversions SET sim_type = %(sim_type)s, model_first = %(model_first)s, username = %(username)s,
     crh_file = %(crh_file)s, priority = %(priority)s, job_group = %(job_group)s, threads = %(threads)s,
-    timeout_s = %(timeout_s)s, max_attempts = %(max_attempts)s, datetime_init = now()
+    timeout_s = %(timeout_s)s, max_attempts = %(max_attempts)s, sipdir = %(sipdir)s, datetime_init = now()
 WHERE id = %(id)s
 """
 
 _INSERT_REGISTERING = f"""
 WITH u AS (
     INSERT INTO inversions (status, sim_type, model_first, username, source_computer, source_path,
-                            crh_file, priority, job_group, threads, timeout_s, max_attempts)
+                            crh_file, priority, job_group, threads, timeout_s, max_attempts, sipdir)
     VALUES ('registering', %(sim_type)s, %(model_first)s, %(username)s, %(source_computer)s,
             %(source_path)s, %(crh_file)s, %(priority)s, %(job_group)s, %(threads)s, %(timeout_s)s,
-            %(max_attempts)s)
+            %(max_attempts)s, %(sipdir)s)
     RETURNING id, status, attempt
 ), e AS (
     INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("registering")}
@@ -133,9 +134,20 @@ WITH u AS (
 SELECT id FROM u
 """
 
+# The new job's rank: after the user's last waiting job, but never behind the
+# front of the queue, so a user who adds 10 jobs behind another's 5,000 is
+# served in turns with them rather than after them.
 _FINISH_REGISTRATION = f"""
-WITH u AS (
-    UPDATE inversions SET status = 'queued', input_sha256 = %(sha256)s, datetime_queued = now()
+WITH rank AS (
+    SELECT greatest(
+        (SELECT max(fair_rank) FROM inversions WHERE status = 'queued' AND username = j.username),
+        (SELECT min(fair_rank) - 1 FROM inversions WHERE status = 'queued'),
+        0) + 1 AS fair_rank
+    FROM inversions j WHERE j.id = %(id)s
+), u AS (
+    UPDATE inversions SET status = 'queued', input_sha256 = %(sha256)s, datetime_queued = now(),
+        fair_rank = rank.fair_rank
+    FROM rank
     WHERE id = %(id)s AND status = 'registering'
     RETURNING id, status, attempt
 ), e AS (
@@ -158,6 +170,7 @@ class NewJob:
     threads: int = 1
     timeout_s: int | None = None
     max_attempts: int = 3
+    sipdir: str | None = None
 
 
 def begin_registration(conn: psycopg.Connection, new: NewJob, actor: Actor) -> int:
@@ -179,6 +192,27 @@ def finish_registration(conn: psycopg.Connection, job_id: int, sha256: str, acto
     """Make a registered job claimable; False when it was not (or no longer) registering."""
     params = {"id": job_id, "sha256": sha256, **_actor(actor, {"sha256": sha256})}
     return conn.execute(_FINISH_REGISTRATION, params).fetchone() is not None
+
+
+_DUPLICATE = """
+SELECT id FROM inversions
+WHERE source_computer = %s AND source_path = %s AND input_sha256 = %s
+  AND status IN ('queued', 'running') AND id <> %s
+ORDER BY id LIMIT 1
+"""
+
+_DROP_REGISTRATION = "DELETE FROM inversions WHERE id = %s AND status = 'registering'"
+
+
+def find_duplicate(conn: psycopg.Connection, source_computer: str, source_path: str, sha256: str, job_id: int) -> int | None:
+    """A job with the same content from the same directory that is still waiting or running."""
+    row = conn.execute(_DUPLICATE, (source_computer, source_path, sha256, job_id)).fetchone()
+    return row[0] if row else None
+
+
+def drop_registration(conn: psycopg.Connection, job_id: int) -> None:
+    """Forget a registration that will not be completed (nobody could ever have claimed it)."""
+    conn.execute(_DROP_REGISTRATION, (job_id,))
 
 
 # ------------------------------------------------------------------- reading
@@ -260,7 +294,7 @@ WITH next AS (
            OR (sim_type = 'inv' AND %(can_inv)s AND (NOT model_first OR %(can_mod)s)))
       AND (CASE WHEN cardinality(%(groups)s::text[]) = 0 THEN job_group IS NULL
                 ELSE job_group = ANY(%(groups)s::text[]) END)
-    ORDER BY priority DESC, id
+    ORDER BY priority DESC, fair_rank, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 ), u AS (
@@ -501,6 +535,23 @@ def requeue(conn: psycopg.Connection, ids: Sequence[int], actor: Actor) -> list[
 
 def failed_of(conn: psycopg.Connection, username: str, source_computer: str) -> list[int]:
     return [row[0] for row in conn.execute(_FAILED_OF, (username, source_computer))]
+
+
+_SET_PRIORITY = f"""
+WITH u AS (
+    UPDATE inversions SET priority = %(priority)s
+    WHERE id = ANY(%(ids)s) AND status IN ('registering', 'queued', 'running')
+    RETURNING id, status, attempt
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("priority")}
+)
+SELECT id FROM u
+"""
+
+
+def set_priority(conn: psycopg.Connection, ids: Sequence[int], priority: int, actor: Actor) -> list[int]:
+    params = {"ids": list(ids), "priority": priority, **_actor(actor, {"priority": priority})}
+    return [row[0] for row in conn.execute(_SET_PRIORITY, params)]
 
 
 # ----------------------------------------------------------------- retrieval

@@ -118,6 +118,8 @@ inversions = Table(
     Column("source_path", Text, nullable=False),
     Column("crh_file", Text, nullable=False),
     Column("priority", Integer, nullable=False, server_default=text("0")),
+    # Within a priority, users take turns: a user's n-th waiting job has rank n.
+    Column("fair_rank", BigInteger, nullable=False, server_default=text("0")),
     Column("job_group", Text, nullable=True),
     Column("threads", Integer, nullable=False, server_default=text("1")),
     Column("timeout_s", Integer, nullable=True),
@@ -153,9 +155,11 @@ inversions = Table(
     Index(
         "ix_inversions_claim",
         text("priority DESC"),
+        "fair_rank",
         "id",
         postgresql_where=text("status = 'queued'"),
     ),
+    Index("ix_inversions_user_rank", "username", "fair_rank", postgresql_where=text("status = 'queued'")),
     Index("ix_inversions_running", "worker_id", postgresql_where=text("status = 'running'")),
     Index("ix_inversions_source", "source_computer", "source_path"),
     Index("ix_inversions_finished", "inv_computer", "datetime_finished"),

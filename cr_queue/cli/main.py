@@ -8,7 +8,7 @@ from .. import __version__
 from .add import add_command
 from .db import db_group
 from .demo import demo_command
-from .manage import cancel_command, requeue_command
+from .manage import cancel_command, priority_command, requeue_command
 from .retrieve import retrieve_command, wait_retrieve_command
 from .worker import worker_command
 
@@ -31,6 +31,7 @@ crh.add_command(db_group)
 crh.add_command(demo_command)
 crh.add_command(cancel_command)
 crh.add_command(requeue_command)
+crh.add_command(priority_command)
 
 _settings = {"help_option_names": ["-h", "--help"]}
 

@@ -87,3 +87,31 @@ def requeue_command(targets, all_failed, db_url, as_json, quiet, log_level):
     for problem in problems:
         out.warn(problem)
     raise SystemExit(1 if problems else 0)
+
+
+@click.command("priority")
+@click.argument("priority", type=click.IntRange(-1_000_000, 1_000_000))
+@click.argument("targets", nargs=-1, required=True)
+@db_option
+@output_options
+@handle_errors
+def priority_command(priority, targets, db_url, as_json, quiet, log_level):
+    """Set the PRIORITY (higher runs first) of waiting jobs, named by job id, tomodir or .crh file."""
+    setup_logging(log_level)
+    out = Output(json=as_json, quiet=quiet)
+    selection = jobs.select(list(targets))
+    if not selection.ids and selection.problems:
+        fail("; ".join(selection.problems))
+    _settings, database = open_db(db_url)
+    with database.connect("crh_priority") as conn:
+        changed = queue.set_priority(conn, selection.ids, priority, queue.Actor())
+    problems = selection.problems + [
+        f"job {i}: not waiting or running (or not in {database.redacted}); its priority was not changed"
+        for i in selection.ids
+        if i not in changed
+    ]
+    out.emit({"changed": changed, "priority": priority, "problems": problems})
+    out.line(f"priority {priority} set on {len(changed)} job(s)")
+    for problem in problems:
+        out.warn(problem)
+    raise SystemExit(1 if problems else 0)

@@ -1,4 +1,4 @@
-"""Operations: sipdir grouping, remote control of workers, per-host node settings.
+"""Operations: fair share, sipdir grouping, remote control of workers, per-host node settings.
 
 Revision ID: 0002
 Revises: 0001
@@ -15,6 +15,21 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # Round robin between users within a priority: a user's n-th waiting job gets rank n.
+    op.add_column("inversions", sa.Column("fair_rank", sa.BigInteger(), nullable=False, server_default=sa.text("0")))
+    op.drop_index("ix_inversions_claim", table_name="inversions")
+    op.create_index(
+        "ix_inversions_claim",
+        "inversions",
+        [sa.text("priority DESC"), "fair_rank", "id"],
+        postgresql_where=sa.text("status = 'queued'"),
+    )
+    op.create_index(
+        "ix_inversions_user_rank",
+        "inversions",
+        ["username", "fair_rank"],
+        postgresql_where=sa.text("status = 'queued'"),
+    )
     op.add_column("inversions", sa.Column("sipdir", sa.Text(), nullable=True))
     op.create_index("ix_inversions_sipdir", "inversions", ["sipdir"], postgresql_where=sa.text("sipdir IS NOT NULL"))
     # What an admin asked a worker to do ('drain' or 'stop'); the worker reads it with its heartbeat.
@@ -37,3 +52,12 @@ def downgrade() -> None:
     op.drop_column("workers", "requested")
     op.drop_index("ix_inversions_sipdir", table_name="inversions")
     op.drop_column("inversions", "sipdir")
+    op.drop_index("ix_inversions_user_rank", table_name="inversions")
+    op.drop_index("ix_inversions_claim", table_name="inversions")
+    op.drop_column("inversions", "fair_rank")
+    op.create_index(
+        "ix_inversions_claim",
+        "inversions",
+        [sa.text("priority DESC"), "id"],
+        postgresql_where=sa.text("status = 'queued'"),
+    )
