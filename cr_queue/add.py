@@ -134,18 +134,19 @@ def _register(
     conn,
     td: discover.Tomodir,
     path: Path,
-    crh: Path,
+    crh: Path | None,
     options: AddOptions,
     actor: queue.Actor,
     report: AddReport,
     *,
     resume_id: int | None = None,
 ) -> Added:
+    """Register one tomodir; without ``crh`` (the Python API's in-memory jobs) no .crh is written."""
     new = queue.NewJob(
         sim_type=td.sim_type,
         model_first=td.needs_mod and td.needs_inv,
         source_path=str(path),
-        crh_file=str(crh),
+        crh_file=str(crh) if crh is not None else "",
         username=actor.os_user,
         source_computer=actor.host,
         priority=options.priority,
@@ -164,6 +165,28 @@ def _register(
     if duplicate is not None:
         queue.drop_registration(conn, job_id)
         raise Duplicate(duplicate)
+    if crh is not None:
+        _write_control(crh, job_id, td, path, actor, packed.sha256, manifest)
+    pause_point("add:control_written")
+    queue.finish_registration(conn, job_id, packed.sha256, actor)
+    for rel in packed.skipped:
+        report.problems.append(
+            f"{path / rel}: a symlink pointing outside the tomodir was not sent with job {job_id}; "
+            "replace it with the file it points to if the solver needs it, then crh_add --force"
+        )
+    return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resume_id is not None)
+
+
+def register_unlinked(conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor) -> Added:
+    """Register a tomodir that lives only for the upload (no .crh beside it)."""
+    report = AddReport()
+    added = _register(conn, td, td.path.resolve(), None, options, actor, report)
+    if report.problems:
+        raise ValueError("; ".join(report.problems))
+    return added
+
+
+def _write_control(crh: Path, job_id: int, td: discover.Tomodir, path: Path, actor: queue.Actor, sha256: str, manifest) -> None:
     control.write(
         control.ControlFile(
             job_id=job_id,
@@ -173,16 +196,8 @@ def _register(
             source_computer=actor.host,
             username=actor.os_user,
             datetime_init=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            archive_sha256=packed.sha256,
+            archive_sha256=sha256,
             manifest={rel: list(stat) for rel, stat in manifest.items()},
         ),
         crh,
     )
-    pause_point("add:control_written")
-    queue.finish_registration(conn, job_id, packed.sha256, actor)
-    for rel in packed.skipped:
-        report.problems.append(
-            f"{path / rel}: a symlink pointing outside the tomodir was not sent with job {job_id}; "
-            "replace it with the file it points to if the solver needs it, then crh_add --force"
-        )
-    return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resume_id is not None)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
 from .. import add as add_service
+from .. import local, solvers
 from .common import DURATION, Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
 
 
@@ -19,10 +21,14 @@ from .common import DURATION, Output, db_option, fail, handle_errors, open_db, o
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="OpenMP threads per job.")
 @click.option("--timeout", "timeout_s", type=DURATION, default=None, help="Kill the solver after this long (e.g. 90s, 2h, 1d).")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, help="Tries before a job whose worker keeps dying fails.")
+@click.option("--local", is_flag=True, help="Run the jobs on this machine now (private group, local worker), then retrieve.")
+@click.option("--local-jobs", type=click.IntRange(min=1), default=None, help="Jobs at once in --local mode (default: CPUs / --threads).")
+@click.option("--crtomo", default=None, metavar="PATH", help="CRTomo binary for --local.")
+@click.option("--crmod", default=None, metavar="PATH", help="CRMod binary for --local.")
 @db_option
 @output_options
 @handle_errors
-def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_attempts, db_url, as_json, quiet, log_level):
+def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_attempts, local, local_jobs, crtomo, crmod, db_url, as_json, quiet, log_level):
     """Register tomodirs below PATHS (default: the current directory) for a worker to run.
 
     Writes TOMODIR.crh beside each registered tomodir; the tomodir itself is
@@ -47,6 +53,11 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
         timeout_s=int(timeout_s) if timeout_s is not None else None,
         max_attempts=max_attempts,
     )
+    if local and not dry_run:
+        if group:
+            fail("--local puts the jobs in a private group of their own; leave out --group")
+        _run_local(out, paths, options, found, local_jobs, threads, crtomo, crmod, db_url)
+        return
     if dry_run:
         report = add_service.add(None, paths, options, found=found)
     else:
@@ -105,3 +116,32 @@ def _print(out: Output, report: add_service.AddReport, dry_run: bool) -> None:
         f"{len(report.done)} already done, {len(report.problems)} problem(s)",
         fg="green" if not report.problems else "yellow",
     )
+
+
+def _run_local(out: Output, paths, options, found, local_jobs, threads, crtomo, crmod, db_url) -> None:
+    settings, database = open_db(db_url, crtomo=crtomo, crmod=crmod)
+    solver_map = solvers.resolve(
+        {
+            "crtomo": (settings.crtomo, "--crtomo, CRH_CRTOMO or [solvers] crtomo"),
+            "crmod": (settings.crmod, "--crmod, CRH_CRMOD or [solvers] crmod"),
+        }
+    )
+    jobs = local_jobs or max(1, (os.cpu_count() or 1) // threads)
+    total = len(found.todo)
+    done = {"n": 0}
+
+    def on_event(message: str) -> None:
+        if ": finished" in message or ": failed" in message:
+            done["n"] += 1
+            out.line(f"[{done['n']}/{total}] {message}")
+
+    run = local.run_local(
+        database, paths, options, solver_map, jobs=jobs, threads=threads, found=found, on_event=on_event
+    )
+    _print(out, run.added, False)
+    report = run.retrieved
+    if not out.json:
+        for item in report.failed:
+            out.line(f"job {item.job_id} FAILED: {item.path}: {item.reason}", fg="red")
+        out.line(f"local run: {len(report.retrieved)} retrieved, {len(report.failed)} failed")
+    raise SystemExit(max(run.added.exit_code, report.exit_code))

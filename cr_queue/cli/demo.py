@@ -5,12 +5,11 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import click
 
-from .. import add, config, db, retrieve, solvers, synth, worker
+from .. import add, config, db, local, solvers, synth
 from .common import Output, handle_errors, output_options, setup_logging
 
 
@@ -53,7 +52,6 @@ def demo_command(db_url, keep, jobs, as_json, quiet, log_level):
             solver_map[name] = solvers.resolve({name: (_standin(name), "stand-in")})[name]
         used_standin = True
     root = Path(tempfile.mkdtemp(prefix="crh-demo-"))
-    group = f"demo-{uuid.uuid4().hex[:8]}"
     tomodirs = synth.make_tree(root, n_mod=2, n_inv=2, n_both=2)
     out.line(f"demo tree with {len(tomodirs)} synthetic tomodirs in {root}")
     out.line(f"database: {database.redacted} ({database.source})")
@@ -61,16 +59,16 @@ def demo_command(db_url, keep, jobs, as_json, quiet, log_level):
         out.line("solvers: the cr_queue STAND-IN (no real CRMod/CRTomo configured); results are not physics", fg="yellow")
     else:
         out.line("solvers: " + ", ".join(f"{solvers.DISPLAY[n]} {s.path}" for n, s in sorted(solver_map.items())))
-    added = add.add(database, [root], add.AddOptions(group=group))
-    out.line(f"added {len(added.added)} job(s) in group {group}")
-    w = worker.Worker(
+    result = local.run_local(
         database,
+        [root],
+        add.AddOptions(),
         solver_map,
-        worker.WorkerOptions(jobs=jobs, quit_when_empty=True, groups=(group,), name=group),
+        jobs=jobs,
+        on_added=lambda item: out.line(f"added job {item.job_id} ({'+'.join(item.steps)}): {item.path.relative_to(root)}"),
         on_event=lambda message: out.line(f"  worker: {message}"),
     )
-    w.run()
-    report = retrieve.retrieve(database, [root])
+    report = result.retrieved
     finished = len(report.retrieved)
     ok = finished == len(tomodirs) and not report.failed and not report.problems
     out.emit(
