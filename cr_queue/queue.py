@@ -250,6 +250,35 @@ RETURNING id
 
 _WORKER_HEARTBEAT = "UPDATE workers SET last_heartbeat = now() WHERE id = %s"
 
+_BEAT = """
+WITH w AS (
+    UPDATE workers SET last_heartbeat = now(),
+        state = CASE WHEN %(draining)s AND state = 'running' THEN 'draining' ELSE state END
+    WHERE id = %(id)s
+    RETURNING host, requested
+)
+SELECT w.requested, n.nice, n.cpus, n.threads, n.active FROM w LEFT JOIN node_settings n ON n.host = w.host
+"""
+
+
+@dataclass(frozen=True)
+class Orders:
+    """What the database tells a worker at each beat: an admin's request and its node's settings."""
+
+    requested: str | None = None
+    nice: int | None = None
+    cpus: int | None = None
+    threads: int | None = None
+    active: bool = True
+
+
+def beat(conn: psycopg.Connection, worker_id: int, *, draining: bool) -> Orders:
+    row = conn.execute(_BEAT, {"id": worker_id, "draining": draining}).fetchone()
+    if row is None:
+        return Orders()
+    requested, nice, cpus, threads, active = row
+    return Orders(requested, nice, cpus, threads, True if active is None else active)
+
 _STOP_WORKER = """
 UPDATE workers SET state = 'stopped', datetime_stopped = now(), stop_reason = %s WHERE id = %s
 """
@@ -294,6 +323,7 @@ WITH next AS (
            OR (sim_type = 'inv' AND %(can_inv)s AND (NOT model_first OR %(can_mod)s)))
       AND (CASE WHEN cardinality(%(groups)s::text[]) = 0 THEN job_group IS NULL
                 ELSE job_group = ANY(%(groups)s::text[]) END)
+      AND (%(max_threads)s::int IS NULL OR threads <= %(max_threads)s::int)
     ORDER BY priority DESC, fair_rank, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -320,6 +350,7 @@ def claim(
     can_inv: bool,
     groups: Sequence[str] = (),
     lease_s: float,
+    max_threads: int | None = None,
 ) -> Job | None:
     """Take the best queued job this worker can run, in one short transaction."""
     params = {
@@ -327,6 +358,7 @@ def claim(
         "can_inv": can_inv,
         "groups": list(groups),
         "lease_s": lease_s,
+        "max_threads": max_threads,
         "worker_id": actor.worker_id,
         **_actor(actor),
     }

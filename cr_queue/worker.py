@@ -36,7 +36,7 @@ from typing import TypeVar
 import psycopg
 
 from . import __version__, archive, queue, solvers, store
-from .db import Database
+from .db import Database, DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class WorkerOptions:
     max_runtime_s: float | None = None
     max_node_failures: int = 5
     nice: int = 0
+    # CPU budget: with it, as many jobs run at once as their threads fit in.
+    cpus: int | None = None
     workdir: Path | None = None
 
 
@@ -73,6 +75,8 @@ class _Running:
     abort: threading.Event = field(default_factory=threading.Event)
     # Why the solver was stopped: "lost" (attempt taken away), "cancelled", or "release".
     why: str | None = None
+    cpus: int = 1
+    elapsed: float = 0.0
 
     def stop(self, why: str) -> None:
         if self.why is None:
@@ -120,16 +124,21 @@ class Worker:
         self._busy = 0
         self._node_failures = 0
         self._held: dict[int, _Running] = {}
+        self._claim_lock = threading.Lock()
+        self._cpus_used = 0
+        self._orders = queue.Orders()
         self._last_renewal = time.monotonic()
         self._drain_deadline: float | None = None
         self._started = time.monotonic()
         self.worker_id: int | None = None
         self.actor = queue.Actor()
+        # Which binaries computed the results: recorded with every outcome.
+        self._solver_info = {name: s.describe() for name, s in self.solvers.items()}
 
     # ----------------------------------------------------------- lifecycle
 
     def run(self) -> int:
-        control = self._connect("control")
+        control = self.db.connect(f"crh_worker {self.name} control", keepalive=True)
         self.worker_id = queue.register_worker(
             control,
             name=self.name,
@@ -139,9 +148,10 @@ class Worker:
             jobs=self.options.jobs,
             threads=self.options.threads,
             groups=self.options.groups,
-            solvers={name: s.describe() for name, s in self.solvers.items()},
+            solvers=self._solver_info,
         )
         self.actor = queue.Actor(worker_id=self.worker_id)
+        self._obey(queue.beat(control, self.worker_id, draining=False))
         self.on_event(
             f"worker {self.name} (id {self.worker_id}) started: {self.options.jobs} job(s) at a time, "
             f"{self.options.threads} thread(s) each, solvers: "
@@ -150,9 +160,10 @@ class Worker:
         self._sweep_tmp()
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
+        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
         slots = [
             threading.Thread(target=self._slot, args=(i,), name=f"slot-{i}", daemon=True)
-            for i in range(self.options.jobs)
+            for i in range(self.options.cpus or self.options.jobs)
         ]
         for t in slots:
             t.start()
@@ -219,7 +230,6 @@ class Worker:
                 while any(t.is_alive() for t in slots):
                     for note in control.notifies(timeout=0.25, stop_after=1):
                         self._on_notify(note)
-                    self._watch_clock()
                     if time.monotonic() >= next_rescue:
                         self._rescue(control)
                         self._sweep_tmp()
@@ -229,7 +239,6 @@ class Worker:
                 if control is not None:
                     control.close()
                 control = None
-                self._watch_clock()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         return control
@@ -244,10 +253,21 @@ class Worker:
         else:
             self._kick()
 
+    def _watchdog(self) -> None:
+        """Watch the clock from a thread that never waits for the database.
+
+        Any statement can hang on a half-open connection (a wedged proxy or NAT
+        still acknowledges, so keepalives see nothing); the main thread may be
+        stuck in one, yet the half-lease rule, the drain timeout and the max
+        runtime must still stop the solvers on time.
+        """
+        while not self._finished.wait(0.25):
+            self._watch_clock()
+
     def _watch_clock(self) -> None:
         now = time.monotonic()
         with self._lock:
-            held = list(self._held.values())
+            held = [r for r in self._held.values() if r.why is None]
         if held and now - self._last_renewal > self.options.lease_s / 2:
             self.on_event(
                 f"could not renew the leases for {now - self._last_renewal:.0f} s (over half the lease): "
@@ -255,6 +275,7 @@ class Worker:
             )
             for running in held:
                 running.stop("lost")
+            return
         if self._drain_deadline is not None and now > self._drain_deadline and held:
             self.on_event("drain timeout reached: giving the running jobs back to the queue")
             self._stop_all("release")
@@ -307,7 +328,17 @@ class Worker:
     # ------------------------------------------------------- db connections
 
     def _connect(self, role: str) -> psycopg.Connection:
-        return self.db.connect(f"crh_worker {self.name} {role}", keepalive=True)
+        """A connection for one thread; failing to connect is just another lost connection.
+
+        db.connect turns a refused connection into a DatabaseError for people;
+        here it must be an OperationalError, which every loop already rides out
+        with backoff (otherwise a database down for longer than one backoff step
+        killed the heartbeat and slot threads).
+        """
+        try:
+            return self.db.connect(f"crh_worker {self.name} {role}", keepalive=True)
+        except DatabaseError as exc:
+            raise psycopg.OperationalError(str(exc)) from None
 
     def _run_db(self, fn: Callable[[psycopg.Connection], T], conn: psycopg.Connection | None = None) -> T | None:
         """Run a statement, reconnecting once if the connection went away meanwhile."""
@@ -348,15 +379,12 @@ class Worker:
         """One round of a slot; False when the slot should end."""
         with self._wake:
             seen = self._generation
-        job = queue.claim(
-            conn,
-            actor=self.actor,
-            can_mod="crmod" in self.solvers,
-            can_inv="crtomo" in self.solvers,
-            groups=self.options.groups,
-            lease_s=self.options.lease_s,
-        )
-        if job is None:
+        if not self._orders.active:
+            # An inactive node waits for its admin; it is not an empty queue.
+            self._stopping.wait(self.options.poll_s)
+            return True
+        claimed = self._claim(conn)
+        if claimed is None:
             with self._lock:
                 idle_everywhere = self._busy == 0
             if self.options.quit_when_empty and idle_everywhere:
@@ -366,14 +394,17 @@ class Worker:
                 if self._generation == seen and not self._stopping.is_set():
                     self._wake.wait(timeout=self.options.poll_s)
             return True
+        job, cost = claimed
         with self._lock:
             self._busy += 1
-            running = self._held[job.id] = _Running(job)
+            running = self._held[job.id] = _Running(job, cpus=cost)
         try:
             self._process(conn, running)
             self._node_failures = 0
         except NodeFailure as exc:
             self._node_trouble(conn, running, str(exc))
+        except psycopg.OperationalError as exc:
+            self._connection_lost(conn, running, exc)
         except Exception as exc:
             log.exception("job %s: unexpected error", job.id)
             self._node_trouble(conn, running, f"{type(exc).__name__}: {exc}")
@@ -381,8 +412,50 @@ class Worker:
             with self._lock:
                 self._busy -= 1
                 del self._held[job.id]
+            with self._claim_lock:
+                self._cpus_used -= cost
             self._kick()
         return True
+
+    def _threads(self) -> int:
+        return self._orders.threads or self.options.threads
+
+    def _cost(self, job: queue.Job) -> int:
+        """CPUs a job occupies: what it asked for, at least the node's thread setting."""
+        return max(job.threads, self._threads())
+
+    def _claim(self, conn: psycopg.Connection) -> tuple[queue.Job, int] | None:
+        """Claim a job that fits the CPU budget; claims are serialised so two slots cannot overbook it."""
+        with self._claim_lock:
+            budget = self._orders.cpus or self.options.cpus
+            free = None if budget is None else budget - self._cpus_used
+            if free is not None and free < self._threads():
+                return None
+            job = queue.claim(
+                conn,
+                actor=self.actor,
+                can_mod="crmod" in self.solvers,
+                can_inv="crtomo" in self.solvers,
+                groups=self.options.groups,
+                lease_s=self.options.lease_s,
+                max_threads=free,
+            )
+            if job is None:
+                return None
+            cost = self._cost(job)
+            self._cpus_used += cost
+            return job, cost
+
+    def _connection_lost(self, conn: psycopg.Connection, running: _Running, exc: psycopg.OperationalError) -> None:
+        """The database went away while the input was being fetched: give the job back.
+
+        Neither the job's fault nor the node's, so no try is burned and the
+        node-failure count is left alone; the release waits for the database.
+        """
+        job = running.job
+        self.on_event(f"job {job.id}: database connection lost before the solver ran ({_first_line(exc)}); giving it back")
+        if self._persist(conn, running, lambda c: queue.release(c, job, reason="database connection lost", actor=self.actor)):
+            self.tally.released += 1
 
     def _node_trouble(self, conn: psycopg.Connection, running: _Running, reason: str) -> None:
         """Give the job back without burning a try; after too many in a row, stop this node."""
@@ -413,10 +486,14 @@ class Worker:
                     if not queue.hold_worker_lock(conn, self.worker_id):
                         log.warning("worker lock %s already held by an old session", self.worker_id)
                     backoff = 0.5
+                self._obey(queue.beat(conn, self.worker_id, draining=self._stopping.is_set()))
                 with self._lock:
                     held = [(r.job.id, r.job.attempt) for r in self._held.values()]
+                # The lease runs from when the statement reached the server, not from
+                # when its answer came back (which a stalled network can delay).
+                sent = time.monotonic()
                 still_ours = queue.renew(conn, self.worker_id, held, self.options.lease_s)
-                self._last_renewal = time.monotonic()
+                self._last_renewal = sent
                 with self._lock:
                     for job_id, attempt in held:
                         running = self._held.get(job_id)
@@ -432,6 +509,19 @@ class Worker:
                 backoff = min(backoff * 2, 2.0)
         if conn is not None:
             conn.close()
+
+    def _obey(self, orders: queue.Orders) -> None:
+        """Apply what an admin set in the database: a drain/stop request, node settings."""
+        previous, self._orders = self._orders, orders
+        if orders.requested == "stop" and previous.requested != "stop":
+            self.on_event("stop requested through the database: giving running jobs back")
+            self.request_stop(abort=True, reason="stop requested by an admin")
+        elif orders.requested == "drain" and previous.requested is None:
+            self.on_event("drain requested through the database: finishing running jobs, claiming no more")
+            self.request_stop(reason="drain requested by an admin")
+        if orders.active != previous.active:
+            self.on_event("node set " + ("active: claiming again" if orders.active else "inactive: claiming no more jobs"))
+            self._kick()
 
     # ------------------------------------------------------------------ jobs
 
@@ -457,29 +547,39 @@ class Worker:
                 members = archive.changed_since(tomodir, before)
                 result_sha = self._upload(conn, running, tomodir, members)
                 if result_sha is None:
+                    self._refused(job, by_database=False)
                     return
                 ok = self._persist(
                     conn,
                     running,
-                    lambda c: queue.complete(c, job, result_sha256=result_sha, exit_code=verdict.exit_code, actor=self.actor),
+                    lambda c: queue.complete(
+                        c,
+                        job,
+                        result_sha256=result_sha,
+                        exit_code=verdict.exit_code,
+                        actor=self.actor,
+                        detail=self._provenance(running, tomodir),
+                    ),
                 )
                 if ok:
                     self.tally.finished += 1
                     files = sum(1 for m in members if (tomodir / m).is_file())
                     self.on_event(f"job {job.id}: finished ({files} result files)")
                 else:
-                    self._refused(job)
+                    self._refused(job, by_database=ok is False)
                 return
             members = [m for m in FAILURE_MEMBERS if (tomodir / m).exists()]
             result_sha = self._upload(conn, running, tomodir, members) if members else None
-            self._report_failure(conn, running, verdict.category, verdict.reason, verdict.exit_code, result_sha)
+            self._report_failure(
+                conn, running, verdict.category, verdict.reason, verdict.exit_code, result_sha, tomodir
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _stopped_early(self, conn: psycopg.Connection, running: _Running) -> bool:
         job = running.job
         if running.why == "lost":
-            self._refused(job)
+            self._refused(job, by_database=False)
             return True
         if running.why == "cancelled":
             self.tally.cancelled += 1
@@ -492,9 +592,16 @@ class Worker:
             return True
         return False
 
-    def _refused(self, job: queue.Job) -> None:
+    def _refused(self, job: queue.Job, *, by_database: bool) -> None:
+        """Count a result that will never be used; the log says whether the fence or the worker decided."""
         self.tally.refused += 1
-        self.on_event(f"job {job.id}: attempt {job.attempt} is no longer this worker's; its result was discarded")
+        if by_database:
+            self.on_event(
+                f"job {job.id}: the database refused the result of attempt {job.attempt}, "
+                "which is no longer current; its result was discarded"
+            )
+        else:
+            self.on_event(f"job {job.id}: attempt {job.attempt} is no longer this worker's; its result was discarded")
 
     def _persist(self, conn: psycopg.Connection, running: _Running, fn: Callable[[psycopg.Connection], T]) -> T | None:
         """Run a fenced write, riding out a database restart as long as the job is still ours.
@@ -553,14 +660,15 @@ class Worker:
                         solver,
                         tomodir,
                         step=step,
-                        threads=max(job.threads, self.options.threads),
+                        threads=running.cpus,
                         log=log_file,
                         timeout=timeout,
                         abort=running.abort,
-                        nice=self.options.nice,
+                        nice=self._orders.nice if self._orders.nice is not None else self.options.nice,
                     )
                 except OSError as exc:
                     raise NodeFailure(f"cannot start {solver.path}: {exc}") from exc
+                running.elapsed += outcome.elapsed
                 if outcome.returncode == -signal.SIGILL:
                     raise NodeFailure(f"{solver.path} died of SIGILL (built for another CPU?)")
                 verdict = solvers.judge(outcome, tomodir, timeout)
@@ -576,8 +684,10 @@ class Worker:
         reason: str,
         exit_code: int | None,
         result_sha: str | None,
+        tomodir: Path | None = None,
     ) -> None:
         job = running.job
+        detail = self._provenance(running, tomodir) if tomodir is not None else None
         ok = self._persist(
             conn,
             running,
@@ -589,13 +699,33 @@ class Worker:
                 exit_code=exit_code,
                 result_sha256=result_sha,
                 actor=self.actor,
+                detail=detail,
             ),
         )
         if ok:
             self.tally.failed += 1
             self.on_event(f"job {job.id}: failed ({category}): {reason}")
         else:
-            self._refused(job)
+            self._refused(job, by_database=ok is False)
+
+    def _provenance(self, running: _Running, tomodir: Path) -> dict[str, object]:
+        """What computed this result, for the events table: binaries, threads, time, log tail."""
+        used = {solvers.STEP_SOLVER[step] for step in running.job.steps}
+        return {
+            "solvers": {name: info for name, info in self._solver_info.items() if name in used},
+            "threads": running.cpus,
+            "elapsed_s": round(running.elapsed, 3),
+            "log_tail": _tail(tomodir / LOG_NAME),
+        }
+
+
+def _tail(path: Path, lines: int = 20, max_bytes: int = 8192) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - max_bytes))
+            return fh.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
 
 
 def _alive(pid: int) -> bool:

@@ -27,12 +27,13 @@ from .common import DURATION, Output, db_option, handle_errors, open_db, output_
 @click.option("--drain-timeout", "drain_timeout_s", type=DURATION, default=None, help="On SIGTERM, wait this long for running jobs before giving them back (e.g. 10m; default: wait).")
 @click.option("--max-runtime", "max_runtime_s", type=DURATION, default=None, help="Pilot mode: stop claiming before this much time (e.g. 23h30m) and give back what cannot finish.")
 @click.option("--max-node-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop claiming after this many jobs in a row fail here for node reasons.")
+@click.option("--cpus", type=click.IntRange(min=1), default=None, help="CPU budget: run as many jobs at once as their threads fit in (overrides --jobs).")
 @click.option("--nice", type=click.IntRange(0, 19), default=0, show_default=True, help="Nice level of the solvers.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where private job directories are made (default: the system temp dir).")
 @db_option
 @output_options
 @handle_errors
-def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, timeout_s, lease_s, poll_s, drain_timeout_s, max_runtime_s, max_node_failures, nice, workdir, db_url, as_json, quiet, log_level):
+def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, timeout_s, lease_s, poll_s, drain_timeout_s, max_runtime_s, max_node_failures, cpus, nice, workdir, db_url, as_json, quiet, log_level):
     """Claim jobs from the queue and run CRMod/CRTomo on them.
 
     SIGTERM or Ctrl-C: stop claiming and let running jobs finish; a second
@@ -62,6 +63,7 @@ def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, 
         max_runtime_s=max_runtime_s,
         max_node_failures=max_node_failures,
         nice=nice,
+        cpus=cpus,
         workdir=workdir,
     )
     events: list[str] = []
