@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import control
 from .. import retrieve as retrieve_service
 from .common import Output, db_option, handle_errors, open_db, output_options, setup_logging
 
@@ -64,7 +65,9 @@ def _run(paths, wait: bool, poll_s: float, db_url, as_json, quiet, log_level) ->
     out = Output(json=as_json, quiet=quiet)
     paths = list(paths) or [Path(".")]
     _settings, database = open_db(db_url)
-    if wait:
+    if out.interactive:
+        report = _with_bar(out, database, paths, wait, poll_s)
+    elif wait:
         def round_done(total: retrieve_service.RetrieveReport) -> None:
             if total.pending:
                 done = len(total.retrieved) + len(total.failed)
@@ -77,6 +80,31 @@ def _run(paths, wait: bool, poll_s: float, db_url, as_json, quiet, log_level) ->
         report = retrieve_service.retrieve(database, paths, progress=_progress(out))
     _report(out, report)
     raise SystemExit(report.exit_code)
+
+
+def _with_bar(out: Output, database, paths, wait: bool, poll_s: float) -> retrieve_service.RetrieveReport:
+    """On a terminal: one progress bar; the per-job lines are printed once it is done."""
+    try:
+        total = len(control.find(paths))
+    except control.ControlFileError:
+        total = 0
+    done: list[retrieve_service.Item] = []
+    with click.progressbar(
+        length=max(total, 1), label="waiting" if wait else "retrieving", file=click.get_text_stream("stderr")
+    ) as bar:
+        def step(item: retrieve_service.Item) -> None:
+            done.append(item)
+            bar.update(1)
+
+        if wait:
+            report = retrieve_service.wait_retrieve(database, paths, poll_s=poll_s, progress=step)
+        else:
+            report = retrieve_service.retrieve(database, paths, progress=step)
+    show = _progress(out)
+    for item in done:
+        if item.status != "finished" or item.conflicts:
+            show(item)
+    return report
 
 
 _path_arg = click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
