@@ -1,0 +1,387 @@
+"""Helpers for the fault tests: real processes, real faults, one invariant check.
+
+A ``Lab`` is one test's world: a tree of stand-in tomodirs, the environment of
+the real console scripts, a private --workdir for the workers, and every
+process the test started (so a failing test never leaves a worker behind).
+``check_invariants`` is what every fault test ends with.
+
+Nothing here asserts on wall time: waits are generous loops that fail with a
+description of what never happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import conninfo
+from psycopg.rows import dict_row
+
+from cr_queue import synth
+
+from .conftest import run, script
+
+POLL = "0.5"
+WAIT_S = 60.0
+CLEANUP_WAIT_S = 10.0
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = WAIT_S, interval: float = 0.1):
+    """Poll until ``predicate`` returns something truthy; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(interval)
+
+
+def alive(pid: int) -> bool:
+    """True for a running process (a zombie is dead: it only waits to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def standin_alive(pid: int) -> bool:
+    """Alive and still a stand-in solver (not a recycled pid)."""
+    if not alive(pid):
+        return False
+    try:
+        return b"standin" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@dataclass
+class Run:
+    """One solver start recorded by the stand-in in runs.log."""
+
+    pid: int
+    solver: str
+    cwd: str
+
+    @property
+    def job_id(self) -> int:
+        name = Path(self.cwd).parent.parent.name  # crh-w<pid>-job<id>-xxxx/tomodir/exe
+        return int(name.split("-job", 1)[1].split("-", 1)[0])
+
+    @property
+    def worker_pid(self) -> int:
+        name = Path(self.cwd).parent.parent.name
+        return int(name[len("crh-w") :].split("-", 1)[0])
+
+
+class WorkerProc:
+    """A real crh_worker process with its JSON report on stdout and its live log on stderr."""
+
+    def __init__(self, lab: Lab, name: str, args: Iterable[str], env: Mapping[str, str]) -> None:
+        self.name = name
+        self.out_path = lab.logs / f"{name}.out"
+        self.err_path = lab.logs / f"{name}.err"
+        cmd = [
+            script("crh_worker"),
+            "--name", name,
+            "--workdir", str(lab.workdir),
+            "--poll", POLL,
+            "--json",
+            "--log-level", "info",
+            *args,
+        ]
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, env=dict(env), stdout=out, stderr=err)
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = WAIT_S) -> None:
+        wait_for(lambda: text in self.log() or self.proc.poll() is not None, f"{self.name} to log {text!r}", timeout)
+        assert text in self.log(), f"{self.name} exited ({self.proc.returncode}) without logging {text!r}:\n{self.log()}"
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def finish(self, timeout: float = 120) -> tuple[int, dict]:
+        """Wait for the exit; returns the exit code and the JSON report (empty if none)."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit within {timeout} s:\n{self.log()}") from None
+        text = self.out_path.read_text()
+        report = json.loads(text) if text.strip() else {}
+        return code, report
+
+    def stop(self, timeout: float = 120) -> tuple[int, dict]:
+        """SIGTERM, then wait for the exit."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.finish(timeout)
+
+
+@dataclass
+class Lab:
+    tmp_path: Path
+    env: dict[str, str]
+    db_url: str
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tree = self.tmp_path / "tree"
+        self.workdir = self.tmp_path / "workdir"
+        self.marks = self.tmp_path / "marks"
+        self.logs = self.tmp_path / "logs"
+        for d in (self.tree, self.workdir, self.marks, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        self.env["CRH_STANDIN_MARK"] = str(self.marks)
+
+    # ------------------------------------------------------------- inputs
+
+    def tomodirs(self, n: int, *, kind: str = "mod", cfg: str = "sleep = 3", prefix: str = "td") -> list[Path]:
+        """n stand-in tomodirs whose solver behaves as ``cfg`` (exe/standin.cfg) says."""
+        made = []
+        start = len(list(self.tree.iterdir()))
+        for i in range(start, start + n):
+            td = synth.make_tomodir(self.tree / f"{prefix}_{i:03d}", kind, seed=i)
+            (td / "exe" / "standin.cfg").write_text(cfg + "\n")
+            made.append(td)
+        return made
+
+    def add(self, *paths: Path, env: Mapping[str, str] | None = None) -> list[int]:
+        """crh_add the paths (default: the whole tree); returns the new job ids."""
+        targets = [str(p) for p in paths] or [str(self.tree)]
+        out = run([script("crh_add"), "--json", *targets], dict(env or self.env))
+        return [item["job_id"] for item in json.loads(out.stdout)["added"]]
+
+    # ---------------------------------------------------------- processes
+
+    def worker(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> WorkerProc:
+        w = WorkerProc(self, name, args, env or self.env)
+        self.procs.append(w.proc)
+        return w
+
+    def spawn(self, args: list[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            args, env=dict(env or self.env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.procs.append(proc)
+        return proc
+
+    def run_until_paused(self, args: list[str], point: str, *, cwd: Path | None = None) -> subprocess.Popen:
+        """Start a command that stops at pause point ``point``; returns it, paused there."""
+        proc = self.spawn(args, env={**self.env, "CRH_PAUSE_AT": point}, cwd=cwd)
+        for line in proc.stderr:
+            if line.strip() == f"crh-paused {point}":
+                return proc
+        proc.wait()
+        raise AssertionError(f"{args[0]} exited ({proc.returncode}) without reaching pause point {point}:\n{proc.stdout.read()}")
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+    # ------------------------------------------------------------ probing
+
+    def runs(self) -> list[Run]:
+        log = self.marks / "runs.log"
+        if not log.exists():
+            return []
+        return [Run(int(p), s, c) for p, s, c in (line.split(" ", 2) for line in log.read_text().splitlines())]
+
+    def wait_runs(self, n: int, timeout: float = WAIT_S) -> list[Run]:
+        """Wait until the stand-in has been started n times in all."""
+        return wait_for(lambda: self.runs() if len(self.runs()) >= n else None, f"{n} solver start(s)", timeout)[:n]
+
+    def sql(self, query: str, params=()) -> list[tuple]:
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def job(self, job_id: int) -> dict:
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            return cur.execute("SELECT * FROM inversions WHERE id = %s", (job_id,)).fetchone()
+
+    def status(self, job_id: int) -> str:
+        return self.job(job_id)["status"]
+
+    def wait_status(self, job_id: int, status: str, timeout: float = WAIT_S) -> dict:
+        wait_for(lambda: self.status(job_id) == status, f"job {job_id} to be {status}", timeout)
+        return self.job(job_id)
+
+    def events(self, job_id: int) -> list[str]:
+        return [row[0] for row in self.sql("SELECT event FROM events WHERE job_id = %s ORDER BY id", (job_id,))]
+
+    def check_invariants(self, expected: Mapping[int, str | set[str]]) -> None:
+        check_invariants(self.db_url, expected, workdir=self.workdir, runs=self.runs())
+
+
+def check_invariants(
+    db_url: str,
+    expected: Mapping[int, str | set[str]],
+    *,
+    workdir: Path | None = None,
+    runs: Iterable[Run] = (),
+) -> None:
+    """What must hold after any fault:
+
+    * every job finished at most once (at most one 'finished' event per job);
+    * no job lost: the jobs are exactly the expected ones, each in an expected state;
+    * no stale result accepted: a finished job's 'finished' event names its final
+      attempt, and a job in 'finished' has exactly that one event;
+    * nothing left behind: no job directory in the workers' --workdir and no
+      stand-in solver still running (both after a few seconds for cleanup).
+    """
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        jobs = {row[0]: (row[1], row[2]) for row in conn.execute("SELECT id, status, attempt FROM inversions")}
+        finished = conn.execute(
+            "SELECT job_id, count(*), min(attempt), max(attempt) FROM events WHERE event = 'finished' GROUP BY job_id"
+        ).fetchall()
+    twice = {job_id: n for job_id, n, _, _ in finished if n > 1}
+    assert not twice, f"jobs finished more than once: {twice}"
+    assert set(jobs) == set(expected), f"jobs {sorted(jobs)} in the database, expected {sorted(expected)}"
+    wrong = {
+        job_id: (status, expected[job_id])
+        for job_id, (status, _attempt) in jobs.items()
+        if status not in ({expected[job_id]} if isinstance(expected[job_id], str) else expected[job_id])
+    }
+    assert not wrong, f"jobs not in an expected state (actual, expected): {wrong}"
+    finished_attempt = {job_id: lo for job_id, _n, lo, _hi in finished}
+    for job_id, (status, attempt) in jobs.items():
+        if status == "finished":
+            assert finished_attempt.get(job_id) == attempt, (
+                f"job {job_id} is finished at attempt {attempt} but its finished event names "
+                f"{finished_attempt.get(job_id)}"
+            )
+        else:
+            assert job_id not in finished_attempt, f"job {job_id} has a finished event but is {status}"
+    if workdir is not None:
+        wait_for(
+            lambda: not [p for p in workdir.iterdir() if p.name.startswith("crh-w")],
+            f"no job directory left in {workdir} (still: {[p.name for p in workdir.iterdir()]})",
+            CLEANUP_WAIT_S,
+        )
+    pids = [r.pid for r in runs]
+    wait_for(
+        lambda: not [pid for pid in pids if standin_alive(pid)],
+        f"every stand-in solver to be gone (alive: {[pid for pid in pids if standin_alive(pid)]})",
+        CLEANUP_WAIT_S,
+    )
+
+
+@pytest.fixture
+def lab(tmp_path, cli_env, db_url):
+    world = Lab(tmp_path, dict(cli_env), db_url)
+    yield world
+    world.cleanup()
+
+
+# ------------------------------------------------------------------ network
+
+
+class FreezableProxy:
+    """A TCP proxy to PostgreSQL's Unix socket that can stop forwarding without closing anything.
+
+    Frozen, both directions stay connected (the kernel still acknowledges
+    what the worker sends) but no byte passes: a half-open connection as a
+    hung switch or a wedged NAT makes it.  New connections are accepted and
+    then hang too.
+    """
+
+    def __init__(self, unix_path: Path) -> None:
+        self.unix_path = str(unix_path)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def unfreeze(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._flowing.set()
+        self._listener.close()
+        with self._lock:
+            for s in self._sockets:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                upstream.connect(self.unix_path)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), name="proxy-pump", daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while not self._closed.is_set():
+                if not self._flowing.wait(0.1):
+                    continue
+                ready, _, _ = select.select([src], [], [], 0.1)
+                if not ready or not self._flowing.is_set():
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+        except OSError:
+            return
+
+
+def proxy_url(proxy: FreezableProxy, db_url: str) -> str:
+    """The test database's URL, reached over TCP through the proxy."""
+    dbname = conninfo.conninfo_to_dict(db_url)["dbname"]
+    return f"host=127.0.0.1 port={proxy.port} user=crh dbname={dbname}"
+
+
+@pytest.fixture
+def proxy(pg_cluster):
+    p = FreezableProxy(pg_cluster.socket_dir / ".s.PGSQL.5432")
+    yield p
+    p.close()
+

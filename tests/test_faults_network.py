@@ -1,0 +1,160 @@
+"""The database restarts, the network half-dies (issue 3).
+
+A restart of the suite's PostgreSQL while solvers run must cost nothing: the
+workers reconnect, their solvers keep running and their results are
+accepted.  A worker cut off behind a frozen TCP proxy loses its job to
+another worker once its lease runs out; it stops its own solver after half a
+lease without news, and whatever it sends when the network comes back is
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import run, script
+from .faults import lab, proxy, proxy_url, standin_alive, wait_for  # noqa: F401  (fixtures)
+
+
+def _wrapper(path, body: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_database_restart_while_solvers_run_costs_nothing(lab, pg_cluster):
+    ids = lab.add(*lab.tomodirs(4, cfg="sleep = 4"))
+    workers = [lab.worker(f"w{i}", "-q", "--jobs", "2") for i in range(2)]
+    lab.wait_runs(4)
+
+    pg_cluster.restart()
+
+    results = [w.finish() for w in workers]
+    assert [code for code, _ in results] == [0, 0], [w.log() for w in workers]
+    assert sum(report["finished"] for _, report in results) == 4
+    assert sum(report["refused"] + report["released"] for _, report in results) == 0
+    assert len(lab.runs()) == 4, "each job was solved once: no solver was stopped or run again"
+    # Nothing was taken away from workers that were only waiting for the database.
+    assert lab.sql("SELECT count(*) FROM events WHERE event IN ('rescued', 'released')") == [(0,)]
+    assert {row[0] for row in lab.sql("SELECT attempt FROM inversions")} == {1}
+    assert any("connection lost" in w.log() for w in workers), "the restart was not noticed at all"
+    lab.check_invariants({i: "finished" for i in ids})
+
+
+def test_database_outage_while_solvers_run_results_uploaded_when_it_is_back(lab, pg_cluster):
+    ids = lab.add(*lab.tomodirs(2, cfg="sleep = 2"))
+    workers = [lab.worker(f"w{i}", "-q") for i in range(2)]
+    solves = lab.wait_runs(2)
+
+    pg_cluster.stop()
+    try:
+        # Down long enough for reconnects to fail and for the solvers to finish meanwhile.
+        for w in workers:
+            w.wait_log("control connection lost")
+            w.wait_log("reconnecting in 2 s")
+        wait_for(lambda: not any(standin_alive(s.pid) for s in solves), "the solvers to finish during the outage")
+    finally:
+        pg_cluster.start()
+
+    results = [w.finish() for w in workers]
+    assert [code for code, _ in results] == [0, 0], [w.log() for w in workers]
+    assert sum(report["finished"] for _, report in results) == 2
+    assert len(lab.runs()) == 2
+    assert lab.sql("SELECT count(*) FROM events WHERE event IN ('rescued', 'released')") == [(0,)]
+    lab.check_invariants({i: "finished" for i in ids})
+
+
+def test_add_and_retrieve_with_the_database_down_fail_clearly_and_change_nothing(lab, pg_cluster):
+    [done] = lab.tomodirs(1, cfg="sleep = 0")
+    [done_id] = lab.add(done)
+    code, _ = lab.worker("w", "-q").finish()
+    assert code == 0
+    [td] = lab.tomodirs(1, cfg="sleep = 0")
+    pg_cluster.stop()
+    try:
+        add = run([script("crh_add"), str(td)], lab.env, check=2)
+        retrieve = run([script("crh_retrieve"), str(done)], lab.env, check=2)
+    finally:
+        pg_cluster.start()
+    for proc in (add, retrieve):
+        assert "cannot connect to the database" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not td.with_suffix(".crh").exists()
+    assert done.with_suffix(".crh").exists() and not (done / "mod" / "volt.dat").exists()
+    # Once the database is back, both simply work.
+    [td_id] = lab.add(td)
+    report = json.loads(run([script("crh_retrieve"), "--json", str(done)], lab.env).stdout)
+    assert [i["job_id"] for i in report["retrieved"]] == [done_id]
+    lab.check_invariants({done_id: "finished", td_id: "queued"})
+
+
+def _freeze_after_a_heartbeat(lab, proxy, worker_name: str) -> None:
+    """Freeze right after the worker renewed, so "half a lease without news" is measured from here."""
+    query = "SELECT last_heartbeat FROM workers WHERE name = %s"
+    before = lab.sql(query, (worker_name,))
+    wait_for(lambda: lab.sql(query, (worker_name,)) != before, f"{worker_name} to beat")
+    proxy.freeze()
+
+
+def test_cut_off_worker_loses_the_job_and_its_late_completion_is_refused(lab, proxy, tmp_path):
+    # Worker a's solver holds at a gate after solving, so the test can cut the
+    # network at the moment the result is about to be sent.
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    solver = _wrapper(
+        tmp_path / "bin" / "CRMod",
+        f'"{script("crh_standin_crmod")}"; rc=$?\n'
+        f'touch "{gate}/solved"\n'
+        f'while [ ! -e "{gate}/go" ]; do sleep 0.05; done\n'
+        "exit $rc",
+    )
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+    cut_env = {**lab.env, "CRH_DATABASE_URL": proxy_url(proxy, lab.db_url), "CRH_CRMOD": str(solver)}
+    a = lab.worker("a", "--lease", "6", env=cut_env)
+    wait_for(lambda: (gate / "solved").exists(), "a's solver to finish")
+
+    _freeze_after_a_heartbeat(lab, proxy, "a")
+    (gate / "go").touch()
+    b = lab.worker("b")
+    job = lab.wait_status(job_id, "finished")
+    assert job["attempt"] == 2
+    assert lab.events(job_id) == ["registering", "queued", "claimed", "rescued", "claimed", "finished"]
+
+    proxy.unfreeze()
+    a.wait_log("the database refused")
+    code, report = a.stop()
+    assert code == 0 and report["refused"] == 1 and report["finished"] == 0, a.log()
+    code, report = b.stop()
+    assert code == 0 and report["finished"] == 1
+    finished_by = lab.sql(
+        "SELECT w.name, e.attempt FROM events e JOIN workers w ON w.id = e.worker_id "
+        "WHERE e.job_id = %s AND e.event = 'finished'",
+        (job_id,),
+    )
+    assert finished_by == [("b", 2)]
+    lab.check_invariants({job_id: "finished"})
+
+
+def test_cut_off_worker_stops_its_solver_after_half_a_lease(lab, proxy, tmp_path):
+    # Worker a's solver would run for two minutes; worker b's finishes at once.
+    solver = _wrapper(tmp_path / "bin" / "CRMod", f'CRH_STANDIN_SLEEP=120 exec "{script("crh_standin_crmod")}"')
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="fail = none"))
+    cut_env = {**lab.env, "CRH_DATABASE_URL": proxy_url(proxy, lab.db_url), "CRH_CRMOD": str(solver)}
+    a = lab.worker("a", "--lease", "6", env=cut_env)
+    [solve] = lab.wait_runs(1)
+
+    _freeze_after_a_heartbeat(lab, proxy, "a")
+    # Nobody can tell worker a anything now: it must give up on its own.
+    wait_for(lambda: not standin_alive(solve.pid), "the cut-off worker to stop its own solver", timeout=30)
+    a.wait_log("could not renew the leases")
+
+    b = lab.worker("b")
+    job = lab.wait_status(job_id, "finished")
+    assert job["attempt"] == 2
+    proxy.unfreeze()
+    code, report = a.stop()
+    assert code == 0 and report["finished"] == 0 and report["refused"] == 1, a.log()
+    code, report = b.stop()
+    assert code == 0 and report["finished"] == 1
+    lab.check_invariants({job_id: "finished"})
+
