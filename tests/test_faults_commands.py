@@ -1,0 +1,97 @@
+"""kill -9 of crh_add and crh_retrieve at each named step (issue 3).
+
+CRH_PAUSE_AT=<point> stops the command at an exact step; the test kills it
+there with SIGKILL, checks that nothing half-made is visible (no claimable
+job, a tomodir untouched or fully retrieved), then reruns the command and
+checks that it finishes the work without a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from cr_queue import discover
+
+from .conftest import run, script
+from .faults import lab  # noqa: F401  (fixture)
+
+
+def _state(td: Path) -> dict[str, str]:
+    """Every file of a tomodir with its content hash, the retrieval marker aside."""
+    return {
+        p.relative_to(td).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(td.rglob("*"))
+        if p.is_file() and not p.name.startswith(".crh-retrieved-")
+    }
+
+
+@pytest.mark.parametrize("point", ["add:registered", "add:uploaded", "add:control_written"])
+def test_kill9_of_crh_add_leaves_nothing_claimable_and_a_rerun_completes_it(lab, point):
+    first, second = lab.tomodirs(2, cfg="sleep = 0")
+    add = lab.run_until_paused([script("crh_add"), "--json", str(lab.tree)], point)
+    add.kill()
+    add.wait()
+
+    assert lab.sql("SELECT status, source_path FROM inversions") == [("registering", str(first))]
+    assert first.with_suffix(".crh").exists() == (point == "add:control_written")
+    assert not second.with_suffix(".crh").exists()
+    # A real worker finds nothing it could claim.
+    code, report = lab.worker("early", "-q").finish()
+    assert code == 0 and report["finished"] == report["failed"] == 0
+    [(interrupted_id,)] = lab.sql("SELECT id FROM inversions")
+
+    out = json.loads(run([script("crh_add"), "--json", str(lab.tree)], lab.env).stdout)
+    added = {Path(a["path"]): a for a in out["added"]}
+    assert set(added) == {first, second} and not out["problems"]
+    assert added[first]["job_id"] == interrupted_id, "the interrupted registration was taken over"
+    assert added[first]["resumed"] == (point == "add:control_written")
+    rows = lab.sql("SELECT source_path, count(*), min(status), max(status) FROM inversions GROUP BY 1 ORDER BY 1")
+    assert rows == [(str(first), 1, "queued", "queued"), (str(second), 1, "queued", "queued")]
+
+    code, report = lab.worker("w", "-q").finish()
+    assert code == 0 and report["finished"] == 2
+    lab.check_invariants({job_id: "finished" for job_id in (interrupted_id, added[second]["job_id"])})
+
+
+# A rerun after a kill at retrieve:exchanged takes the "marker exists" path of
+# retrieve._bring_back, which returns before the staging directory of the killed
+# run is removed: .TOMODIR.crh-staging-ID stays beside the tomodir for good.
+STAGING_LEFT = pytest.mark.xfail(
+    strict=True, reason="retrieve.py: the rerun after retrieve:exchanged leaves .TOMODIR.crh-staging-ID behind"
+)
+
+
+@pytest.mark.parametrize(
+    "point", ["retrieve:downloaded", "retrieve:staged", pytest.param("retrieve:exchanged", marks=STAGING_LEFT)]
+)
+def test_kill9_of_crh_retrieve_leaves_the_tomodir_untouched_or_complete(lab, point):
+    first, second = lab.tomodirs(2, cfg="sleep = 0")
+    ids = lab.add()
+    code, report = lab.worker("w", "-q").finish()
+    assert code == 0 and report["finished"] == 2
+    before = {td: _state(td) for td in (first, second)}
+
+    retrieve = lab.run_until_paused([script("crh_retrieve"), "--json", str(lab.tree)], point)
+    retrieve.kill()
+    retrieve.wait()
+    interrupted = {td: _state(td) for td in (first, second)}
+
+    out = json.loads(run([script("crh_retrieve"), "--json", str(lab.tree)], lab.env).stdout)
+    assert sorted(i["job_id"] for i in out["retrieved"]) == sorted(ids) and not out["problems"]
+    after = {td: _state(td) for td in (first, second)}
+    for td in (first, second):
+        assert discover.classify(td) == discover.Done(td)
+        assert not td.with_suffix(".crh").exists()
+        assert after[td] != before[td]
+        assert {k: after[td][k] for k in before[td]} == before[td], "the inputs are unchanged"
+        assert interrupted[td] in (before[td], after[td]), f"{td.name} was left half retrieved at {point}"
+        assert not list(td.glob(".crh-retrieved-*")), "the rerun removes the retrieval marker"
+    assert interrupted[second] == before[second], "the second tomodir was not reached"
+    leftovers = [p.name for p in lab.tree.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary files left beside the tomodirs: {leftovers}"
+    assert lab.sql("SELECT count(*) FROM inversions WHERE downloaded") == [(2,)]
+    lab.check_invariants({job_id: "finished" for job_id in ids})
