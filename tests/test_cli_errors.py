@@ -86,6 +86,10 @@ def test_second_add_skips_registered_and_force_reregisters(tmp_path, cli_env):
     report = json.loads(proc.stdout)
     assert report["added"] == [] and len(report["skipped"]) == 2
     assert all("already registered as job" in s["reason"] for s in report["skipped"])
+    # --force with the same content still waiting is a duplicate; once run, it registers again.
+    proc = run([script("crh_add"), "--json", "--force"], cli_env, cwd=tmp_path)
+    assert all("already queued or running" in s["reason"] for s in json.loads(proc.stdout)["skipped"])
+    run([script("crh_worker"), "-q"], cli_env)
     proc = run([script("crh_add"), "--json", "--force"], cli_env, cwd=tmp_path)
     assert len(json.loads(proc.stdout)["added"]) == 2
 
