@@ -1,0 +1,176 @@
+"""Shared helpers of the benchmarks: a throwaway cluster, timing, result rows.
+
+Every benchmark compares a figure with a reference measured in the same run
+on the same machine, because this machine is shared and noisy: absolute
+times mean little, ratios taken minutes apart mean little more.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import conninfo, sql
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from cr_queue import migrate  # noqa: E402
+from cr_queue.embedded import Cluster  # noqa: E402
+
+
+# ----------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    """One measure: the figure, its reference from the same run, the verdict."""
+
+    name: str
+    figure: str
+    reference: str = "—"
+    ratio: str = "—"
+    target: str = "—"
+    ok: bool | None = None  # None: reported only, no target
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "INFO"}[self.ok]
+
+    def line(self) -> str:
+        text = (
+            f"{self.verdict:4}  {self.name:<44} {self.figure:<26} ref {self.reference:<30} "
+            f"ratio {self.ratio:<8} target {self.target}"
+        )
+        return text + (f"  ({self.note})" if self.note else "")
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        print(row.line(), flush=True)
+        return row
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.ok is False]
+
+    def markdown(self) -> str:
+        lines = ["| verdict | measure | figure | reference (same run) | ratio | target |", "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            note = f" ({r.note})" if r.note else ""
+            lines.append(f"| {r.verdict} | {r.name}{note} | {r.figure} | {r.reference} | {r.ratio} | {r.target} |")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ timing
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile: with 100 samples p99 is the 99th smallest."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), -(-int(p * len(ordered) * 1000) // 100000)))
+    return ordered[rank - 1]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def sh(command: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(command, shell=True, check=True, executable="/bin/bash", **kw)
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+# --------------------------------------------------------------- database
+
+
+class BenchCluster:
+    """A throwaway PostgreSQL cluster for one bench run, with default durability.
+
+    fsync and synchronous_commit stay on: the claim, dispatch and pgbench
+    figures are about what a real installation commits.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.cluster = Cluster(
+            home / "pg",
+            extra_conf={
+                "max_connections": "300",
+                "shared_buffers": "256MB",
+                # Counts the claim statements of the herd measure.
+                "shared_preload_libraries": "pg_stat_statements",
+            },
+        )
+
+    def __enter__(self) -> BenchCluster:
+        self.cluster.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cluster.stop(mode="immediate")
+
+    @property
+    def bindir(self) -> Path:
+        return self.cluster.bindir
+
+    def new_database(self) -> str:
+        """A fresh, migrated database; returns its URL."""
+        name = f"b_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.cluster.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        url = conninfo.make_conninfo(self.cluster.url, dbname=name)
+        migrate.upgrade(url)
+        return url
+
+    def drop_database(self, url: str) -> None:
+        name = conninfo.conninfo_to_dict(url)["dbname"]
+        with psycopg.connect(self.cluster.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def pg_env(url: str) -> dict[str, str]:
+    """libpq environment variables for pgbench/psql from a cr_queue URL."""
+    info = conninfo.conninfo_to_dict(url)
+    env = dict(os.environ)
+    env.update({"PGHOST": info["host"], "PGPORT": str(info.get("port", 5432)), "PGUSER": info["user"], "PGDATABASE": info["dbname"]})
+    return env
+
+
+def scratch(prefix: str = "crq-bench-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
