@@ -136,12 +136,13 @@ SELECT id FROM u
 
 # The new job's rank: after the user's last waiting job, but never behind the
 # front of the queue, so a user who adds 10 jobs behind another's 5,000 is
-# served in turns with them rather than after them.
+# served in turns with them rather than after them.  The front comes from
+# crh_queue_front(): with per-user roles, row-level security hides others' jobs.
 _FINISH_REGISTRATION = f"""
 WITH rank AS (
     SELECT greatest(
         (SELECT max(fair_rank) FROM inversions WHERE status = 'queued' AND username = j.username),
-        (SELECT min(fair_rank) - 1 FROM inversions WHERE status = 'queued'),
+        crh_queue_front() - 1,
         0) + 1 AS fair_rank
     FROM inversions j WHERE j.id = %(id)s
 ), u AS (

@@ -57,7 +57,20 @@ blobs = Table(
     Column("complete", Boolean, nullable=False, server_default=text("false")),
     Column("datetime_created", DateTime(timezone=True), nullable=False, server_default=_now()),
     Column("datetime_completed", DateTime(timezone=True), nullable=True),
+    # Who uploaded it: with per-user roles a user reads only its own uploads and results.
+    Column("db_role", Text, nullable=False, server_default=text("current_user")),
     CheckConstraint("NOT complete OR sha256 IS NOT NULL", name="complete_has_sha256"),
+)
+
+# Other roles that uploaded the same bytes as a stored blob (checked by the
+# database, see crh_adopt_blob in migration 0003): they may use it too.
+blob_owners = Table(
+    "blob_owners",
+    metadata,
+    Column("blob_id", BigInteger, ForeignKey("blobs.id", ondelete="CASCADE"), nullable=False),
+    Column("db_role", Text, nullable=False),
+    Column("datetime_added", DateTime(timezone=True), nullable=False, server_default=_now()),
+    PrimaryKeyConstraint("blob_id", "db_role"),
 )
 
 binary_data = Table(
@@ -165,6 +178,10 @@ inversions = Table(
     Index("ix_inversions_finished", "inv_computer", "datetime_finished"),
     Index("ix_inversions_status", "status"),
     Index("ix_inversions_sipdir", "sipdir", postgresql_where=text("sipdir IS NOT NULL")),
+    # Row-level security looks jobs up by owner and by archive (migration 0003).
+    Index("ix_inversions_db_role", "db_role"),
+    Index("ix_inversions_input_sha256", "input_sha256"),
+    Index("ix_inversions_result_sha256", "result_sha256"),
 )
 
 events = Table(

@@ -6,7 +6,7 @@ import click
 
 from .. import config, migrate
 from ..db import Database, DatabaseError, open_database
-from .common import Output, db_option, handle_errors, output_options, setup_logging
+from .common import Output, db_option, fail, handle_errors, output_options, setup_logging
 
 
 @click.group("db")
@@ -121,3 +121,89 @@ def url(db_url):
     """Print the database URL (password hidden), starting the embedded database if it is the one."""
     database = _target(db_url)
     click.echo(database.redacted)
+
+
+# ------------------------------------------------------------ roles of a shared database
+
+_GRANTED = {
+    "crh_user": "may add jobs and see, cancel, requeue and retrieve only the jobs it added itself",
+    "crh_worker": "may claim and run any queued job and write results; it cannot delete jobs",
+}
+
+
+def _grant(name: str, group: str, db_url, as_json, quiet, log_level) -> None:
+    from .. import roles
+
+    setup_logging(log_level)
+    out = Output(json=as_json, quiet=quiet)
+    try:
+        roles.check_login_name(name)
+    except roles.RoleError as exc:
+        fail(str(exc))
+    database = open_database(config.load(db=db_url))
+    try:
+        with database.connect("crh db grant") as conn:
+            result = roles.grant(conn, name, group)
+    except roles.RoleError as exc:
+        fail(f"{database.redacted}: {exc}")
+    out.emit(
+        {
+            "database": database.redacted,
+            "role": result.name,
+            "group": result.group,
+            "created": result.created,
+            "already_member": result.already_member,
+            "can_login": result.can_login,
+            "also_member_of": list(result.also),
+        }
+    )
+    what = "created login role" if result.created else "role"
+    verb = "was already a member of" if result.already_member else "is now a member of"
+    out.line(f"{what} {name} {verb} {group} in {database.redacted}: it {_GRANTED[group]}.")
+    if database.embedded:
+        out.warn(
+            "note: this is the embedded single-user database, reachable only by you; "
+            "roles matter on a shared server (give it with --db or CRH_DATABASE_URL)"
+        )
+    if not result.can_login:
+        out.warn(f"warning: {name} cannot log in (NOLOGIN); an admin can change that with ALTER ROLE {name} LOGIN")
+    for other in result.also:
+        out.warn(f"warning: {name} is also a member of {other}; a login should have one cr_queue role")
+    if result.created:
+        out.line(
+            f"No password was set. Either authenticate {name} without one (peer on the database host, "
+            f"or a TLS client certificate with CN={name}: see docs/security.md for the pg_hba.conf lines), "
+            f"or set one in psql: `\\password {name}` (as an admin), or {name} runs `\\password` itself; "
+            f"{name} then keeps it in ~/.pgpass (chmod 600), never in a URL or a shared file."
+        )
+
+
+_name_arg = click.argument("name", metavar="NAME")
+
+
+@db_group.command("grant-user")
+@_name_arg
+@db_option
+@output_options
+@handle_errors
+def grant_user(name, db_url, as_json, quiet, log_level):
+    """Let the login NAME (a scientist) use the queue for its own jobs (role crh_user).
+
+    Creates the login role if it does not exist (without a password) and
+    grants it crh_user.  Run as a superuser or a role with CREATEROLE.
+    """
+    _grant(name, "crh_user", db_url, as_json, quiet, log_level)
+
+
+@db_group.command("grant-worker")
+@_name_arg
+@db_option
+@output_options
+@handle_errors
+def grant_worker(name, db_url, as_json, quiet, log_level):
+    """Let the login NAME (a compute node's account) run jobs (role crh_worker).
+
+    Creates the login role if it does not exist (without a password) and
+    grants it crh_worker.  Run as a superuser or a role with CREATEROLE.
+    """
+    _grant(name, "crh_worker", db_url, as_json, quiet, log_level)
