@@ -599,9 +599,17 @@ class Cluster:
     @contextmanager
     def _locked(self, timeout: float = 60) -> Iterator[None]:
         """One starter at a time: two commands starting the cluster must not race."""
-        self.datadir.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.datadir.parent / f".{self.datadir.name}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.datadir.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise EmbeddedError(
+                f"cannot create the embedded database's directory {self.datadir.parent}: "
+                f"{exc.strerror}. Make sure your home directory exists and is writable, "
+                "set CRH_EMBEDDED_DIR to a directory of yours, or configure a database URL "
+                "(--db or CRH_DATABASE_URL)."
+            ) from None
         try:
             deadline = time.monotonic() + timeout
             while True:

@@ -42,3 +42,40 @@ def test_add_local_runs_and_retrieves(tmp_path, embedded_env):
     for td in tomodirs:
         assert discover.classify(td) == discover.Done(td)
         assert not td.with_suffix(".crh").exists()
+
+
+def test_demo_as_an_unprivileged_user(tmp_path):
+    """Real users are not root: the embedded database then runs as the user themselves."""
+    import os
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+
+    runuser = shutil.which("runuser")
+    if os.geteuid() != 0 or not runuser:
+        pytest.skip("needs root to switch to an unprivileged user")
+    user = "crh-test-user"
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--shell", "/bin/sh", user], check=True)
+    home = Path(tempfile.mkdtemp(prefix="crh-test-home-"))
+    os.chown(home, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+    os.chmod(home.parent, os.stat(home.parent).st_mode | 0o001)
+    bindir = Path(sys.executable).parent
+    env = {"HOME": str(home), "PATH": f"{bindir}:/usr/bin:/bin", "NO_COLOR": "1", "LANG": "C.UTF-8"}
+    try:
+        proc = subprocess.run(
+            [runuser, "-u", user, "--", "env", f"HOME={home}", str(bindir / "crh"), "demo"],
+            env=env, cwd=home, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "demo OK: 6 of 6" in proc.stdout
+        assert str(home) in subprocess.run(
+            [runuser, "-u", user, "--", "env", f"HOME={home}", str(bindir / "crh"), "db", "status"],
+            env=env, cwd=home, capture_output=True, text=True, timeout=60,
+        ).stdout
+    finally:
+        subprocess.run([runuser, "-u", user, "--", "env", f"HOME={home}", str(bindir / "crh"), "db", "stop"], env=env, cwd=home, timeout=120)
+        shutil.rmtree(home, ignore_errors=True)
