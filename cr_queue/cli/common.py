@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import psycopg
 
 from .. import config, db, solvers
 
@@ -72,6 +74,14 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except EXPECTED_ERRORS + _embedded_error() as exc:
             fail(str(exc), 2)
+        except psycopg.OperationalError as exc:
+            detail = config.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost")
+            fail(
+                f"lost the connection to the database ({detail}). Nothing was left half-done: "
+                "run the command again once the database is back (crh_add resumes interrupted "
+                "registrations, crh_retrieve interrupted retrievals).",
+                2,
+            )
 
     return wrapper
 
@@ -138,7 +148,49 @@ class Duration(click.ParamType):
             total = -1
         if not text or total <= 0:
             self.fail(f"{value!r} is not a duration; write e.g. 90, 90s, 15m, 2h or 1h30m", param, ctx)
+        if total > MAX_DURATION_S:
+            self.fail(f"{value!r} is longer than ten years; write e.g. 90, 90s, 15m, 2h or 1h30m", param, ctx)
         return total
 
 
+# Longer is a typo, and would not fit the database's integer seconds.
+MAX_DURATION_S = 10 * 365 * 86400
 DURATION = Duration()
+
+
+class GroupName(click.ParamType):
+    """A queue group: a short name, safe to show in any terminal or log."""
+
+    name = "group"
+    _pattern = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,62}")
+
+    def convert(self, value, param, ctx):
+        if not self._pattern.fullmatch(str(value)):
+            self.fail(
+                f"{value!r} is not a group name: use up to 63 letters, digits, '_', '.', '+' or '-', "
+                "starting with a letter or digit",
+                param,
+                ctx,
+            )
+        return str(value)
+
+
+class Label(click.ParamType):
+    """Free text shown to others (a worker's name): printable, one line, not too long."""
+
+    name = "text"
+    max_length = 100
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if not text.strip() or not text.isprintable() or len(text) > self.max_length:
+            self.fail(
+                f"{value!r} must be printable text of 1 to {self.max_length} characters on one line",
+                param,
+                ctx,
+            )
+        return text
+
+
+GROUP = GroupName()
+LABEL = Label()
