@@ -76,6 +76,13 @@ def connect(
 def unreachable_message(url: str, source: str, exc: BaseException) -> str:
     detail = config.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     where = f" (from {source})" if source else ""
+    if "password" in detail and ("no password supplied" in detail or "authentication failed" in detail):
+        # The server wants a password: say where it belongs (never in a shared file or a URL).
+        return (
+            f"cannot log in to the database {config.redact(url)}{where}: {detail}. "
+            "Put the password in ~/.pgpass (a line host:port:database:user:password, chmod 600; "
+            "libpq ignores the file otherwise) or use a PostgreSQL service file; see docs/security.md."
+        )
     return (
         f"cannot connect to the database {config.redact(url)}{where}: {detail}. "
         "Check that the server is running and reachable, and the URL "

@@ -29,6 +29,8 @@ PATH_NAMES = {"crmod": ("CRMod", "CRMod_dev"), "crtomo": ("CRTomo", "CRTomo_dev"
 # Files a previous run may have left in the user's copy; they would confuse the verdict.
 STALE_FILES = ("exe/error.dat", "exe/crtomo.pid", "exe/crmod.pid")
 PR_SET_PDEATHSIG = 1
+# Environment the worker may hold that says where the database is and how to log in.
+SECRET_ENV = ("CRH_DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "PGSERVICE", "PGSERVICEFILE", "PGSSLKEY")
 
 
 class SolverError(Exception):
@@ -136,6 +138,9 @@ def run_step(
     spawned do not outlive the job.
     """
     run_env = dict(os.environ if env is None else env)
+    # The solver reads an untrusted tomodir and needs no database: keep credentials away from it.
+    for name in SECRET_ENV:
+        run_env.pop(name, None)
     run_env["OMP_NUM_THREADS"] = str(threads)
     log.write(f"=== cr_queue: {DISPLAY[solver.name]} {solver.path} with OMP_NUM_THREADS={threads}\n".encode())
     log.flush()

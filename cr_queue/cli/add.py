@@ -9,18 +9,18 @@ import click
 
 from .. import add as add_service
 from .. import local, solvers
-from .common import DURATION, Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
+from .common import DURATION, GROUP, Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
 
 
 @click.command("add")
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Register again even where a .crh file exists.")
 @click.option("--dry-run", "-n", is_flag=True, help="List what would be queued; change nothing.")
-@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
-@click.option("--group", default=None, help="Queue group; only workers of this group take the jobs.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="OpenMP threads per job.")
+@click.option("--priority", type=click.IntRange(-1_000_000, 1_000_000), default=0, show_default=True, help="Higher runs first.")
+@click.option("--group", type=GROUP, default=None, help="Queue group; only workers of this group take the jobs.")
+@click.option("--threads", type=click.IntRange(1, 4096), default=1, show_default=True, help="OpenMP threads per job.")
 @click.option("--timeout", "timeout_s", type=DURATION, default=None, help="Kill the solver after this long (e.g. 90s, 2h, 1d).")
-@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True, help="Tries before a job whose worker keeps dying fails.")
+@click.option("--max-attempts", type=click.IntRange(1, 1000), default=3, show_default=True, help="Tries before a job whose worker keeps dying fails.")
 @click.option("--local", is_flag=True, help="Run the jobs on this machine now (private group, local worker), then retrieve.")
 @click.option("--local-jobs", type=click.IntRange(min=1), default=None, help="Jobs at once in --local mode (default: CPUs / --threads).")
 @click.option("--crtomo", default=None, metavar="PATH", help="CRTomo binary for --local.")

@@ -10,24 +10,24 @@ import click
 
 from .. import solvers
 from .. import worker as worker_service
-from .common import DURATION, Output, db_option, handle_errors, open_db, output_options, setup_logging
+from .common import DURATION, GROUP, LABEL, Output, db_option, handle_errors, open_db, output_options, setup_logging
 
 
 @click.command("worker")
-@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Jobs run at the same time.")
-@click.option("--threads", "-t", type=click.IntRange(min=1), default=1, show_default=True, help="OMP_NUM_THREADS for each solver.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 4096), default=1, show_default=True, help="Jobs run at the same time.")
+@click.option("--threads", "-t", type=click.IntRange(1, 4096), default=1, show_default=True, help="OMP_NUM_THREADS for each solver.")
 @click.option("--quit-when-empty", "-q", "--quit", "quit_when_empty", is_flag=True, help="Exit once no job is left to claim.")
-@click.option("--name", default=None, help="Worker name shown in status (default HOST-PID).")
-@click.option("--group", "groups", multiple=True, help="Only take jobs of this group (repeatable); without it, only jobs without a group.")
+@click.option("--name", type=LABEL, default=None, help="Worker name shown in status (default HOST-PID).")
+@click.option("--group", "groups", type=GROUP, multiple=True, help="Only take jobs of this group (repeatable); without it, only jobs without a group.")
 @click.option("--crtomo", default=None, metavar="PATH", help="CRTomo binary (else CRH_CRTOMO, [solvers] crtomo, or CRTomo on PATH).")
 @click.option("--crmod", default=None, metavar="PATH", help="CRMod binary (else CRH_CRMOD, [solvers] crmod, or CRMod on PATH).")
 @click.option("--timeout", "timeout_s", type=DURATION, default=None, help="Default solver time limit for jobs that set none (e.g. 90s, 2h).")
-@click.option("--lease", "lease_s", type=click.FloatRange(min=3), default=30.0, show_default=True, help="Lease length in seconds; renewed every third of it.")
+@click.option("--lease", "lease_s", type=click.FloatRange(3, 86400), default=30.0, show_default=True, help="Lease length in seconds; renewed every third of it.")
 @click.option("--poll", "poll_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between polls when no NOTIFY arrives.")
 @click.option("--drain-timeout", "drain_timeout_s", type=DURATION, default=None, help="On SIGTERM, wait this long for running jobs before giving them back (e.g. 10m; default: wait).")
 @click.option("--max-runtime", "max_runtime_s", type=DURATION, default=None, help="Pilot mode: stop claiming before this much time (e.g. 23h30m) and give back what cannot finish.")
 @click.option("--max-node-failures", type=click.IntRange(min=1), default=5, show_default=True, help="Stop claiming after this many jobs in a row fail here for node reasons.")
-@click.option("--cpus", type=click.IntRange(min=1), default=None, help="CPU budget: run as many jobs at once as their threads fit in (overrides --jobs).")
+@click.option("--cpus", type=click.IntRange(1, 65536), default=None, help="CPU budget: run as many jobs at once as their threads fit in (overrides --jobs).")
 @click.option("--nice", type=click.IntRange(0, 19), default=0, show_default=True, help="Nice level of the solvers.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where private job directories are made (default: the system temp dir).")
 @db_option

@@ -393,7 +393,9 @@ def upgrade() -> None:
     for statement in POLICIES:
         op.execute(statement)
     op.execute(f"GRANT USAGE ON SCHEMA {schema} TO crh_admin, crh_worker, crh_user")
-    op.execute(f"GRANT CONNECT ON DATABASE {database} TO crh_admin, crh_worker, crh_user")
+    # Lets an admin revoke CONNECT from PUBLIC (docs/security.md); only the database's owner may grant it.
+    if bind.execute(sa.text("SELECT has_database_privilege(current_database(), 'CONNECT WITH GRANT OPTION')")).scalar():
+        op.execute(f"GRANT CONNECT ON DATABASE {database} TO crh_admin, crh_worker, crh_user")
     for statement in GRANTS:
         op.execute(statement)
 
