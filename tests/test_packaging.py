@@ -760,3 +760,74 @@ def test_install_script_reports_one_verdict_line():
         assert step in text, f"scripts/test-debian-install no longer runs {step}"
     mode = INSTALL_TEST.stat().st_mode
     assert mode & stat.S_IXUSR
+
+
+def _inline_spans(doc: str) -> list[str]:
+    text = re.sub(r"^```.*?^```", "", (REPO / "docs" / doc).read_text(), flags=re.S | re.M)
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+def _legacy_password_needs_chmod_600(tmp_path: Path) -> bool:
+    home = tmp_path / "legacy-home"
+    home.mkdir()
+    legacy = home / ".crhydra.cfg"
+    legacy.write_text("[general]\ndb_credentials = postgresql://alice:secret@db/crqueue\n")
+    empty = home / "user.toml"
+    empty.write_text("")
+    env = {"HOME": str(home), "CRH_SYSTEM_CONFIG": "/nonexistent", "CRH_CONFIG": str(empty)}
+    legacy.chmod(0o644)
+    with pytest.raises(crh_config.ConfigError, match="chmod 600"):
+        crh_config.load(env=env)
+    legacy.chmod(0o600)
+    return crh_config.load(env=env).database_source.startswith("legacy:")
+
+
+# cr_hydra's commands that cr_queue does not have (named in the migration guide).
+CR_HYDRA_ONLY = {"crh_wait_to_finish"}
+
+# Inline commands of other tools, and where each is exercised.
+INLINE_ELSEWHERE = {
+    "apt-get build-dep ./": lambda tmp: "build-dep" in install_script(),
+    "man crh_worker": lambda tmp: "in_root man -P cat" in install_script(),
+    "man crh_standin_crmod": lambda tmp: "in_root man -P cat" in install_script() and "crh_standin_crmod" in install_script(),
+    "apt purge cr-queue": lambda tmp: "apt-get -q -y purge cr-queue" in install_script(),
+    "chmod 600 ~/.crhydra.cfg": _legacy_password_needs_chmod_600,
+}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_doc_inline_commands_exist(doc, tmp_path):
+    """`crh ...` in the prose names real commands and options; other tools' commands are exercised."""
+    console = " ".join(doc_commands(doc))
+    for span in _inline_spans(doc):
+        words = span.split()
+        if not words or not re.fullmatch(r"crh|crh_\w+|sbatch|systemctl|apt|apt-get|man|chmod|psql|createdb|dpkg\S*", words[0]):
+            continue
+        if len(words) == 1 and words[0] not in pyproject()["project"]["scripts"]:
+            continue  # a name (a role such as crh_user, a program), not a command line
+        if words[0] in CR_HYDRA_ONLY:
+            assert doc == "migrating-from-cr_hydra.md", f"docs/{doc}: `{span}` is cr_hydra's, not cr_queue's"
+        elif pyproject()["project"]["scripts"].get(words[0], "").startswith("cr_queue.standin:"):
+            assert len(words) == 1, f"docs/{doc}: `{span}`: the stand-in solvers take no arguments"
+        elif words[0] in ("crh",) or words[0].startswith("crh_"):
+            command = command_for(words[0])
+            for word in words[1:]:
+                if word in ("...", "|") or not re.fullmatch(r"[\w-]+", word.lstrip("-")):
+                    break
+                if word.startswith("-"):
+                    names = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+                    assert word in names, f"docs/{doc}: `{span}`: {words[0]} has no option {word}"
+                elif isinstance(command, click.Group):
+                    assert word in command.commands, f"docs/{doc}: `{span}`: no command {word}"
+                    command = command.commands[word]
+                else:
+                    break  # an argument
+        elif words[0] == "sbatch":
+            assert words[1].endswith("slurm-pilot.sh"), span
+            dry_parse(["crh_worker", *words[2:]])
+        elif words[0] == "systemctl" and len(words) == 2:
+            assert f"systemctl {words[1]} " in console, f"docs/{doc}: `{span}` is not shown in a console block"
+        else:
+            check = INLINE_ELSEWHERE.get(span)
+            assert check is not None, f"docs/{doc}: no check for the inline command `{span}`; add one to tests/test_packaging.py"
+            assert check(tmp_path), f"docs/{doc}: `{span}` is no longer exercised"
