@@ -57,17 +57,7 @@ def test_kill9_of_crh_add_leaves_nothing_claimable_and_a_rerun_completes_it(lab,
     lab.check_invariants({job_id: "finished" for job_id in (interrupted_id, added[second]["job_id"])})
 
 
-# A rerun after a kill at retrieve:exchanged takes the "marker exists" path of
-# retrieve._bring_back, which returns before the staging directory of the killed
-# run is removed: .TOMODIR.crh-staging-ID stays beside the tomodir for good.
-STAGING_LEFT = pytest.mark.xfail(
-    strict=True, reason="retrieve.py: the rerun after retrieve:exchanged leaves .TOMODIR.crh-staging-ID behind"
-)
-
-
-@pytest.mark.parametrize(
-    "point", ["retrieve:downloaded", "retrieve:staged", pytest.param("retrieve:exchanged", marks=STAGING_LEFT)]
-)
+@pytest.mark.parametrize("point", ["retrieve:downloaded", "retrieve:staged", "retrieve:exchanged"])
 def test_kill9_of_crh_retrieve_leaves_the_tomodir_untouched_or_complete(lab, point):
     first, second = lab.tomodirs(2, cfg="sleep = 0")
     ids = lab.add()
