@@ -83,10 +83,24 @@ class PackResult:
 
 @dataclass(frozen=True)
 class Limits:
-    """Caps on what one archive may unpack, checked before bytes are written."""
+    """Caps on what one archive may unpack, checked before bytes are written.
 
-    max_bytes: int = 20 * 2**30
-    max_members: int = 1_000_000
+    The defaults are hundreds of times a large real tomodir (a few MB of
+    input, ~50 files, ~10 MB of results), so a decompression bomb stops
+    early; ``[archive]`` in the config changes them (config.archive_limits).
+    """
+
+    max_bytes: int = 4 * 2**30
+    max_members: int = 100_000
+
+
+# What unpack() applies when its caller names no limits; commands set it from the config.
+default_limits = Limits()
+
+
+def set_default_limits(limits: Limits) -> None:
+    global default_limits
+    default_limits = limits
 
 
 # --------------------------------------------------------------------------
@@ -778,12 +792,13 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def unpack(src: BinaryIO, dest: Path, *, limits: Limits = Limits()) -> list[str]:
+def unpack(src: BinaryIO, dest: Path, *, limits: Limits | None = None) -> list[str]:
     """Extract a zstd-compressed tar stream into `dest`, member by member.
 
     Verify the archive's sha256 *before* calling this (copy_verified): a
     rejection mid-stream leaves the members already extracted in place."""
     dest = Path(dest)
+    limits = default_limits if limits is None else limits
     dest.mkdir(parents=True, exist_ok=True)
     reader = zstandard.ZstdDecompressor().stream_reader(
         src, read_size=CHUNK, read_across_frames=True, closefd=False

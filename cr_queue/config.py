@@ -170,8 +170,50 @@ def _validate(config: _ConfigFile) -> None:
                 raise ConfigError(
                     f"{path}: [{section}] {key} is empty; set a value or remove the line"
                 )
+    _validate_archive(path, data.get("archive"))
     if _has_password(data):
         _require_private(path, system=config.system)
+
+
+ARCHIVE_KEYS = {"max_unpacked_size": "max_bytes", "max_members": "max_members"}
+_SIZE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*")
+_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def _validate_archive(path: Path, table: Any) -> None:
+    """[archive] max_unpacked_size = "4G", max_members = 100000: the caps of safe extraction."""
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'archive' must be a table; write it as an [archive] section")
+    for key, value in table.items():
+        if key not in ARCHIVE_KEYS:
+            raise ConfigError(
+                f"{path}: [archive] {key} is not a setting; the settings are {', '.join(ARCHIVE_KEYS)}"
+            )
+        if _archive_value(key, value) is None:
+            example = '"4G"' if key == "max_unpacked_size" else "100000"
+            raise ConfigError(
+                f"{path}: [archive] {key} = {value!r} is not a positive "
+                f"{'size' if key == 'max_unpacked_size' else 'whole number'}; write e.g. {key} = {example}"
+            )
+
+
+def _archive_value(key: str, value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if key == "max_unpacked_size" and isinstance(value, str) and (match := _SIZE.fullmatch(value)):
+        number = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        return number if number > 0 else None
+    return None
+
+
+def archive_limits(settings: Settings) -> dict[str, int]:
+    """The extraction caps the config sets, as keyword arguments of archive.Limits."""
+    table = settings.raw.get("archive") or {}
+    return {ARCHIVE_KEYS[key]: _archive_value(key, value) for key, value in table.items() if key in ARCHIVE_KEYS}
 
 
 def _has_password(data: Mapping[str, Any]) -> bool:

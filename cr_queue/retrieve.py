@@ -96,8 +96,9 @@ def retrieve(
             job = jobs.get(cf.job_id)
             if job is None:
                 report.problems.append(
-                    f"{crh}: job {cf.job_id} is not in the database {db.redacted}. "
-                    "Retrieve with the database it was added to (--db or CRH_DATABASE_URL); "
+                    f"{crh}: job {cf.job_id} is not in the database {db.redacted}, or belongs to another "
+                    "database login (each login sees only its own jobs). Retrieve with the database and "
+                    "login it was added with (--db or CRH_DATABASE_URL); "
                     f"if that database is gone, delete {crh.name} and run crh_add again."
                 )
                 continue

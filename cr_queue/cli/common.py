@@ -21,7 +21,7 @@ from typing import Any
 import click
 import psycopg
 
-from .. import config, db, solvers
+from .. import archive, config, db, solvers
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (config.ConfigError, db.DatabaseError, solvers.SolverError)
 
@@ -119,6 +119,8 @@ def setup_logging(level: str) -> None:
 
 def open_db(db_url: str | None, **settings_kw: Any) -> tuple[config.Settings, db.Database]:
     settings = config.load(db=db_url, **settings_kw)
+    # The caps of safe extraction this installation chose ([archive] in the config).
+    archive.set_default_limits(archive.Limits(**config.archive_limits(settings)))
     return settings, db.open_database(settings)
 
 

@@ -33,7 +33,7 @@ def cancel_command(targets, db_url, as_json, quiet, log_level):
     for job_id in not_cancelled:
         job = known.get(job_id)
         problems.append(
-            f"job {job_id}: not in the database {database.redacted}"
+            f"job {job_id}: not in the database {database.redacted} (or another login's job)"
             if job is None
             else f"job {job_id}: already {job.status}, nothing to cancel"
         )
@@ -75,7 +75,7 @@ def requeue_command(targets, all_failed, db_url, as_json, quiet, log_level):
         if job_id not in requeued:
             job = known.get(job_id)
             problems.append(
-                f"job {job_id}: not in the database {database.redacted}"
+                f"job {job_id}: not in the database {database.redacted} (or another login's job)"
                 if job is None
                 else f"job {job_id}: is {job.status}{' and already retrieved' if job.downloaded else ''}; "
                 "only failed or cancelled jobs not yet retrieved can be requeued (re-add retrieved ones with crh_add)"
