@@ -149,7 +149,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _validate(config: _ConfigFile) -> None:
     """Check types and permissions once, so later code can trust ``raw``."""
     path, data = config.path, config.data
-    for section, keys in (("database", ("url",)), ("solvers", SOLVERS)):
+    for section, keys in (("database", ("url",)), ("solvers", SOLVERS), ("store", ("path",))):
         table = data.get(section)
         if table is None:
             continue

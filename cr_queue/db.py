@@ -9,11 +9,13 @@ one this version expects before any job is touched.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from importlib import resources
 
 import psycopg
 
-from . import config, migrate
+from . import config, store
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class Database:
     url: str
     source: str
     embedded: bool
+    # Where archives go: the database, or the [store] path directory (store.py).
+    store: store.Store = field(default=store.DATABASE, compare=False)
 
     @property
     def redacted(self) -> str:
@@ -44,9 +48,10 @@ class Database:
     def connect(
         self, application_name: str = "cr_queue", *, autocommit: bool = True, keepalive: bool = False
     ) -> psycopg.Connection:
-        return connect(
+        conn = connect(
             self.url, application_name=application_name, autocommit=autocommit, source=self.source, keepalive=keepalive
         )
+        return store.bind(conn, self.store)
 
 
 def connect(
@@ -94,7 +99,27 @@ def unreachable_message(url: str, source: str, exc: BaseException) -> str:
 def open_database(
     settings: config.Settings, *, start_embedded: bool = True, check_schema: bool = True
 ) -> Database:
-    """Resolve and, for the embedded default, start the database; check its schema."""
+    """Resolve and, for the embedded default, start the database; check its schema.
+
+    The archive store comes from ``[store] path``; a directory this host
+    cannot read is reported here, before any job is touched."""
+    chosen = _store_of(settings)
+    db = _open(settings, start_embedded=start_embedded, check_schema=check_schema)
+    return Database(url=db.url, source=db.source, embedded=db.embedded, store=chosen)
+
+
+def _store_of(settings: config.Settings) -> store.Store:
+    where = str(settings.config_path) if settings.config_path else "the config"
+    try:
+        chosen = store.from_settings(settings.raw, source=where)
+        if isinstance(chosen, store.DirectoryStore):
+            chosen.check()
+    except (ValueError, store.StoreUnavailable) as exc:
+        raise DatabaseError(str(exc)) from None
+    return chosen
+
+
+def _open(settings: config.Settings, *, start_embedded: bool, check_schema: bool) -> Database:
     if settings.database_url is None:
         from . import embedded
 
@@ -116,6 +141,12 @@ def open_database(
 
 
 def ensure_schema(db: Database, *, upgrade: bool) -> None:
+    # The common case (schema current) is answered without alembic and
+    # SQLAlchemy, whose import was a third of every command's start-up.
+    if _quick_revision_check(db):
+        return
+    from . import migrate
+
     expected = migrate.head()
     try:
         have = migrate.current(db.url)
@@ -131,3 +162,42 @@ def ensure_schema(db: Database, *, upgrade: bool) -> None:
         f"the database {db.redacted} has schema version {have or 'none'}, this cr_queue needs {expected}. "
         "Run `crh db upgrade` (as a role allowed to change the schema) and try again."
     )
+
+
+_REVISION = re.compile(r"^revision\s*=\s*[\"']([^\"']+)[\"']", re.M)
+_DOWN_REVISION = re.compile(r"^down_revision\s*=\s*(.+)$", re.M)
+
+
+def _head_revision() -> str | None:
+    """The newest migration, read from the migration files themselves; None if unsure."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    try:
+        for entry in resources.files("cr_queue.migrations").joinpath("versions").iterdir():
+            if not entry.name.endswith(".py") or entry.name.startswith("__"):
+                continue
+            text = entry.read_text(encoding="utf-8")
+            revision, down = _REVISION.search(text), _DOWN_REVISION.search(text)
+            if revision is None or down is None:
+                return None
+            revisions.add(revision.group(1))
+            parents.update(re.findall(r"[\"']([^\"']+)[\"']", down.group(1)))
+    except (OSError, ModuleNotFoundError):
+        return None
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _quick_revision_check(db: Database) -> bool:
+    """True when the database's schema is this version's, by one plain query."""
+    head = _head_revision()
+    if head is None:
+        return False
+    try:
+        with psycopg.connect(db.url, autocommit=True, connect_timeout=10) as conn:
+            row = conn.execute(
+                "SELECT version_num FROM alembic_version WHERE to_regclass('alembic_version') IS NOT NULL"
+            ).fetchone()
+    except psycopg.Error:
+        return False  # the full check reports what is wrong
+    return row is not None and row[0] == head

@@ -59,7 +59,10 @@ blobs = Table(
     Column("datetime_completed", DateTime(timezone=True), nullable=True),
     # Who uploaded it: with per-user roles a user reads only its own uploads and results.
     Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    # Where the bytes are: 'db' (chunks in binary_data) or 'dir' (the [store] path directory).
+    Column("location", Text, nullable=False, server_default=text("'db'")),
     CheckConstraint("NOT complete OR sha256 IS NOT NULL", name="complete_has_sha256"),
+    CheckConstraint("location IN ('db', 'dir')", name="location"),
 )
 
 # Other roles that uploaded the same bytes as a stored blob (checked by the
@@ -173,6 +176,8 @@ inversions = Table(
         postgresql_where=text("status = 'queued'"),
     ),
     Index("ix_inversions_user_rank", "username", "fair_rank", postgresql_where=text("status = 'queued'")),
+    # The front of the round robin, read at every registration (migration 0004).
+    Index("ix_inversions_queued_rank", "fair_rank", postgresql_where=text("status = 'queued'")),
     Index("ix_inversions_running", "worker_id", postgresql_where=text("status = 'running'")),
     Index("ix_inversions_source", "source_computer", "source_path"),
     Index("ix_inversions_finished", "inv_computer", "datetime_finished"),

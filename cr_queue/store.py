@@ -1,28 +1,63 @@
-"""Archive content in the database: chunked, content addressed, streamed both ways.
+"""Archive stores: where packed tomodirs live, content addressed by their sha256.
 
-An archive is written while it is being produced (tar → zstd → sha256 runs in
-the caller), so its hash is known only at the end: chunks are stored under a
-surrogate blob id and the blob is given its sha256 when the stream closes.
-If that content is already stored, the new copy is dropped and the old one
-used, so every archive is stored once.
+Two stores, chosen per installation:
+
+* the **database** (default): chunks in ``binary_data``, one service to run
+  and back up;
+* a **shared directory** (``[store] path = /users/data/crq`` in the config):
+  ``<path>/<sha[:2]>/<sha>.tar.zst``, for groups whose database should not
+  hold terabytes.  The database still has a ``blobs`` row per archive
+  (``location = 'dir'``), so jobs keep their foreign keys and every admin
+  query still sees sizes.
+
+Either way an archive is written while it is being produced (tar → zstd →
+sha256 run in the caller, see :func:`archive.pack`), so its hash is known only
+at the end, and every reader verifies the hash before anyone unpacks.
+
+Call sites stay one line: ``store.put_tree(conn, root)`` and
+``store.fetch(conn, sha256, fileobj)`` use the store bound to the connection
+(``Database.connect`` binds the installation's store); a connection nobody
+bound uses the database store.  Reading follows the ``blobs`` row, so
+archives written before a directory store was configured stay readable.
+
+Durability: upload transactions commit with ``synchronous_commit = off``.
+Nothing refers to an archive until a later synchronous commit of the caller
+(``finish_registration``, ``complete``) names it, and PostgreSQL's WAL is
+sequential: that commit makes the upload durable too.  This saves two of the
+three WAL flushes an upload used to cost (see docs/performance.md).
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import queue as _queue
+import secrets
+import socket
+import threading
+import time
+import weakref
 from collections.abc import Iterator
-from typing import BinaryIO
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import psycopg
 from psycopg import errors
 
 from . import archive
 
+# Measured with bench/tune_store.py (docs/performance.md): 1 MiB chunks, 4 MiB
+# per COPY transaction, and two batches in flight between packing and COPY.
 CHUNK_SIZE = 1 << 20
-# Chunks buffered per COPY: bounds memory and keeps each transaction short.
-BATCH_BYTES = 8 << 20
+BATCH_BYTES = 4 << 20
+PIPELINE_DEPTH = 2
 READ_BATCH = 8
 
-_NEW_BLOB = "INSERT INTO blobs DEFAULT VALUES RETURNING id"
+LOCATIONS = ("db", "dir")
+
+_NEW_BLOB = "INSERT INTO blobs (location) VALUES ('db') RETURNING id"
+_ASYNC = "SET LOCAL synchronous_commit = off"
 _COPY_CHUNKS = "COPY binary_data (blob_id, chunk_no, data) FROM STDIN (FORMAT BINARY)"
 _EXISTING = "SELECT id FROM blobs WHERE sha256 = %s AND complete"
 _SEAL = (
@@ -30,7 +65,7 @@ _SEAL = (
     "datetime_completed = now() WHERE id = %s"
 )
 _DROP = "DELETE FROM blobs WHERE id = %s"
-_LOOKUP = "SELECT id, n_chunks, size FROM blobs WHERE sha256 = %s AND complete"
+_LOOKUP = "SELECT id, n_chunks, size, location FROM blobs WHERE sha256 = %s AND complete"
 # Through the view: it shows only chunks of blobs the caller may see (row-level security).
 _READ = (
     "SELECT chunk_no, data FROM blob_chunks WHERE blob_id = %s AND chunk_no >= %s "
@@ -39,87 +74,339 @@ _READ = (
 # Our upload's bytes equal a stored copy we may not see: the database checks and shares it.
 _ADOPT = "SELECT crh_adopt_blob(%s, %s)"
 _HAS = "SELECT EXISTS (SELECT 1 FROM blobs WHERE sha256 = %s AND complete)"
+_NEW_FILE_BLOB = "INSERT INTO blobs (location) VALUES ('dir') RETURNING id"
 
 
 class BlobMissing(Exception):
     """An archive a job refers to is not (or no longer) stored."""
 
 
-class BlobWriter:
-    """A write-only file object that lands in ``binary_data``; use with :func:`archive.pack`."""
+class StoreUnavailable(OSError):
+    """This host cannot use the shared-directory store; the message says which, where and what to do."""
 
-    def __init__(self, conn: psycopg.Connection, *, chunk_size: int = CHUNK_SIZE) -> None:
+
+class Store(Protocol):
+    kind: str
+
+    def put_tree(self, conn: psycopg.Connection, root, *, members=None) -> archive.PackResult: ...
+
+    def fetch(self, conn: psycopg.Connection, sha256: str, dst: BinaryIO) -> int: ...
+
+
+# ----------------------------------------------------------------- binding
+
+_bound: weakref.WeakKeyDictionary[psycopg.Connection, Store] = weakref.WeakKeyDictionary()
+
+
+def bind(conn: psycopg.Connection, chosen: Store) -> psycopg.Connection:
+    """Make ``chosen`` the store of everything done through ``conn``."""
+    _bound[conn] = chosen
+    return conn
+
+
+def of(conn: psycopg.Connection) -> Store:
+    return _bound.get(conn) or DATABASE
+
+
+def from_settings(raw: dict, *, source: str = "the config") -> Store:
+    """The store an installation configured: ``[store] path`` or the database."""
+    table = raw.get("store") if isinstance(raw, dict) else None
+    path = table.get("path") if isinstance(table, dict) else None
+    if path is None:
+        return DATABASE
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"[store] path in {source} must be a non-empty string (a directory every host can see)")
+    return DirectoryStore(Path(os.path.expanduser(path)), source=source)
+
+
+# --------------------------------------------------------- database store
+
+
+class BlobWriter:
+    """A write-only file object that lands in ``binary_data``; use with :func:`archive.pack`.
+
+    Full batches are handed to a thread that COPYs them while the caller
+    packs the next ones (a bounded queue: at most ``PIPELINE_DEPTH`` batches
+    wait).  An archive smaller than one batch never starts the thread and is
+    stored in a single transaction at :meth:`seal`.  The connection belongs
+    to the writer until :meth:`seal` or :meth:`abort` returns.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        *,
+        chunk_size: int = CHUNK_SIZE,
+        batch_bytes: int = BATCH_BYTES,
+        depth: int = PIPELINE_DEPTH,
+    ) -> None:
         self._conn = conn
         self._chunk_size = chunk_size
+        self._batch_bytes = batch_bytes
+        self._depth = depth
         self._buf = bytearray()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._n_chunks = 0
+        self._queue: _queue.Queue[list[bytes] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self.size = 0
-        self.blob_id: int = conn.execute(_NEW_BLOB).fetchone()[0]
+        self.blob_id: int | None = None
 
-    def write(self, data: bytes) -> int:
+    def write(self, data) -> int:
+        n = len(data)
         self._buf += data
-        self.size += len(data)
+        self.size += n
         while len(self._buf) >= self._chunk_size:
-            self._queue(bytes(self._buf[: self._chunk_size]))
+            self._pending.append(bytes(self._buf[: self._chunk_size]))
             del self._buf[: self._chunk_size]
-        return len(data)
+            self._pending_bytes += self._chunk_size
+            if self._pending_bytes >= self._batch_bytes:
+                self._submit()
+        return n
 
-    def _queue(self, chunk: bytes) -> None:
-        self._pending.append(chunk)
-        self._pending_bytes += len(chunk)
-        if self._pending_bytes >= BATCH_BYTES:
-            self._flush()
+    # -- the COPY thread
 
-    def _flush(self) -> None:
-        if not self._pending:
+    def _submit(self) -> None:
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self._queue = _queue.Queue(maxsize=self._depth)
+            self._thread = threading.Thread(target=self._upload, name="blob-copy", daemon=True)
+            self._thread.start()
+        self._queue.put(batch)
+        if self._error is not None:
+            raise self._error
+
+    def _upload(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain so the producer never blocks
+            try:
+                with self._conn.transaction():
+                    self._conn.execute(_ASYNC)
+                    self._copy(batch)
+            except BaseException as exc:  # handed to the producer
+                self._error = exc
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+
+    def _copy(self, batch: list[bytes]) -> None:
+        if self.blob_id is None:
+            self.blob_id = self._conn.execute(_NEW_BLOB).fetchone()[0]
+        if not batch:
             return
-        with self._conn.transaction(), self._conn.cursor() as cur:
-            with cur.copy(_COPY_CHUNKS) as copy:
-                copy.set_types(["int8", "int4", "bytea"])
-                for chunk in self._pending:
-                    copy.write_row((self.blob_id, self._n_chunks, chunk))
-                    self._n_chunks += 1
-        self._pending.clear()
-        self._pending_bytes = 0
+        with self._conn.cursor() as cur, cur.copy(_COPY_CHUNKS) as copy:
+            copy.set_types(["int8", "int4", "bytea"])
+            for chunk in batch:
+                copy.write_row((self.blob_id, self._n_chunks, chunk))
+                self._n_chunks += 1
+
+    # -- finishing
 
     def seal(self, sha256: str, raw_size: int | None = None) -> str:
-        """Store the last chunks and name the blob by its hash (or reuse an identical one)."""
+        """Store the last chunks and name the blob by its hash (or reuse an identical one), in one transaction."""
+        self._join()
         if self._buf:
-            self._queue(bytes(self._buf))
+            self._pending.append(bytes(self._buf))
             self._buf.clear()
-        self._flush()
-        try:
-            with self._conn.transaction():
-                if self._conn.execute(_EXISTING, (sha256,)).fetchone():
+        batch, self._pending = self._pending, []
+        with self._conn.transaction():
+            self._conn.execute(_ASYNC)
+            if self._conn.execute(_EXISTING, (sha256,)).fetchone() is not None:
+                if self.blob_id is not None:
                     self._conn.execute(_DROP, (self.blob_id,))
-                else:
+                return sha256
+            self._copy(batch)
+            try:
+                with self._conn.transaction():
                     self._conn.execute(_SEAL, (sha256, self.size, raw_size, self._n_chunks, self.blob_id))
-        except errors.UniqueViolation:
-            # Someone sealed the same content in the meantime (or another user's copy is
-            # hidden from us): theirs is as good as ours once the database has compared them.
-            self._conn.execute(_ADOPT, (self.blob_id, sha256))
-            self.abort()
+            except errors.UniqueViolation:
+                # Someone sealed the same content in the meantime (or another user's copy is
+                # hidden from us): theirs is as good as ours once the database has compared them.
+                self._conn.execute(_ADOPT, (self.blob_id, sha256))
+                self._conn.execute(_DROP, (self.blob_id,))
         return sha256
 
     def abort(self) -> None:
-        self._conn.execute(_DROP, (self.blob_id,))
+        try:
+            self._join()
+        except BaseException:
+            pass
+        if self.blob_id is not None and not self._conn.closed:
+            self._conn.execute(_DROP, (self.blob_id,))
+
+
+class DatabaseStore:
+    """Archives as 1 MiB chunks in ``binary_data``."""
+
+    kind = "db"
+
+    def describe(self) -> str:
+        return "the database (binary_data)"
+
+    def put_tree(self, conn: psycopg.Connection, root, *, members=None, chunk_size: int = CHUNK_SIZE) -> archive.PackResult:
+        """Pack a directory straight into the database in one streaming pass."""
+        writer = BlobWriter(conn, chunk_size=chunk_size)
+        try:
+            result = archive.pack(root, writer, members=members)
+        except BaseException:
+            try:
+                writer.abort()
+            except psycopg.Error:
+                pass
+            raise
+        writer.seal(result.sha256, result.raw_size)
+        return result
+
+    def fetch(self, conn: psycopg.Connection, sha256: str, dst: BinaryIO) -> int:
+        return archive.copy_verified(chunks(conn, sha256), dst, sha256)
+
+
+DATABASE = DatabaseStore()
+
+
+# -------------------------------------------------------- directory store
+
+
+@dataclass
+class DirectoryStore:
+    """Archives as files ``<path>/<sha[:2]>/<sha>.tar.zst`` in a directory every host mounts.
+
+    A file is written under a temporary name in the store's top directory
+    (the same filesystem, so the rename is atomic), fsynced, renamed into
+    place and its directory fsynced: a reader sees a whole archive or none.
+    """
+
+    path: Path
+    source: str = "the config"
+    kind: str = field(default="dir", init=False)
+    _checked: set[str] = field(default_factory=set, init=False, repr=False)
+
+    def describe(self) -> str:
+        return f"the directory {self.path}"
+
+    def file_of(self, sha256: str) -> Path:
+        return self.path / sha256[:2] / f"{sha256}.tar.zst"
+
+    def check(self, *, write: bool = False) -> None:
+        """Raise StoreUnavailable unless this host can read (and with write=True, write) the store."""
+        mode = "write" if write else "read"
+        if mode in self._checked:
+            return
+        need = os.R_OK | os.X_OK | (os.W_OK if write else 0)
+        problem = None
+        try:
+            if not self.path.is_dir():
+                problem = "it does not exist or is not a directory (not mounted here?)"
+            elif not os.access(self.path, need):
+                problem = f"this user ({_user()}) may not {mode} it"
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        if problem is not None:
+            raise StoreUnavailable(
+                errno.EACCES if "may not" in problem else errno.ENOENT,
+                f"the archive store {self.path} ([store] path in {self.source}) cannot be used on host "
+                f"{socket.gethostname()}: {problem}. Mount the shared directory on this host at the same path "
+                f"and give the cr_queue users {'read and write' if write else 'read'} access to it, "
+                "or remove [store] path from the config to keep archives in the database",
+            )
+        self._checked.add(mode)
+
+    def put_tree(self, conn: psycopg.Connection, root, *, members=None, chunk_size: int = CHUNK_SIZE) -> archive.PackResult:
+        self.check(write=True)
+        tmp = self.path / f".tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreUnavailable(
+                exc.errno, f"cannot write to the archive store {self.path} on host {socket.gethostname()}: "
+                f"{exc.strerror}; check that it is mounted read-write and has space"
+            ) from exc
+        try:
+            with open(fd, "wb", buffering=0, closefd=True) as fh:
+                result = archive.pack(root, fh, members=members)
+                os.fsync(fh.fileno())
+            final = self.file_of(result.sha256)
+            final.parent.mkdir(exist_ok=True)
+            if final.exists() and final.stat().st_size == result.size:
+                tmp.unlink()  # the same content is already stored
+            else:
+                os.replace(tmp, final)
+                _fsync_dir(final.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._register(conn, result)
+        return result
+
+    @staticmethod
+    def _register(conn: psycopg.Connection, result: archive.PackResult) -> None:
+        """The archive's blobs row: made unsealed, then sealed, as row security requires."""
+        with conn.transaction():
+            conn.execute(_ASYNC)
+            if conn.execute(_EXISTING, (result.sha256,)).fetchone() is not None:
+                return
+            blob_id = conn.execute(_NEW_FILE_BLOB).fetchone()[0]
+            try:
+                with conn.transaction():
+                    conn.execute(_SEAL, (result.sha256, result.size, result.raw_size, 0, blob_id))
+            except errors.UniqueViolation:
+                # Stored already (perhaps by another user, hidden from us): the file is the same bytes.
+                conn.execute(_DROP, (blob_id,))
+
+    def fetch(self, conn: psycopg.Connection, sha256: str, dst: BinaryIO) -> int:
+        # The row decides, as for the database store: what the caller may not see there
+        # (row-level security) it does not get here either.
+        row = conn.execute(_LOOKUP, (sha256,)).fetchone()
+        if row is None:
+            raise BlobMissing(f"archive {sha256[:12]} is not in the store")
+        if row[3] == "db":
+            return DATABASE.fetch(conn, sha256, dst)
+        return self.fetch_file(sha256, dst)
+
+    def fetch_file(self, sha256: str, dst: BinaryIO) -> int:
+        self.check()
+        path = self.file_of(sha256)
+        try:
+            fh = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            raise BlobMissing(f"archive {sha256[:12]} is not in the store: {path} does not exist") from None
+        with fh:
+            return archive.copy_verified(iter(lambda: fh.read(CHUNK_SIZE), b""), dst, sha256)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _user() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - only for a message
+        return str(os.getuid())
+
+
+# -------------------------------------------------------------- call sites
 
 
 def put_tree(conn: psycopg.Connection, root, *, members=None, chunk_size: int = CHUNK_SIZE) -> archive.PackResult:
-    """Pack a directory straight into the store in one streaming pass."""
-    writer = BlobWriter(conn, chunk_size=chunk_size)
-    try:
-        result = archive.pack(root, writer, members=members)
-    except BaseException:
-        try:
-            writer.abort()
-        except psycopg.Error:
-            pass
-        raise
-    writer.seal(result.sha256, result.raw_size)
-    return result
+    """Pack a directory into the connection's store in one streaming pass."""
+    return of(conn).put_tree(conn, root, members=members, chunk_size=chunk_size)
 
 
 def exists(conn: psycopg.Connection, sha256: str) -> bool:
@@ -127,11 +414,13 @@ def exists(conn: psycopg.Connection, sha256: str) -> bool:
 
 
 def chunks(conn: psycopg.Connection, sha256: str) -> Iterator[bytes]:
-    """Yield a blob's chunks in order, a few at a time, in short statements."""
+    """Yield a database blob's chunks in order, a few at a time, in short statements."""
     row = conn.execute(_LOOKUP, (sha256,)).fetchone()
     if row is None:
         raise BlobMissing(f"archive {sha256[:12]} is not in the store")
-    blob_id, n_chunks, _size = row
+    blob_id, n_chunks, _size, location = row
+    if location != "db":
+        raise BlobMissing(f"archive {sha256[:12]} is kept in a directory store, not in the database")
     next_no = 0
     while next_no < n_chunks:
         rows = conn.execute(_READ, (blob_id, next_no, READ_BATCH), binary=True).fetchall()
@@ -140,12 +429,155 @@ def chunks(conn: psycopg.Connection, sha256: str) -> Iterator[bytes]:
         for chunk_no, data in rows:
             if chunk_no != next_no:
                 raise BlobMissing(f"archive {sha256[:12]} lacks chunk {next_no}")
-            yield bytes(data)
+            yield data
             next_no += 1
     if next_no != n_chunks:
         raise BlobMissing(f"archive {sha256[:12]} lacks chunk {next_no}")
 
 
 def fetch(conn: psycopg.Connection, sha256: str, dst: BinaryIO) -> int:
-    """Copy a blob into a file, verifying its sha256 before anyone may unpack it."""
-    return archive.copy_verified(chunks(conn, sha256), dst, sha256)
+    """Copy an archive into a file, verifying its sha256 before anyone may unpack it.
+
+    Where the bytes are is the ``blobs`` row's business: an archive in a
+    directory store needs this host to have the store configured."""
+    chosen = of(conn)
+    if isinstance(chosen, DirectoryStore):
+        return chosen.fetch(conn, sha256, dst)
+    row = conn.execute(_LOOKUP, (sha256,)).fetchone()
+    if row is not None and row[3] == "dir":
+        raise StoreUnavailable(
+            errno.ENOENT,
+            f"archive {sha256[:12]} is kept in a shared-directory store, but host {socket.gethostname()} has "
+            "no [store] path configured; set [store] path in the config (the same directory the other "
+            "hosts use) and make sure it is mounted here",
+        )
+    return DATABASE.fetch(conn, sha256, dst)
+
+
+# --------------------------------------------------------- garbage collection
+
+
+@dataclass
+class GarbageReport:
+    blobs: int = 0  # blob rows removed (database chunks went with them)
+    bytes: int = 0  # compressed bytes freed, both stores
+    files: int = 0  # files removed from the directory store
+    orphan_files: int = 0  # of those, files no row knew about
+    temp_files: int = 0  # abandoned uploads (.part) removed
+    dry_run: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+_GARBAGE = """
+SELECT b.id, b.sha256, b.size, b.location FROM blobs b
+WHERE (b.complete AND b.datetime_completed < now() - make_interval(secs => %(age)s)
+       AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.input_sha256 = b.sha256)
+       AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.result_sha256 = b.sha256))
+   OR (NOT b.complete AND b.datetime_created < now() - make_interval(secs => %(stale)s))
+ORDER BY b.id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+_DELETE_UNREFERENCED = """
+DELETE FROM blobs b WHERE b.id = ANY(%(ids)s)
+  AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.input_sha256 = b.sha256)
+  AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.result_sha256 = b.sha256)
+RETURNING b.id, b.sha256, b.size, b.location
+"""
+_KNOWN = "SELECT sha256 FROM blobs WHERE sha256 = ANY(%s)"
+
+
+def collect_garbage(
+    conn: psycopg.Connection,
+    directory: DirectoryStore | Path | str | None = None,
+    *,
+    min_age_s: float = 3600.0,
+    stale_upload_s: float = 86400.0,
+    dry_run: bool = False,
+    batch: int = 1000,
+) -> GarbageReport:
+    """Delete archives no job refers to any more, from both stores.
+
+    * complete archives referenced by no job (input or result) and older than
+      ``min_age_s`` (an archive is unreferenced for a moment between its
+      upload and the statement that names it);
+    * incomplete uploads older than ``stale_upload_s`` (an interrupted
+      crh_add or worker);
+    * in the directory store, if given (default: the connection's store when
+      it is one): files of those archives, files no ``blobs`` row knows
+      (older than ``min_age_s``), and abandoned ``.part`` files older than
+      ``stale_upload_s``.
+
+    Rows are deleted in batches of ``batch``, each one short transaction, and
+    a file only after its row is gone, so a reader never finds a row whose
+    file was removed.  Returns what was (or with ``dry_run`` would be) removed.
+    """
+    if directory is None and isinstance(of(conn), DirectoryStore):
+        directory = of(conn)
+    if directory is not None and not isinstance(directory, DirectoryStore):
+        directory = DirectoryStore(Path(directory))
+    report = GarbageReport(dry_run=dry_run)
+    params = {"age": min_age_s, "stale": stale_upload_s, "limit": batch}
+    last_ids: list[int] = []
+    while True:
+        with conn.transaction():
+            rows = conn.execute(_GARBAGE, params).fetchall()
+            ids = [r[0] for r in rows]
+            if not rows or ids == last_ids:
+                break
+            if dry_run:
+                gone = rows
+            else:
+                gone = conn.execute(_DELETE_UNREFERENCED, {"ids": ids}).fetchall()
+        for _id, sha, size, location in gone:
+            report.blobs += 1
+            report.bytes += size or 0
+            if location == "dir" and directory is not None and sha:
+                _remove_file(directory.file_of(sha), report, dry_run)
+        if dry_run or len(rows) < batch:
+            break
+        last_ids = ids
+    if directory is not None:
+        _sweep_directory(conn, directory, report, min_age_s, stale_upload_s, dry_run)
+    return report
+
+
+def _remove_file(path: Path, report: GarbageReport, dry_run: bool) -> None:
+    try:
+        if not dry_run:
+            path.unlink()
+        report.files += 1
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        report.errors.append(f"cannot remove {path}: {exc.strerror or exc}")
+
+
+def _sweep_directory(
+    conn: psycopg.Connection, directory: DirectoryStore, report: GarbageReport, min_age_s: float, stale_s: float, dry_run: bool
+) -> None:
+    directory.check(write=not dry_run)
+    now = time.time()
+    for entry in os.scandir(directory.path):
+        if entry.name.endswith(".part") and entry.is_file(follow_symlinks=False):
+            if now - entry.stat(follow_symlinks=False).st_mtime > stale_s:
+                _remove_file(Path(entry.path), report, dry_run)
+                report.temp_files += 1
+            continue
+        if len(entry.name) != 2 or not entry.is_dir(follow_symlinks=False):
+            continue
+        candidates: dict[str, tuple[Path, int]] = {}
+        for f in os.scandir(entry.path):
+            if not f.name.endswith(".tar.zst") or not f.is_file(follow_symlinks=False):
+                continue
+            st = f.stat(follow_symlinks=False)
+            if now - st.st_mtime > min_age_s:
+                candidates[f.name[: -len(".tar.zst")]] = (Path(f.path), st.st_size)
+        if not candidates:
+            continue
+        known = {r[0] for r in conn.execute(_KNOWN, (list(candidates),))}
+        for sha, (path, size) in candidates.items():
+            if sha not in known:
+                _remove_file(path, report, dry_run)
+                report.orphan_files += 1
+                report.bytes += size

@@ -1,0 +1,257 @@
+"""The archive stores (database and shared directory), the pipelined upload, garbage collection."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import socket
+import tarfile
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cr_queue import archive, config, queue, store, synth
+from cr_queue.db import Database, DatabaseError, open_database
+
+from .conftest import run, script
+from .test_queue import ACTOR, _queued, _worker
+
+
+def _db(url: str, path: Path | None = None) -> Database:
+    chosen = store.DirectoryStore(path) if path is not None else store.DATABASE
+    return Database(url=url, source="test", embedded=False, store=chosen)
+
+
+def _fetch(conn, sha: str) -> bytes:
+    out = io.BytesIO()
+    store.fetch(conn, sha, out)
+    return out.getvalue()
+
+
+# ------------------------------------------------------------ database store
+
+
+def test_pipelined_upload_of_many_batches_round_trips(conn) -> None:
+    payload = os.urandom(40 * 1000 + 17)
+    writer = store.BlobWriter(conn, chunk_size=1000, batch_bytes=4000, depth=2)
+    for i in range(0, len(payload), 777):
+        writer.write(payload[i : i + 777])
+    sha = hashlib.sha256(payload).hexdigest()
+    writer.seal(sha, len(payload))
+    assert _fetch(conn, sha) == payload
+    n_chunks, location = conn.execute("SELECT n_chunks, location FROM blobs WHERE sha256 = %s", (sha,)).fetchone()
+    assert (n_chunks, location) == (41, "db")
+
+
+def test_same_content_is_stored_once(conn, tmp_path: Path) -> None:
+    tree = synth.make_tomodir(tmp_path / "td", "inv")
+    first = store.put_tree(conn, tree)
+    second = store.put_tree(conn, tree)
+    assert first.sha256 == second.sha256
+    assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
+
+
+def test_failed_upload_leaves_no_blob(conn, tmp_path: Path) -> None:
+    writer = store.BlobWriter(conn, chunk_size=100, batch_bytes=300)
+    writer.write(os.urandom(1000))  # three batches went to the COPY thread
+    writer.abort()
+    assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM binary_data").fetchone()[0] == 0
+
+
+# ----------------------------------------------------------- directory store
+
+
+def test_directory_store_writes_content_addressed_files(db_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "crq"
+    root.mkdir()
+    tree = synth.make_tomodir(tmp_path / "td", "inv")
+    db = _db(db_url, root)
+    with db.connect("test") as conn:
+        packed = store.put_tree(conn, tree)
+        path = root / packed.sha256[:2] / f"{packed.sha256}.tar.zst"
+        assert path.is_file() and path.stat().st_size == packed.size
+        assert archive.sha256_file(path) == packed.sha256
+        assert not [p for p in root.iterdir() if p.name.endswith(".part")]
+        row = conn.execute("SELECT location, complete, n_chunks, size FROM blobs WHERE sha256 = %s", (packed.sha256,)).fetchone()
+        assert row == ("dir", True, 0, packed.size)
+        assert conn.execute("SELECT count(*) FROM binary_data").fetchone()[0] == 0
+        again = store.put_tree(conn, tree)
+        assert again.sha256 == packed.sha256
+        assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
+        out = tmp_path / "out.tar.zst"
+        with open(out, "wb") as fh:
+            store.fetch(conn, packed.sha256, fh)
+        with open(out, "rb") as fh:
+            archive.unpack(fh, tmp_path / "back")
+    assert (tmp_path / "back" / "grid" / "elem.dat").read_bytes() == (tree / "grid" / "elem.dat").read_bytes()
+
+
+def test_directory_store_reads_archives_kept_in_the_database(db_url: str, tmp_path: Path) -> None:
+    """Switching an installation to a directory store keeps the older archives readable."""
+    tree = synth.make_tomodir(tmp_path / "td", "mod")
+    with _db(db_url).connect("test") as conn:
+        sha = store.put_tree(conn, tree).sha256
+    (tmp_path / "crq").mkdir()
+    with _db(db_url, tmp_path / "crq").connect("test") as conn:
+        assert len(_fetch(conn, sha)) > 0
+
+
+def test_corrupted_file_is_a_checksum_mismatch(db_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "crq"
+    root.mkdir()
+    with _db(db_url, root).connect("test") as conn:
+        sha = store.put_tree(conn, synth.make_tomodir(tmp_path / "td", "inv")).sha256
+        path = root / sha[:2] / f"{sha}.tar.zst"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.raises(archive.ChecksumMismatch):
+            _fetch(conn, sha)
+        path.unlink()
+        with pytest.raises(store.BlobMissing, match=str(path)):
+            _fetch(conn, sha)
+
+
+def test_unreachable_directory_names_path_host_and_remedy(db_url: str, tmp_path: Path) -> None:
+    missing = tmp_path / "not-mounted"
+    with _db(db_url, missing).connect("test") as conn:
+        with pytest.raises(store.StoreUnavailable) as err:
+            store.put_tree(conn, synth.make_tomodir(tmp_path / "td", "inv"))
+    message = str(err.value)
+    assert str(missing) in message and socket.gethostname() in message and "Mount" in message
+
+
+def test_a_host_without_the_store_configured_is_told_so(db_url: str, tmp_path: Path) -> None:
+    (tmp_path / "crq").mkdir()
+    with _db(db_url, tmp_path / "crq").connect("test") as conn:
+        sha = store.put_tree(conn, synth.make_tomodir(tmp_path / "td", "inv")).sha256
+    with _db(db_url).connect("test") as conn:
+        with pytest.raises(store.StoreUnavailable, match=r"\[store\] path"):
+            _fetch(conn, sha)
+
+
+def test_store_path_from_the_config_is_checked_when_opening(tmp_path: Path, db_url: str) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[database]\nurl = "{db_url}"\n[store]\npath = "{tmp_path / "nowhere"}"\n')
+    settings = config.load(env={"CRH_CONFIG": str(cfg), "HOME": str(tmp_path)})
+    with pytest.raises(DatabaseError, match="nowhere"):
+        open_database(settings)
+    (tmp_path / "nowhere").mkdir()
+    db = open_database(settings)
+    assert isinstance(db.store, store.DirectoryStore) and db.store.path == tmp_path / "nowhere"
+
+
+def test_pipeline_through_the_commands_with_a_directory_store(tmp_path: Path, cli_env: dict[str, str], db_url: str) -> None:
+    root = tmp_path / "shared"
+    root.mkdir()
+    cfg = tmp_path / "crq.toml"
+    cfg.write_text(f'[store]\npath = "{root}"\n')
+    env = {**cli_env, "CRH_CONFIG": str(cfg)}
+    work = tmp_path / "work"
+    synth.make_tree(work, n_mod=1, n_inv=1)
+    run([script("crh_add")], env, cwd=work)
+    run([script("crh_worker"), "-q"], env)
+    run([script("crh_retrieve")], env, cwd=work)
+    assert len(list(work.rglob("mod/volt.dat"))) == 2
+    with psycopg.connect(db_url) as conn:
+        locations = {r[0] for r in conn.execute("SELECT DISTINCT location FROM blobs")}
+    assert locations == {"dir"}
+    assert len(list(root.glob("*/*.tar.zst"))) == 4  # two inputs, two results
+
+
+# -------------------------------------------------------- garbage collection
+
+
+def test_garbage_collection_keeps_what_jobs_use(db_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "crq"
+    root.mkdir()
+    db = _db(db_url, root)
+    with db.connect("test") as conn:
+        used = store.put_tree(conn, synth.make_tomodir(tmp_path / "a", "inv")).sha256
+        unused = store.put_tree(conn, synth.make_tomodir(tmp_path / "b", "inv", seed=1)).sha256
+        in_db = store.DATABASE.put_tree(conn, synth.make_tomodir(tmp_path / "c", "inv", seed=2)).sha256
+        job_id = queue.begin_registration(
+            conn, queue.NewJob("inv", False, "/a", "/a.crh", "u", "h"), ACTOR
+        )
+        queue.finish_registration(conn, job_id, used, ACTOR)
+        orphan = root / "ab" / ("ab" + "0" * 62 + ".tar.zst")
+        orphan.parent.mkdir(exist_ok=True)
+        orphan.write_bytes(b"x")
+        part = root / ".tmp-host-1-abc.part"
+        part.write_bytes(b"y")
+        old = time.time() - 7200
+        for p in (orphan, part):
+            os.utime(p, (old, old))
+
+        young = store.collect_garbage(conn)  # everything is younger than an hour
+        assert (young.blobs, young.orphan_files) == (0, 1)
+        orphan.write_bytes(b"x")
+        os.utime(orphan, (old, old))
+
+        dry = store.collect_garbage(conn, min_age_s=0, stale_upload_s=3600, dry_run=True)
+        assert dry.blobs == 2 and orphan.exists() and part.exists()
+
+        report = store.collect_garbage(conn, min_age_s=0, stale_upload_s=3600)
+        assert (report.blobs, report.orphan_files, report.temp_files) == (2, 1, 1)
+        assert report.files == 3  # the unused archive's file, the orphan, the .part
+        shas = {r[0] for r in conn.execute("SELECT sha256 FROM blobs")}
+        assert shas == {used}
+        assert (root / used[:2] / f"{used}.tar.zst").exists()
+        assert not (root / unused[:2] / f"{unused}.tar.zst").exists()
+        assert not orphan.exists() and not part.exists()
+        assert in_db not in shas
+        assert conn.execute("SELECT count(*) FROM binary_data").fetchone()[0] == 0
+
+
+def test_abandoned_database_upload_is_collected(conn) -> None:
+    writer = store.BlobWriter(conn, chunk_size=10, batch_bytes=10)
+    writer.write(b"0123456789abcdef")
+    writer._join()  # the first batch is in; the upload "dies" here
+    conn.execute("UPDATE blobs SET datetime_created = now() - interval '2 days'")
+    report = store.collect_garbage(conn)
+    assert report.blobs == 1
+    assert conn.execute("SELECT count(*) FROM binary_data").fetchone()[0] == 0
+
+
+# ------------------------------------------------------------ tar headers
+
+
+def _stat(mode: int, mtime_ns: int) -> os.stat_result:
+    return os.stat_result((mode, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0, mtime_ns, 0))
+
+
+def test_fast_headers_are_the_bytes_tarfile_writes() -> None:
+    rng = random.Random(6)
+    for _ in range(3000):
+        rel = "/".join(
+            "".join(rng.choice("abcxyz_.-0123") for _ in range(rng.randint(1, 24))) for _ in range(rng.randint(1, 4))
+        )[:99]
+        kind = rng.choice([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE])
+        mtime_ns = rng.choice([0, 10**9, rng.randint(0, 2**33) * 10**9, rng.randint(0, 2**33 * 10**9)])
+        mode = rng.choice([0o644, 0o755, 0o600, 0o4755, 0o1777])
+        st = _stat(mode | (0o040000 if kind == tarfile.DIRTYPE else 0o100000), mtime_ns)
+        size = rng.randint(0, 2**33) if kind == tarfile.REGTYPE else 0
+        link = rel[::-1] if kind == tarfile.SYMTYPE else ""
+        fast = archive._header(rel, st, kind, size=size, link=link)
+        slow = archive._tarfile_header(rel, st, kind, size=size, link=link)
+        assert fast == slow, (rel, kind, mtime_ns, mode)
+    # What the fast path does not cover goes to tarfile.
+    st = _stat(0o100644, 123)
+    for rel in ("x" * 150, "grüße.dat"):
+        assert archive._header(rel, st, tarfile.REGTYPE, size=1) == archive._tarfile_header(rel, st, tarfile.REGTYPE, size=1)
+
+
+def test_prepared_statements_on_the_hot_path(conn) -> None:
+    """psycopg prepares a statement on its 6th execution on a connection: the claim is one."""
+    for i in range(8):
+        _queued(conn, f"/p{i}")
+    actor = _worker(conn)
+    for _ in range(7):
+        assert queue.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60) is not None
+    prepared = conn.execute("SELECT statement FROM pg_prepared_statements").fetchall()
+    assert any("SKIP LOCKED" in row[0] for row in prepared)
