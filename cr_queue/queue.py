@@ -439,11 +439,29 @@ WITH u AS (
 SELECT id FROM u
 """
 
+# A fenced write whose answer was lost (the connection dropped after the commit)
+# is retried; the retry changes nothing, and this tells it the first try went through.
+_OWN_OUTCOME = """
+SELECT EXISTS (
+    SELECT 1 FROM inversions
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = %(status)s AND worker_id = %(worker_id)s
+      AND result_sha256 IS NOT DISTINCT FROM %(result_sha256)s
+)
+"""
+
+
+def _already_recorded(conn: psycopg.Connection, params: dict[str, Any], status: str) -> bool:
+    return bool(conn.execute(_OWN_OUTCOME, {**params, "status": status}).fetchone()[0])
+
 
 def complete(
     conn: psycopg.Connection, job: Job, *, result_sha256: str, exit_code: int | None, actor: Actor, detail=None
 ) -> bool:
-    """Mark a job finished; False when the attempt is no longer current (the result is discarded)."""
+    """Mark a job finished; False when the attempt is no longer current (the result is discarded).
+
+    True also when this worker's earlier try of the same completion committed
+    but its answer was lost, so a retry is never mistaken for a refusal.
+    """
     params = {
         "id": job.id,
         "attempt": job.attempt,
@@ -451,7 +469,7 @@ def complete(
         "exit_code": exit_code,
         **_actor(actor, detail),
     }
-    return conn.execute(_COMPLETE, params).fetchone() is not None
+    return conn.execute(_COMPLETE, params).fetchone() is not None or _already_recorded(conn, params, "finished")
 
 
 def fail(
@@ -465,7 +483,7 @@ def fail(
     actor: Actor,
     detail=None,
 ) -> bool:
-    """Mark a job failed by its solver; False when the attempt is no longer current."""
+    """Mark a job failed by its solver; False when the attempt is no longer current (True on a retry, as complete)."""
     params = {
         "id": job.id,
         "attempt": job.attempt,
@@ -475,7 +493,7 @@ def fail(
         "reason": reason,
         **_actor(actor, {"category": category, "reason": reason, **(detail or {})}),
     }
-    return conn.execute(_FAIL, params).fetchone() is not None
+    return conn.execute(_FAIL, params).fetchone() is not None or _already_recorded(conn, params, "failed")
 
 
 def release(conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor) -> bool:
@@ -608,9 +626,31 @@ def mark_downloaded(conn: psycopg.Connection, job_id: int, actor: Actor) -> bool
 # ------------------------------------------------------------------- waiting
 
 
-def listen(conn: psycopg.Connection) -> None:
-    conn.execute(f"LISTEN {CHANNEL}")
+def listen(conn: psycopg.Connection, *, jobs: bool = True) -> None:
+    """LISTEN for cancellations and, unless the worker follows the wake token, for new jobs."""
+    if jobs:
+        conn.execute(f"LISTEN {CHANNEL}")
     conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+
+
+# The wake token: among idle workers that claim the same kind of jobs, only the
+# holder of this session advisory lock LISTENs for new jobs, so a new job wakes
+# one worker instead of every idle one (which all raced for it and all but one
+# found nothing).  A holder that has no idle slot left passes it on by unlocking.
+WAKE_NAMESPACE = 17235
+
+
+def take_wake_token(conn: psycopg.Connection, key: int) -> bool:
+    """Try to become the worker that is woken for new jobs of this kind; then LISTEN."""
+    if not conn.execute("SELECT pg_try_advisory_lock(%s, %s::int)", (WAKE_NAMESPACE, key)).fetchone()[0]:
+        return False
+    conn.execute(f"LISTEN {CHANNEL}")
+    return True
+
+
+def give_wake_token(conn: psycopg.Connection, key: int) -> None:
+    conn.execute(f"UNLISTEN {CHANNEL}")
+    conn.execute("SELECT pg_advisory_unlock(%s, %s::int)", (WAKE_NAMESPACE, key))
 
 
 def count_claimable(conn: psycopg.Connection) -> int:
