@@ -438,7 +438,7 @@ class _ForwardReader:
     so it overlaps with writing files the way the two processes of
     `zstd -d | tar -x` do; the queue bounds the memory to a few blocks."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, *, threaded: bool = True) -> None:
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._block = memoryview(b"")
@@ -447,8 +447,11 @@ class _ForwardReader:
         self.boundary = 0
         self.last_member = ""
         self.truncated = False
-        self._thread = threading.Thread(target=self._decompress, args=(raw,), name="unpack-zstd", daemon=True)
-        self._thread.start()
+        self._raw = raw
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._decompress, args=(raw,), name="unpack-zstd", daemon=True)
+            self._thread.start()
 
     def _decompress(self, raw: BinaryIO) -> None:
         try:
@@ -470,12 +473,13 @@ class _ForwardReader:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def take(self, size: int) -> memoryview:
         """Up to `size` bytes without copying; empty at the end of the stream."""
         if not self._block and not self._eof:
-            item = self._queue.get()
+            item = self._queue.get() if self._thread is not None else self._raw.read(CHUNK)
             if isinstance(item, BaseException):
                 raise item
             self._eof = not item
@@ -792,6 +796,17 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+_THREAD_ABOVE = 2 * CHUNK
+
+
+def _size_of(src: BinaryIO) -> int:
+    """Bytes left in a file, or "large" when that cannot be known (a pipe, a socket)."""
+    try:
+        return os.fstat(src.fileno()).st_size - src.tell()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 1 << 62
+
+
 def unpack(src: BinaryIO, dest: Path, *, limits: Limits | None = None) -> list[str]:
     """Extract a zstd-compressed tar stream into `dest`, member by member.
 
@@ -803,7 +818,10 @@ def unpack(src: BinaryIO, dest: Path, *, limits: Limits | None = None) -> list[s
     reader = zstandard.ZstdDecompressor().stream_reader(
         src, read_size=CHUNK, read_across_frames=True, closefd=False
     )
-    forward = _ForwardReader(reader)
+    # A small archive is decompressed in this thread: the hand-over to a
+    # second one cost more than it saved below a few blocks (retrieve of 100
+    # one-megabyte tomodirs: docs/performance.md).
+    forward = _ForwardReader(reader, threaded=_size_of(src) > _THREAD_ABOVE)
     try:
         extractor = _Extractor(dest, limits, forward)
         ok = False
