@@ -124,6 +124,7 @@ class BenchCluster:
 
     def __init__(self, home: Path) -> None:
         self.home = home
+        self._template: str | None = None
         self.cluster = Cluster(
             home / "pg",
             extra_conf={
@@ -146,13 +147,16 @@ class BenchCluster:
         return self.cluster.bindir
 
     def new_database(self) -> str:
-        """A fresh, migrated database; returns its URL."""
+        """A fresh, migrated database (a copy of one migrated template); returns its URL."""
+        if self._template is None:
+            self._template = f"bt_{uuid.uuid4().hex[:10]}"
+            with psycopg.connect(self.cluster.url, autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self._template)))
+            migrate.upgrade(conninfo.make_conninfo(self.cluster.url, dbname=self._template))
         name = f"b_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(self.cluster.url, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        url = conninfo.make_conninfo(self.cluster.url, dbname=name)
-        migrate.upgrade(url)
-        return url
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(self._template)))
+        return conninfo.make_conninfo(self.cluster.url, dbname=name)
 
     def drop_database(self, url: str) -> None:
         name = conninfo.conninfo_to_dict(url)["dbname"]
