@@ -308,7 +308,8 @@ class FreezableProxy:
     Frozen, both directions stay connected (the kernel still acknowledges
     what the worker sends) but no byte passes: a half-open connection as a
     hung switch or a wedged NAT makes it.  New connections are accepted and
-    then hang too.
+    then hang too.  ``cut_after`` drops one connection right after a given
+    statement went through, before its answer comes back.
     """
 
     def __init__(self, unix_path: Path) -> None:
@@ -320,6 +321,8 @@ class FreezableProxy:
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._cut_pattern: bytes | None = None
+        self.cut_done = threading.Event()
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
     def freeze(self) -> None:
@@ -327,6 +330,13 @@ class FreezableProxy:
 
     def unfreeze(self) -> None:
         self._flowing.set()
+
+    def cut_after(self, pattern: bytes, delay: float = 0.5) -> None:
+        """The next time a client sends ``pattern``: pass it on, hold the answer, give the
+        server ``delay`` seconds to act (commit), then close that connection at both ends:
+        a write that was done but never acknowledged."""
+        self._cut_delay = delay
+        self._cut_pattern = pattern
 
     def close(self) -> None:
         self._closed.set()
@@ -353,20 +363,34 @@ class FreezableProxy:
                 continue
             with self._lock:
                 self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), name="proxy-pump", daemon=True).start()
+            hold = threading.Event()
+            for src, dst, to_server in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(
+                    target=self._pump, args=(src, dst, to_server, hold), name="proxy-pump", daemon=True
+                ).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, to_server: bool, hold: threading.Event) -> None:
         try:
             while not self._closed.is_set():
-                if not self._flowing.wait(0.1):
+                if not self._flowing.wait(0.1) or (hold.is_set() and not to_server):
+                    time.sleep(0.01)
                     continue
                 ready, _, _ = select.select([src], [], [], 0.1)
-                if not ready or not self._flowing.is_set():
+                if not ready or not self._flowing.is_set() or (hold.is_set() and not to_server):
                     continue
                 data = src.recv(65536)
                 if not data:
                     dst.shutdown(socket.SHUT_WR)
+                    return
+                pattern = self._cut_pattern
+                if to_server and pattern is not None and pattern in data:
+                    self._cut_pattern = None
+                    hold.set()
+                    dst.sendall(data)
+                    time.sleep(self._cut_delay)
+                    src.close()
+                    dst.close()
+                    self.cut_done.set()
                     return
                 dst.sendall(data)
         except OSError:

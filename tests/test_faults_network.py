@@ -158,3 +158,19 @@ def test_cut_off_worker_stops_its_solver_after_half_a_lease(lab, proxy, tmp_path
     assert code == 0 and report["finished"] == 1
     lab.check_invariants({job_id: "finished"})
 
+
+
+def test_completion_whose_answer_is_lost_is_retried_and_counted_once(lab, proxy):
+    # The connection drops right after the completion reached the database and
+    # committed, before the answer came back: the worker must retry, and the
+    # retry must recognise the completion as its own rather than as a refusal.
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+    proxy.cut_after(b"SET status = 'finished'")
+    w = lab.worker("w", "-q", env={**lab.env, "CRH_DATABASE_URL": proxy_url(proxy, lab.db_url)})
+
+    code, report = w.finish()
+
+    assert proxy.cut_done.is_set()
+    assert "database unreachable" in w.log(), "the completion was not retried"
+    assert code == 0 and report["finished"] == 1 and report["refused"] == 0, w.log()
+    lab.check_invariants({job_id: "finished"})
