@@ -191,6 +191,17 @@ def test_the_documented_installation(site, tmp_path):
     host, port, dbname, user, password = here(site, blocks["pgpass"]).strip().split(":")
     assert (host, int(port), dbname, user) == ("localhost", site["port"], "crqueue", "alice")
     passwords[user] = password
+    # an owner without CREATEROLE cannot make the roles: a clear refusal, nothing half-made
+    with psycopg.connect(superuser, autocommit=True) as conn:
+        conn.execute("CREATE ROLE plainowner LOGIN")
+        conn.execute("CREATE DATABASE plain OWNER plainowner")
+        _set_password(conn, "plainowner", "plain-secret")
+    plain = site["cluster"]._url("plain").replace("crh@", "plainowner@")
+    _private(tmp_path / "plain" / ".pgpass", "*:*:plain:plainowner:plain-secret\n")
+    proc = _run("crh", "db", "upgrade", "--db", plain, env=_env(site, tmp_path / "plain"))
+    assert proc.returncode == 2 and "may not create roles" in proc.stderr and "CREATEROLE" in proc.stderr
+    with psycopg.connect(site["cluster"]._url("plain")) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0] == 0
     # 3. the schema, as the owner (its password in the admin's ~/.pgpass)
     admin_home = tmp_path / "admin"
     _private(admin_home / ".pgpass", f"localhost:{site['port']}:crqueue:crqueue:{passwords['crqueue']}\n")
@@ -281,6 +292,17 @@ def test_the_documented_installation(site, tmp_path):
     proc = subprocess.run(["psql", "-X", "-d", node_url, "-c", "DELETE FROM inversions"],
                           env=node, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "permission denied" in proc.stderr
+
+    # .pgpass and the service file where PGPASSFILE and PGSERVICEFILE say, as libpq defines them
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (alice_home / ".pgpass").rename(elsewhere / "pgpass")
+    (alice_home / ".pg_service.conf").rename(elsewhere / "services")
+    proc = _run("crh", "status", "--json", env=alice)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    named = {**alice, "PGPASSFILE": str(elsewhere / "pgpass"), "PGSERVICEFILE": str(elsewhere / "services")}
+    proc = _ok(_run("crh", "status", "--json", env=named))
+    assert passwords["alice"] not in proc.stdout + proc.stderr
 
 
 def _set_password(conn: psycopg.Connection, name: str, password: str) -> None:

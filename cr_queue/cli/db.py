@@ -34,7 +34,10 @@ def upgrade(revision, db_url, as_json, quiet, log_level):
         migrate.upgrade(database.url, revision)
         after = migrate.current(database.url)
     except Exception as exc:
-        raise DatabaseError(f"upgrading {database.redacted} failed: {config.redact(str(exc))}") from None
+        raise DatabaseError(
+            f"upgrading {database.redacted} failed: {_first_line(exc)}; run it as the database owner "
+            "(with CREATEROLE the first time, to create the roles crh_admin, crh_worker, crh_user)"
+        ) from None
     out.emit({"database": database.redacted, "from": before, "to": after})
     out.line(f"schema of {database.redacted}: {before or 'empty'} -> {after}")
 
@@ -49,8 +52,19 @@ def downgrade(revision, db_url, as_json, quiet, log_level):
     setup_logging(log_level)
     out = Output(json=as_json, quiet=quiet)
     database = _target(db_url)
-    migrate.downgrade(database.url, revision)
+    try:
+        migrate.downgrade(database.url, revision)
+    except Exception as exc:
+        raise DatabaseError(
+            f"downgrading {database.redacted} failed: {_first_line(exc)}; run it as the database owner"
+        ) from None
     out.line(f"schema of {database.redacted} is now {migrate.current(database.url) or 'empty'}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The database's own words, without SQLAlchemy's statement dump and background links."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return config.redact(text.splitlines()[0] if text else type(exc).__name__)
 
 
 def _cluster():
