@@ -54,6 +54,7 @@ class _ConfigFile:
     path: Path
     data: dict[str, Any]
     system: bool
+    unreadable: bool = False
 
 
 def load(
@@ -67,6 +68,13 @@ def load(
     env = os.environ if env is None else env
     files = _config_files(env)
     database_url, source = _resolve_database(db, env, files)
+    hidden = next((f.path for f in files if f.unreadable), None)
+    if database_url is None and hidden is not None:
+        raise ConfigError(
+            f"{hidden}: the system-wide config is not readable by you, and it may name the "
+            "group's database. Ask the admin to add you to its group (e.g. `adduser $USER crh`), "
+            "or name the database yourself with --db, CRH_DATABASE_URL or your own config file."
+        )
     solvers = {
         name: _resolve_solver(name, option, env, files)
         for name, option in (("crtomo", crtomo), ("crmod", crmod))
@@ -119,7 +127,11 @@ def _config_files(env: Mapping[str, str]) -> list[_ConfigFile]:
         files.append(_ConfigFile(user_path, _read_toml(user_path), system=False))
     system_path = Path(env.get("CRH_SYSTEM_CONFIG") or SYSTEM_CONFIG)
     if system_path.exists() and system_path != user_path:
-        files.append(_ConfigFile(system_path, _read_toml(system_path), system=True))
+        if os.access(system_path, os.R_OK):
+            files.append(_ConfigFile(system_path, _read_toml(system_path), system=True))
+        else:
+            # The system file is the workers' (0640 root:crh); a scientist may not read it.
+            files.append(_ConfigFile(system_path, {}, system=True, unreadable=True))
     for config in files:
         _validate(config)
     return files

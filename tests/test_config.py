@@ -284,3 +284,22 @@ def test_legacy_not_read_when_something_else_wins(home: Path) -> None:
 def test_redact(given: str, shown: str) -> None:
     assert redact(given) == shown
     assert "SECRET" not in redact(given)
+
+
+def test_unreadable_system_config_is_skipped_when_the_database_is_named_elsewhere(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The packaged /etc/cr_queue/config.toml is 0640 root:crh: scientists outside the group
+    must still be able to work with their own settings."""
+    import cr_queue.config as config_module
+
+    hidden = system_config('[database]\nurl = "postgresql://crh:secret@db/crq"\n', mode=0o640)
+    real_access = os.access
+    monkeypatch.setattr(
+        config_module.os, "access", lambda path, mode: False if Path(path) == hidden else real_access(path, mode)
+    )
+    monkeypatch.setenv("CRH_DATABASE_URL", "postgresql://alice@db/crq")
+    assert load().database_url == "postgresql://alice@db/crq"
+    monkeypatch.delenv("CRH_DATABASE_URL")
+    with pytest.raises(ConfigError, match="not readable by you.*adduser"):
+        load()
