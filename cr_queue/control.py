@@ -127,6 +127,13 @@ def read(path: Path | str) -> ControlFile:
             f"{path}: written by a newer cr_queue (format version {version}, this one reads {VERSION}); "
             "upgrade cr_queue to use it"
         )
+    if "job_id" not in data and "sim_id" in data:
+        raise ControlFileError(
+            f"{path}: written by cr_hydra (job {data['sim_id']}), not by cr_queue. Retrieve it with "
+            "cr_hydra's crh_retrieve against the old database, and do not delete it: cr_hydra removed "
+            "the input after upload, so its database may hold the only copy "
+            "(see docs/migrating-from-cr_hydra.md)"
+        )
     values: dict[str, Any] = {}
     for f in fields(ControlFile):
         if f.name == "version":

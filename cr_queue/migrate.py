@@ -45,9 +45,29 @@ def _run(url: str, fn, *args) -> None:
         engine.dispose()
 
 
+class ForeignSchema(Exception):
+    """The database already holds tables cr_queue did not create (cr_hydra's, typically)."""
+
+
+_FOREIGN = """
+SELECT array_agg(tablename ORDER BY tablename) FROM pg_tables
+WHERE schemaname = current_schema() AND tablename IN ('inversions', 'binary_data')
+  AND NOT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'alembic_version')
+"""
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
+    with psycopg.connect(url) as conn:
+        foreign = conn.execute(_FOREIGN).fetchone()[0]
+    if foreign:
+        raise ForeignSchema(
+            f"the database already has the tables {', '.join(foreign)} but no cr_queue schema: it looks "
+            "like a cr_hydra database. cr_queue keeps its jobs in a database of its own: create one "
+            "(e.g. `createdb crqueue`) and point --db at it; the old one stays as it is "
+            "(see docs/migrating-from-cr_hydra.md)."
+        )
     _run(url, command.upgrade, revision)
 
 

@@ -181,3 +181,16 @@ def test_remove_is_idempotent(tmp_path: Path) -> None:
     control.remove(path)
     control.remove(path)
     assert not path.exists()
+
+
+def test_cr_hydra_control_file_is_recognised(tmp_path):
+    import json
+
+    import pytest
+
+    from cr_queue import control
+
+    old = tmp_path / "td.crh"
+    old.write_text(json.dumps({"sim_id": 17, "sim_type": "inv", "crh_file": str(old)}))
+    with pytest.raises(control.ControlFileError, match="written by cr_hydra .job 17.*do not delete"):
+        control.read(old)

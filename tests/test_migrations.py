@@ -59,3 +59,14 @@ def test_alembic_command_line_works_from_checkout(empty_db_url):
             cwd=repo,
         )
     assert migrate.current(empty_db_url) == migrate.head()
+
+
+def test_upgrade_refuses_a_cr_hydra_database(empty_db_url):
+    import pytest
+
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE inversions (index serial, status text)")
+        conn.execute("CREATE TABLE binary_data (index serial, data bytea)")
+    with pytest.raises(migrate.ForeignSchema, match="cr_hydra database"):
+        migrate.upgrade(empty_db_url)
+    assert _tables(empty_db_url) == {"inversions", "binary_data"}

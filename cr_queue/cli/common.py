@@ -74,6 +74,14 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except EXPECTED_ERRORS + _embedded_error() as exc:
             fail(str(exc), 2)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "permission denied"
+            fail(
+                f"the database refused this role: {detail}. Ask the admin to grant it the right "
+                "role: `crh db grant-user NAME` for a scientist, `crh db grant-worker NAME` for a "
+                "compute node (see docs/security.md).",
+                2,
+            )
         except psycopg.OperationalError as exc:
             detail = config.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost")
             fail(
