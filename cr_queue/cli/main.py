@@ -11,6 +11,10 @@ from .demo import demo_command
 from .manage import cancel_command, priority_command, requeue_command
 from .retrieve import retrieve_command, wait_retrieve_command
 from .worker import worker_command
+from .status import status_command
+from .show import show_command
+from .cleanup import cleanup_command
+from .workers import node_group, worker_group_for
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +28,7 @@ def crh():
 
 
 crh.add_command(add_command)
-crh.add_command(worker_command)
+crh.add_command(worker_group_for(worker_command))
 crh.add_command(retrieve_command)
 crh.add_command(wait_retrieve_command)
 crh.add_command(db_group)
@@ -32,6 +36,10 @@ crh.add_command(demo_command)
 crh.add_command(cancel_command)
 crh.add_command(requeue_command)
 crh.add_command(priority_command)
+crh.add_command(status_command)
+crh.add_command(show_command)
+crh.add_command(cleanup_command)
+crh.add_command(node_group)
 
 _settings = {"help_option_names": ["-h", "--help"]}
 
