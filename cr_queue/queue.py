@@ -372,6 +372,19 @@ def hold_worker_lock(conn: psycopg.Connection, worker_id: int) -> bool:
     return bool(conn.execute("SELECT pg_try_advisory_lock(%s, %s::int)", (LOCK_NAMESPACE, worker_id)).fetchone()[0])
 
 
+def bound_idle_transactions(conn: psycopg.Connection, seconds: float) -> None:
+    """Have the server end this session if it leaves a transaction open for ``seconds``.
+
+    A worker's transactions are a few statements sent back to back, so one left
+    open means the worker was cut off mid-transaction (half-open connection).
+    Its row locks would hide the job from the rescue sweep (SKIP LOCKED) until
+    the server's TCP keepalive gives up, two hours later by default.
+    """
+    conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (f"{max(1, int(seconds * 1000))}ms",)
+    )
+
+
 # ------------------------------------------------------ heartbeats and leases
 
 _RENEW = """

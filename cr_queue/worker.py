@@ -144,6 +144,7 @@ class Worker:
 
     def run(self) -> int:
         control = self.db.connect(f"crh_worker {self.name} control", keepalive=True)
+        queue.bound_idle_transactions(control, self._idle_transaction_limit)
         self.worker_id = queue.register_worker(
             control,
             name=self.name,
@@ -398,9 +399,17 @@ class Worker:
         killed the heartbeat and slot threads).
         """
         try:
-            return self.db.connect(f"crh_worker {self.name} {role}", keepalive=True)
+            conn = self.db.connect(f"crh_worker {self.name} {role}", keepalive=True)
         except DatabaseError as exc:
             raise psycopg.OperationalError(str(exc)) from None
+        queue.bound_idle_transactions(conn, self._idle_transaction_limit)
+        return conn
+
+    @property
+    def _idle_transaction_limit(self) -> float:
+        """A third of the lease: a transaction of a cut-off worker must end (and free the
+        job's row for the rescue sweep) well before the lease does."""
+        return self.options.lease_s / 3
 
     def _run_db(self, fn: Callable[[psycopg.Connection], T], conn: psycopg.Connection | None = None) -> T | None:
         """Run a statement, reconnecting once if the connection went away meanwhile."""

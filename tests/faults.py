@@ -308,8 +308,9 @@ class FreezableProxy:
     Frozen, both directions stay connected (the kernel still acknowledges
     what the worker sends) but no byte passes: a half-open connection as a
     hung switch or a wedged NAT makes it.  New connections are accepted and
-    then hang too.  ``cut_after`` drops one connection right after a given
-    statement went through, before its answer comes back.
+    then hang too.  ``freeze_after`` freezes right after a given statement
+    went through (inside its transaction, say); ``cut_after`` drops that
+    connection instead, before the statement's answer comes back.
     """
 
     def __init__(self, unix_path: Path) -> None:
@@ -321,8 +322,8 @@ class FreezableProxy:
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._cut_pattern: bytes | None = None
-        self.cut_done = threading.Event()
+        self._trigger: tuple[bytes, str] | None = None
+        self.triggered = threading.Event()
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
     def freeze(self) -> None:
@@ -331,12 +332,16 @@ class FreezableProxy:
     def unfreeze(self) -> None:
         self._flowing.set()
 
+    def freeze_after(self, pattern: bytes) -> None:
+        """The next time a client sends ``pattern``: pass it on, then freeze everything."""
+        self._trigger = (pattern, "freeze")
+
     def cut_after(self, pattern: bytes, delay: float = 0.5) -> None:
         """The next time a client sends ``pattern``: pass it on, hold the answer, give the
         server ``delay`` seconds to act (commit), then close that connection at both ends:
         a write that was done but never acknowledged."""
         self._cut_delay = delay
-        self._cut_pattern = pattern
+        self._trigger = (pattern, "cut")
 
     def close(self) -> None:
         self._closed.set()
@@ -382,15 +387,20 @@ class FreezableProxy:
                 if not data:
                     dst.shutdown(socket.SHUT_WR)
                     return
-                pattern = self._cut_pattern
-                if to_server and pattern is not None and pattern in data:
-                    self._cut_pattern = None
+                trigger = self._trigger
+                if to_server and trigger is not None and trigger[0] in data:
+                    self._trigger = None
+                    if trigger[1] == "freeze":
+                        dst.sendall(data)
+                        self._flowing.clear()
+                        self.triggered.set()
+                        continue
                     hold.set()
                     dst.sendall(data)
                     time.sleep(self._cut_delay)
                     src.close()
                     dst.close()
-                    self.cut_done.set()
+                    self.triggered.set()
                     return
                 dst.sendall(data)
         except OSError:

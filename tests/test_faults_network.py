@@ -2,10 +2,12 @@
 
 A restart of the suite's PostgreSQL while solvers run must cost nothing: the
 workers reconnect, their solvers keep running and their results are
-accepted.  A worker cut off behind a frozen TCP proxy loses its job to
+accepted.  A worker cut off behind a frozen TCP proxy (frozen in the middle
+of a lease renewal, its transaction open on the server) loses its job to
 another worker once its lease runs out; it stops its own solver after half a
 lease without news, and whatever it sends when the network comes back is
-refused.
+refused.  A completion that committed but whose answer was lost is retried
+and recognised.
 """
 
 from __future__ import annotations
@@ -88,12 +90,19 @@ def test_add_and_retrieve_with_the_database_down_fail_clearly_and_change_nothing
     lab.check_invariants({done_id: "finished", td_id: "queued"})
 
 
-def _freeze_after_a_heartbeat(lab, proxy, worker_name: str) -> None:
-    """Freeze right after the worker renewed, so "half a lease without news" is measured from here."""
-    query = "SELECT last_heartbeat FROM workers WHERE name = %s"
-    before = lab.sql(query, (worker_name,))
-    wait_for(lambda: lab.sql(query, (worker_name,)) != before, f"{worker_name} to beat")
-    proxy.freeze()
+# The renewal of a lease, which the worker sends inside a short transaction.
+RENEWAL = b"UPDATE inversions j SET lease_expires"
+
+
+def _freeze_inside_a_renewal(proxy) -> None:
+    """Freeze right after a lease renewal reached the database, before its COMMIT.
+
+    The cut-off worker's transaction stays open on the server with the job's row
+    locked, which is what a network cut at the wrong moment does; "half a lease
+    without news" is measured from here.
+    """
+    proxy.freeze_after(RENEWAL)
+    wait_for(proxy.triggered.is_set, "a lease renewal to pass the proxy")
 
 
 def test_cut_off_worker_loses_the_job_and_its_late_completion_is_refused(lab, proxy, tmp_path):
@@ -113,7 +122,7 @@ def test_cut_off_worker_loses_the_job_and_its_late_completion_is_refused(lab, pr
     a = lab.worker("a", "--lease", "6", env=cut_env)
     wait_for(lambda: (gate / "solved").exists(), "a's solver to finish")
 
-    _freeze_after_a_heartbeat(lab, proxy, "a")
+    _freeze_inside_a_renewal(proxy)
     (gate / "go").touch()
     b = lab.worker("b")
     job = lab.wait_status(job_id, "finished")
@@ -143,7 +152,7 @@ def test_cut_off_worker_stops_its_solver_after_half_a_lease(lab, proxy, tmp_path
     a = lab.worker("a", "--lease", "6", env=cut_env)
     [solve] = lab.wait_runs(1)
 
-    _freeze_after_a_heartbeat(lab, proxy, "a")
+    _freeze_inside_a_renewal(proxy)
     # Nobody can tell worker a anything now: it must give up on its own.
     wait_for(lambda: not standin_alive(solve.pid), "the cut-off worker to stop its own solver", timeout=30)
     a.wait_log("could not renew the leases")
@@ -170,7 +179,7 @@ def test_completion_whose_answer_is_lost_is_retried_and_counted_once(lab, proxy)
 
     code, report = w.finish()
 
-    assert proxy.cut_done.is_set()
+    assert proxy.triggered.is_set()
     assert "database unreachable" in w.log(), "the completion was not retried"
     assert code == 0 and report["finished"] == 1 and report["refused"] == 0, w.log()
     lab.check_invariants({job_id: "finished"})
