@@ -111,8 +111,8 @@ def add(
 
 # Tomodirs packed and uploaded at the same time, each thread on its own connection:
 # while one waits for the database (a commit's WAL flush), the other compresses
-# (zstd releases the GIL).  Measured in docs/performance.md: 2 beat 1 and 3.
-ADD_THREADS = 2
+# (zstd releases the GIL).  Measured (bench/tune.py, docs/performance.md): 3 beat 2 and 1.
+ADD_THREADS = 3
 
 
 def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, report: AddReport, progress) -> AddReport:

@@ -135,7 +135,7 @@ def retrieve(
 # Tomodirs brought back at the same time, each thread on its own connection:
 # a retrieval is mostly file-system calls and a commit, which release the GIL.
 # Measured in docs/performance.md.
-RETRIEVE_THREADS = 2
+RETRIEVE_THREADS = 3
 
 
 def _retrieve_one(conn, job: queue.Job, cf: control.ControlFile, crh: Path, tomodir: Path, item: Item, actor: queue.Actor) -> str | None:

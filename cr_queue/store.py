@@ -172,6 +172,11 @@ class BlobWriter:
         batch, self._pending, self._pending_bytes = self._pending, [], 0
         if self._error is not None:
             raise self._error
+        if self._depth == 0:  # no thread: COPY here (bench/tune.py compares)
+            with self._conn.transaction():
+                self._conn.execute(_ASYNC)
+                self._copy(batch)
+            return
         if self._thread is None:
             self._queue = _queue.Queue(maxsize=self._depth)
             self._thread = threading.Thread(target=self._upload, name="blob-copy", daemon=True)
