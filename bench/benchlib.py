@@ -72,9 +72,13 @@ class Report:
 
     def markdown(self) -> str:
         lines = ["| verdict | measure | figure | reference (same run) | ratio | target |", "|---|---|---|---|---|---|"]
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|")
+
         for r in self.rows:
             note = f" ({r.note})" if r.note else ""
-            lines.append(f"| {r.verdict} | {r.name}{note} | {r.figure} | {r.reference} | {r.ratio} | {r.target} |")
+            cells = (r.verdict, r.name + note, r.figure, r.reference, r.ratio, r.target)
+            lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
         return "\n".join(lines)
 
 

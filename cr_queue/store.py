@@ -384,6 +384,9 @@ class DirectoryStore:
         try:
             fh = open(path, "rb", buffering=0)
         except FileNotFoundError:
+            if not self.path.is_dir():  # the mount went away: this host's problem, not the job's
+                self._checked.clear()
+                self.check()
             raise BlobMissing(f"archive {sha256[:12]} is not in the store: {path} does not exist") from None
         with fh:
             return archive.copy_verified(iter(lambda: fh.read(CHUNK_SIZE), b""), dst, sha256)

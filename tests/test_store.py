@@ -115,6 +115,9 @@ def test_corrupted_file_is_a_checksum_mismatch(db_url: str, tmp_path: Path) -> N
         path.unlink()
         with pytest.raises(store.BlobMissing, match=str(path)):
             _fetch(conn, sha)
+        root.rename(tmp_path / "unmounted")  # the mount goes away while the store is in use
+        with pytest.raises(store.StoreUnavailable, match="not mounted"):
+            _fetch(conn, sha)
 
 
 def test_unreachable_directory_names_path_host_and_remedy(db_url: str, tmp_path: Path) -> None:
