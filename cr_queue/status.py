@@ -28,7 +28,10 @@ import psycopg
 
 from . import admin_queries as aq
 from . import control
-from .schema import JOB_STATES
+
+# The states of schema.JOB_STATES, repeated so that status does not import SQLAlchemy
+# (startup time is most of what `crh status` costs; tests/test_status.py checks they agree).
+JOB_STATES = ("registering", "queued", "running", "finished", "failed", "cancelled")
 
 FORMAT_VERSION = 1
 DEFAULT_LIMIT = 50

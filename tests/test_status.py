@@ -109,6 +109,12 @@ def busy(tmp_path, cli_env, db_url):
     return {"tree": tree, "worker_id": wid, "running": running}
 
 
+def test_status_knows_every_job_state():
+    from cr_queue import schema, status as status_service
+
+    assert status_service.JOB_STATES == schema.JOB_STATES
+
+
 def test_json_shape_and_numbers(busy, cli_env):
     report = status(cli_env)
     assert set(report) == TOP_KEYS and report["format"] == 1
