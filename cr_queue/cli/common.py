@@ -21,7 +21,7 @@ from typing import Any
 import click
 import psycopg
 
-from .. import archive, config, db, solvers
+from .. import archive, config, db, jobs, solvers
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (config.ConfigError, db.DatabaseError, solvers.SolverError)
 
@@ -204,3 +204,11 @@ class Label(click.ParamType):
 
 GROUP = GroupName()
 LABEL = Label()
+
+
+def select_jobs(targets) -> jobs.Selection:
+    """Job ids from ids, tomodirs and .crh files; a usage error when none of them names a job."""
+    selection = jobs.select(list(targets))
+    if not selection.ids and selection.problems:
+        fail("; ".join(selection.problems))
+    return selection

@@ -5,7 +5,16 @@ from __future__ import annotations
 import click
 
 from .. import jobs, queue
-from .common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
+from .common import (
+    Output,
+    db_option,
+    fail,
+    handle_errors,
+    open_db,
+    output_options,
+    select_jobs,
+    setup_logging,
+)
 
 
 @click.command("cancel")
@@ -21,9 +30,7 @@ def cancel_command(targets, db_url, as_json, quiet, log_level):
     """
     setup_logging(log_level)
     out = Output(json=as_json, quiet=quiet)
-    selection = jobs.select(list(targets))
-    if not selection.ids and selection.problems:
-        fail("; ".join(selection.problems))
+    selection = select_jobs(targets)
     _settings, database = open_db(db_url)
     with database.connect("crh_cancel") as conn:
         cancelled = queue.cancel(conn, selection.ids, queue.Actor())
@@ -99,9 +106,7 @@ def priority_command(priority, targets, db_url, as_json, quiet, log_level):
     """Set the PRIORITY (higher runs first) of waiting jobs, named by job id, tomodir or .crh file."""
     setup_logging(log_level)
     out = Output(json=as_json, quiet=quiet)
-    selection = jobs.select(list(targets))
-    if not selection.ids and selection.problems:
-        fail("; ".join(selection.problems))
+    selection = select_jobs(targets)
     _settings, database = open_db(db_url)
     with database.connect("crh_priority") as conn:
         changed = queue.set_priority(conn, selection.ids, priority, queue.Actor())

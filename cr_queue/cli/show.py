@@ -7,9 +7,17 @@ from typing import Any
 
 import click
 
-from .. import admin, jobs
+from .. import admin
 from . import fmt
-from .common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
+from .common import (
+    Output,
+    db_option,
+    handle_errors,
+    open_db,
+    output_options,
+    select_jobs,
+    setup_logging,
+)
 
 
 @click.command("show")
@@ -26,9 +34,7 @@ def show_command(targets, db_url, as_json, quiet, log_level):
     """
     setup_logging(log_level)
     out = Output(json=as_json, quiet=quiet)
-    selection = jobs.select(list(targets))
-    if not selection.ids and selection.problems:
-        fail("; ".join(selection.problems))
+    selection = select_jobs(targets)
     _settings, database = open_db(db_url)
     with database.connect("crh_show") as conn:
         found = admin.show(conn, selection.ids)
