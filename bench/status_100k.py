@@ -192,7 +192,14 @@ def main() -> int:
 
         standalone = Path(console_script("crh_status"))
         if standalone.is_absolute() and standalone.exists():
-            alone = [wall_ms([str(standalone), "--json"], env)[0] for _ in range(runs)]
+            alone = []
+            for _ in range(runs):
+                ms, proc = wall_ms([str(standalone), "--json"], env)
+                if proc.returncode != 0:
+                    print(f"crh_status --json exited {proc.returncode}: {proc.stderr.strip()[-400:]}")
+                    return 1
+                wrong += check(json.loads(proc.stdout), n)
+                alone.append(ms)
             print(f"crh_status --json (the standalone script): median {statistics.median(alone):.0f} ms, max {max(alone):.0f} ms")
         med, worst = statistics.median(times), max(times)
         print(f"crh --version (startup floor): median {statistics.median(floor):.0f} ms")
