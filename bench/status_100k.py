@@ -201,6 +201,8 @@ def main() -> int:
                 wrong += check(json.loads(proc.stdout), n)
                 alone.append(ms)
             print(f"crh_status --json (the standalone script): median {statistics.median(alone):.0f} ms, max {max(alone):.0f} ms")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"machine: {os.cpu_count()} CPUs, load average {load} (other work on the machine inflates every figure)")
         med, worst = statistics.median(times), max(times)
         print(f"crh --version (startup floor): median {statistics.median(floor):.0f} ms")
         print(f"queries alone (status.snapshot in-process): median {statistics.median(in_process):.0f} ms, max {max(in_process):.0f} ms")
