@@ -129,15 +129,12 @@ class BenchCluster:
     def __init__(self, home: Path) -> None:
         self.home = home
         self._template: str | None = None
-        self.cluster = Cluster(
-            home / "pg",
-            extra_conf={
-                "max_connections": "300",
-                "shared_buffers": "256MB",
-                # Counts the claim statements of the herd measure.
-                "shared_preload_libraries": "pg_stat_statements",
-            },
-        )
+        conf = {"max_connections": "300", "shared_buffers": "256MB"}
+        self.has_pg_stat_statements = _has_library("pg_stat_statements")
+        if self.has_pg_stat_statements:
+            # Counts the claim statements of the herd measure.
+            conf["shared_preload_libraries"] = "pg_stat_statements"
+        self.cluster = Cluster(home / "pg", extra_conf=conf)
 
     def __enter__(self) -> BenchCluster:
         self.cluster.start()
@@ -166,6 +163,37 @@ class BenchCluster:
         name = conninfo.conninfo_to_dict(url)["dbname"]
         with psycopg.connect(self.cluster.url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _has_library(name: str) -> bool:
+    """Whether the server cr_queue would start can load this contrib module."""
+    from cr_queue.embedded import EmbeddedError, find_bindir
+
+    try:
+        bindir = find_bindir()
+    except EmbeddedError:
+        return False
+    candidates = [bindir.parent / "lib" / f"{name}.so", bindir.parent / "lib" / "postgresql" / f"{name}.so"]
+    pg_config = bindir / "pg_config"
+    if pg_config.exists():
+        try:
+            out = subprocess.run([str(pg_config), "--pkglibdir"], capture_output=True, text=True, timeout=10)
+            candidates.append(Path(out.stdout.strip()) / f"{name}.so")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return any(p.exists() for p in candidates)
+
+
+def pgbench_path() -> str | None:
+    from cr_queue.embedded import EmbeddedError, find_bindir
+
+    try:
+        beside = find_bindir() / "pgbench"
+        if beside.exists():
+            return str(beside)
+    except EmbeddedError:
+        pass
+    return shutil.which("pgbench")
 
 
 def pg_env(url: str) -> dict[str, str]:

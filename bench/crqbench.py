@@ -24,10 +24,8 @@ herd, throughput, claim, status, rss, many.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -46,7 +44,7 @@ import benchlib as bl  # noqa: E402
 import psycopg  # noqa: E402
 
 from cr_queue import add as add_service  # noqa: E402
-from cr_queue import archive, queue, store, synth  # noqa: E402
+from cr_queue import queue, store, synth  # noqa: E402
 from cr_queue.db import Database  # noqa: E402
 
 ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim", "status", "rss", "many")
@@ -518,6 +516,9 @@ def bench_overhead(ctx: Context) -> None:
 
 def bench_herd(ctx: Context) -> None:
     """Idle workers woken per new job: NOTIFY should wake as many workers as there are jobs."""
+    if not ctx.cluster.has_pg_stat_statements:
+        ctx.report.add(bl.Row("claims per new job", "not measured", note="this PostgreSQL has no pg_stat_statements", target="report"))
+        return
     url = ctx.cluster.new_database()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -599,14 +600,16 @@ def claim_sql_for_pgbench(url: str, worker_id: int) -> str:
     return " ".join(text.split()) + ";\n"
 
 
-def pgbench_claim(ctx: Context, url: str, clients: int, seconds: int) -> float:
-    pgbench = sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench")) or [shutil.which("pgbench")]
+def pgbench_claim(ctx: Context, url: str, clients: int, seconds: int) -> float | None:
+    pgbench = bl.pgbench_path()
+    if pgbench is None:
+        return None
     with psycopg.connect(url, autocommit=True) as conn:
         wid = queue.register_worker(conn, name="pgbench", host="pgbench", pid=1, version="bench", jobs=clients, threads=1, groups=(), solvers={})
     script = ctx.work / "claim.sql"
     script.write_text(claim_sql_for_pgbench(url, wid))
     proc = subprocess.run(
-        [pgbench[-1], "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), "-f", str(script)],
+        [pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), "-f", str(script)],
         env=bl.pg_env(url),
         capture_output=True,
         text=True,
@@ -638,8 +641,8 @@ def bench_throughput(ctx: Context) -> None:
         bl.Row(
             "throughput of tiny jobs, 4 workers",
             f"{jobs_s:.0f} jobs/s",
-            f"pgbench claim stmt {tps:.0f} tps",
-            f"{jobs_s / tps:.3f}",
+            f"pgbench claim stmt {tps:.0f} tps" if tps else "pgbench not installed",
+            f"{jobs_s / tps:.3f}" if tps else "—",
             "report the ratio",
             False if (lost or dup) else None,
             note=f"{n} jobs, {len(lost)} lost, {len(dup)} duplicated",

@@ -17,12 +17,8 @@ throwaway cluster; the medians are printed.  What is varied:
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
