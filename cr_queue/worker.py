@@ -151,7 +151,7 @@ class Worker:
             host=self.host,
             pid=os.getpid(),
             version=__version__,
-            jobs=self.options.jobs,
+            jobs=self.options.cpus or self.options.jobs,
             threads=self.options.threads,
             groups=self.options.groups,
             solvers=self._solver_info,
