@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +33,8 @@ from .pause import pause_point
 CONFLICT_SUFFIX = ".crh-result"
 # Left inside a retrieved tomodir between the exchange and the end, so a rerun knows.
 MARKER_PREFIX = ".crh-retrieved-"
+# Results up to this size are held in memory between download and unpacking.
+SPOOL_BYTES = 16 << 20
 PENDING = ("registering", "queued", "running")
 
 
@@ -196,13 +199,13 @@ def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, it
     if job.result_sha256 is None:
         return
     try:
-        with open(packed, "wb") as fh:
+        # Typical results stay in memory; large ones spill to a file beside the tomodir.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=parent, prefix=packed.name) as fh:
             store.fetch(conn, job.result_sha256, fh)
-        pause_point("retrieve:downloaded")
-        staging.mkdir(mode=0o700)
-        with open(packed, "rb") as fh:
+            pause_point("retrieve:downloaded")
+            staging.mkdir(mode=0o700)
+            fh.seek(0)
             archive.unpack(fh, staging)
-        packed.unlink()
         try:
             swap.link_copy(tomodir, new)
         except swap.SwapUnsupported:
