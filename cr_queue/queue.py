@@ -95,6 +95,16 @@ def _event_values(event: str) -> str:
     )
 
 
+def _with_event(event: str, change: str, *, before: str = "", result: str = "SELECT id FROM u") -> str:
+    """One statement that changes jobs (CTE ``u``, returning id, status, attempt) and
+    records an event row for each, so the history can never disagree with the state."""
+    ctes = f"{before},\n" if before else ""
+    return (
+        f"WITH {ctes}u AS (\n{change}\n), e AS (\n"
+        f"    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values(event)}\n)\n{result}\n"
+    )
+
+
 def _actor(actor: Actor, detail: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "os_user": actor.os_user,
@@ -120,42 +130,41 @@ UPDATE inversions SET sim_type = %(sim_type)s, model_first = %(model_first)s, us
 WHERE id = %(id)s
 """
 
-_INSERT_REGISTERING = f"""
-WITH u AS (
+_INSERT_REGISTERING = _with_event(
+    "registering",
+    """
     INSERT INTO inversions (status, sim_type, model_first, username, source_computer, source_path,
                             crh_file, priority, job_group, threads, timeout_s, max_attempts, sipdir)
     VALUES ('registering', %(sim_type)s, %(model_first)s, %(username)s, %(source_computer)s,
             %(source_path)s, %(crh_file)s, %(priority)s, %(job_group)s, %(threads)s, %(timeout_s)s,
             %(max_attempts)s, %(sipdir)s)
     RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("registering")}
+""",
 )
-SELECT id FROM u
-"""
 
 # The new job's rank: after the user's last waiting job, but never behind the
 # front of the queue, so a user who adds 10 jobs behind another's 5,000 is
 # served in turns with them rather than after them.  The front comes from
 # crh_queue_front(): with per-user roles, row-level security hides others' jobs.
-_FINISH_REGISTRATION = f"""
-WITH rank AS (
-    SELECT greatest(
-        (SELECT max(fair_rank) FROM inversions WHERE status = 'queued' AND username = j.username),
-        crh_queue_front() - 1,
-        0) + 1 AS fair_rank
-    FROM inversions j WHERE j.id = %(id)s
-), u AS (
+_FINISH_REGISTRATION = _with_event(
+    "queued",
+    """
     UPDATE inversions SET status = 'queued', input_sha256 = %(sha256)s, datetime_queued = now(),
         fair_rank = rank.fair_rank
     FROM rank
     WHERE id = %(id)s AND status = 'registering'
     RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("queued")}
+""",
+    before="""
+rank AS (
+    SELECT greatest(
+        (SELECT max(fair_rank) FROM inversions WHERE status = 'queued' AND username = j.username),
+        crh_queue_front() - 1,
+        0) + 1 AS fair_rank
+    FROM inversions j WHERE j.id = %(id)s
 )
-SELECT id FROM u
-"""
+""",
+)
 
 
 @dataclass(frozen=True)
@@ -316,8 +325,19 @@ def stop_worker(conn: psycopg.Connection, worker_id: int, reason: str) -> None:
 
 # --------------------------------------------------------------------- claim
 
-_CLAIM = f"""
-WITH next AS (
+_CLAIM = _with_event(
+    "claimed",
+    """
+    UPDATE inversions j
+    SET status = 'running', attempt = j.attempt + 1, tries = j.tries + 1,
+        worker_id = %(worker_id)s, inv_computer = %(host)s, datetime_started = now(),
+        lease_expires = now() + make_interval(secs => %(lease_s)s),
+        exit_code = NULL, failure_category = NULL, failure_reason = NULL
+    FROM next WHERE j.id = next.id
+    RETURNING j.*
+""",
+    before="""
+next AS (
     SELECT id FROM inversions
     WHERE status = 'queued'
       AND ((sim_type = 'mod' AND %(can_mod)s)
@@ -328,19 +348,10 @@ WITH next AS (
     ORDER BY priority DESC, fair_rank, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
-), u AS (
-    UPDATE inversions j
-    SET status = 'running', attempt = j.attempt + 1, tries = j.tries + 1,
-        worker_id = %(worker_id)s, inv_computer = %(host)s, datetime_started = now(),
-        lease_expires = now() + make_interval(secs => %(lease_s)s),
-        exit_code = NULL, failure_category = NULL, failure_reason = NULL
-    FROM next WHERE j.id = next.id
-    RETURNING j.*
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("claimed")}
 )
-SELECT {_JOB_COLUMNS.replace("j.", "u.")} FROM u
-"""
+""",
+    result=f"SELECT {_JOB_COLUMNS.replace('j.', 'u.')} FROM u",
+)
 
 
 def claim(
@@ -415,42 +426,36 @@ def renew(
 
 # ------------------------------------------------------------------- outcome
 
-_COMPLETE = f"""
-WITH u AS (
+_COMPLETE = _with_event(
+    "finished",
+    """
     UPDATE inversions SET status = 'finished', result_sha256 = %(result_sha256)s,
         exit_code = %(exit_code)s, datetime_finished = now(), lease_expires = NULL
     WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
     RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("finished")}
+""",
 )
-SELECT id FROM u
-"""
 
-_FAIL = f"""
-WITH u AS (
+_FAIL = _with_event(
+    "failed",
+    """
     UPDATE inversions SET status = 'failed', result_sha256 = %(result_sha256)s,
         exit_code = %(exit_code)s, failure_category = %(category)s, failure_reason = %(reason)s,
         datetime_finished = now(), lease_expires = NULL
     WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
     RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("failed")}
+""",
 )
-SELECT id FROM u
-"""
 
-_RELEASE = f"""
-WITH u AS (
+_RELEASE = _with_event(
+    "released",
+    """
     UPDATE inversions SET status = 'queued', tries = greatest(tries - 1, 0), worker_id = NULL,
         lease_expires = NULL, datetime_queued = now()
     WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
     RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("released")}
+""",
 )
-SELECT id FROM u
-"""
 
 # A fenced write whose answer was lost (the connection dropped after the commit)
 # is retried; the retry changes nothing, and this tells it the first try went through.
@@ -517,8 +522,21 @@ def release(conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor) ->
 
 # -------------------------------------------------------------------- rescue
 
-_RESCUE = f"""
-WITH lost AS (
+_RESCUE = _with_event(
+    "rescued",
+    """
+    UPDATE inversions j
+    SET status = CASE WHEN j.tries >= j.max_attempts THEN 'failed' ELSE 'queued' END,
+        failure_category = CASE WHEN j.tries >= j.max_attempts THEN 'lost_worker' END,
+        failure_reason = CASE WHEN j.tries >= j.max_attempts
+            THEN 'its worker was lost on each of ' || j.tries || ' attempts' END,
+        datetime_finished = CASE WHEN j.tries >= j.max_attempts THEN now() END,
+        datetime_queued = now(), worker_id = NULL, lease_expires = NULL
+    FROM lost WHERE j.id = lost.id
+    RETURNING j.id, j.status, j.attempt
+""",
+    before=f"""
+lost AS (
     SELECT j.id FROM inversions j LEFT JOIN workers w ON w.id = j.worker_id
     WHERE j.status = 'running'
       AND (j.lease_expires < now()
@@ -531,21 +549,10 @@ WITH lost AS (
                      AND l.classid = {LOCK_NAMESPACE}::oid AND l.objid::bigint = j.worker_id
                      AND l.objsubid = 2)))
     FOR UPDATE OF j SKIP LOCKED
-), u AS (
-    UPDATE inversions j
-    SET status = CASE WHEN j.tries >= j.max_attempts THEN 'failed' ELSE 'queued' END,
-        failure_category = CASE WHEN j.tries >= j.max_attempts THEN 'lost_worker' END,
-        failure_reason = CASE WHEN j.tries >= j.max_attempts
-            THEN 'its worker was lost on each of ' || j.tries || ' attempts' END,
-        datetime_finished = CASE WHEN j.tries >= j.max_attempts THEN now() END,
-        datetime_queued = now(), worker_id = NULL, lease_expires = NULL
-    FROM lost WHERE j.id = lost.id
-    RETURNING j.id, j.status, j.attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("rescued")}
 )
-SELECT id, status FROM u
-"""
+""",
+    result="SELECT id, status FROM u",
+)
 
 
 def rescue(conn: psycopg.Connection, actor: Actor, grace_s: float = RESCUE_GRACE_S) -> list[tuple[int, str]]:
@@ -556,29 +563,26 @@ def rescue(conn: psycopg.Connection, actor: Actor, grace_s: float = RESCUE_GRACE
 
 # ------------------------------------------------------- cancel and requeue
 
-_CANCEL = f"""
-WITH u AS (
+_CANCEL = _with_event(
+    "cancelled",
+    """
     UPDATE inversions SET status = 'cancelled', datetime_finished = now(), lease_expires = NULL
     WHERE id = ANY(%(ids)s) AND status IN ('registering', 'queued', 'running')
     RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("cancelled")}
+""",
+    result=f"SELECT id, pg_notify('{CANCEL_CHANNEL}', id::text) FROM u",
 )
-SELECT id, pg_notify('{CANCEL_CHANNEL}', id::text) FROM u
-"""
 
-_REQUEUE = f"""
-WITH u AS (
+_REQUEUE = _with_event(
+    "requeued",
+    """
     UPDATE inversions SET status = 'queued', tries = 0, exit_code = NULL, failure_category = NULL,
         failure_reason = NULL, result_sha256 = NULL, datetime_finished = NULL, datetime_queued = now(),
         worker_id = NULL, lease_expires = NULL
     WHERE id = ANY(%(ids)s) AND status IN ('failed', 'cancelled') AND NOT downloaded
     RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("requeued")}
+""",
 )
-SELECT id FROM u
-"""
 
 _FAILED_OF = """
 SELECT id FROM inversions
@@ -601,16 +605,14 @@ def failed_of(conn: psycopg.Connection, username: str, source_computer: str) -> 
     return [row[0] for row in conn.execute(_FAILED_OF, (username, source_computer))]
 
 
-_SET_PRIORITY = f"""
-WITH u AS (
+_SET_PRIORITY = _with_event(
+    "priority",
+    """
     UPDATE inversions SET priority = %(priority)s
     WHERE id = ANY(%(ids)s) AND status IN ('registering', 'queued', 'running')
     RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("priority")}
+""",
 )
-SELECT id FROM u
-"""
 
 
 def set_priority(conn: psycopg.Connection, ids: Sequence[int], priority: int, actor: Actor) -> list[int]:
@@ -620,16 +622,14 @@ def set_priority(conn: psycopg.Connection, ids: Sequence[int], priority: int, ac
 
 # ----------------------------------------------------------------- retrieval
 
-_MARK_DOWNLOADED = f"""
-WITH u AS (
+_MARK_DOWNLOADED = _with_event(
+    "downloaded",
+    """
     UPDATE inversions SET downloaded = true, datetime_downloaded = now()
     WHERE id = %(id)s AND status IN ('finished', 'failed')
     RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events ({_EVENT_COLUMNS}) {_event_values("downloaded")}
+""",
 )
-SELECT id FROM u
-"""
 
 
 def mark_downloaded(conn: psycopg.Connection, job_id: int, actor: Actor) -> bool:
