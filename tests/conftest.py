@@ -20,7 +20,7 @@ import pytest
 from psycopg import conninfo, sql
 
 from cr_queue import migrate
-from cr_queue.embedded import Cluster
+from cr_queue.embedded import PORT, Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLES = REPO.parent / "shared" / "examples" / "tomodirs.tar.gz"
@@ -130,3 +130,23 @@ def examples_dir(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("examples")
     subprocess.run(["tar", "-xzf", str(SHARED_EXAMPLES), "-C", str(target)], check=True)
     return target
+
+
+@pytest.fixture
+def lab(tmp_path: Path, cli_env: dict[str, str], db_url: str):
+    """One fault test's world (tests/faults.py): its tree, workers and invariant check."""
+    from .faults import Lab
+
+    world = Lab(tmp_path, dict(cli_env), db_url)
+    yield world
+    world.cleanup()
+
+
+@pytest.fixture
+def proxy(pg_cluster: Cluster):
+    """A freezable TCP proxy in front of the test cluster's Unix socket (tests/faults.py)."""
+    from .faults import FreezableProxy
+
+    p = FreezableProxy(pg_cluster.socket_dir / f".s.PGSQL.{PORT}")
+    yield p
+    p.close()

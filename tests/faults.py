@@ -3,7 +3,8 @@
 A ``Lab`` is one test's world: a tree of stand-in tomodirs, the environment of
 the real console scripts, a private --workdir for the workers, and every
 process the test started (so a failing test never leaves a worker behind).
-``check_invariants`` is what every fault test ends with.
+``check_invariants`` is what every fault test ends with.  The fixtures
+``lab`` and ``proxy`` (conftest.py) give each test its own.
 
 Nothing here asserts on wall time: waits are generous loops that fail with a
 description of what never happened.
@@ -12,7 +13,6 @@ description of what never happened.
 from __future__ import annotations
 
 import json
-import os
 import select
 import signal
 import socket
@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-import pytest
 from psycopg import conninfo
 from psycopg.rows import dict_row
 
@@ -292,13 +291,6 @@ def check_invariants(
     )
 
 
-@pytest.fixture
-def lab(tmp_path, cli_env, db_url):
-    world = Lab(tmp_path, dict(cli_env), db_url)
-    yield world
-    world.cleanup()
-
-
 # ------------------------------------------------------------------ network
 
 
@@ -411,11 +403,4 @@ def proxy_url(proxy: FreezableProxy, db_url: str) -> str:
     """The test database's URL, reached over TCP through the proxy."""
     dbname = conninfo.conninfo_to_dict(db_url)["dbname"]
     return f"host=127.0.0.1 port={proxy.port} user=crh dbname={dbname}"
-
-
-@pytest.fixture
-def proxy(pg_cluster):
-    p = FreezableProxy(pg_cluster.socket_dir / ".s.PGSQL.5432")
-    yield p
-    p.close()
 

@@ -17,7 +17,6 @@ import pytest
 from cr_queue import discover
 
 from .conftest import run, script
-from .faults import lab  # noqa: F401  (fixture)
 
 
 def _state(td: Path) -> dict[str, str]:

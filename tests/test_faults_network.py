@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 
 from .conftest import run, script
-from .faults import lab, proxy, proxy_url, standin_alive, wait_for  # noqa: F401  (fixtures)
+from .faults import proxy_url, standin_alive, wait_for
 
 
 def _wrapper(path, body: str):

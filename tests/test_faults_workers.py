@@ -13,7 +13,7 @@ import json
 import signal
 
 from .conftest import run, script
-from .faults import lab, standin_alive, wait_for  # noqa: F401  (lab is a fixture)
+from .faults import standin_alive, wait_for
 
 
 def _wrapper(path, body: str):
