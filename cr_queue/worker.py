@@ -48,6 +48,7 @@ LOG_NAME = "exe/crh_solver.log"
 FAILURE_MEMBERS = ("exe/error.dat", LOG_NAME)
 TMP_PREFIX = "crh-w"
 EXIT_NODE_BROKEN = 3
+CANNOT_EXECUTE = (126, 127)
 
 
 @dataclass
@@ -744,6 +745,9 @@ class Worker:
                 running.elapsed += outcome.elapsed
                 if outcome.returncode == -signal.SIGILL:
                     raise NodeFailure(f"{solver.path} died of SIGILL (built for another CPU?)")
+                if outcome.returncode in CANNOT_EXECUTE:
+                    # setpriv (and a shell wrapper) exit 126/127 when the program cannot be run here.
+                    raise NodeFailure(f"{solver.path} could not be executed on this node (exit {outcome.returncode})")
                 verdict = solvers.judge(outcome, tomodir, timeout)
                 if not verdict.ok:
                     break
