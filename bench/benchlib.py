@@ -85,6 +85,32 @@ class Report:
 # ------------------------------------------------------------------ timing
 
 
+def console_script(name: str, prog: str) -> str:
+    """Path of an installed cr_queue console script; the benchmarks run the real commands."""
+    found = shutil.which(name) or str(Path(sys.executable).parent / name)
+    if not os.path.exists(found):
+        sys.exit(f"{prog}: console script {name} not found: pip install -e {REPO}")
+    return found
+
+
+def standin_env(home: Path, url: str, prog: str, **extra: str) -> dict[str, str]:
+    """Environment for the commands against ``url`` with the stand-in solvers, clean of
+    the caller's own CRH_*/PG* settings and config files."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRH_", "PG"))}
+    env.update(
+        {
+            "CRH_DATABASE_URL": url,
+            "CRH_CRMOD": console_script("crh_standin_crmod", prog),
+            "CRH_CRTOMO": console_script("crh_standin_crtomo", prog),
+            "CRH_SYSTEM_CONFIG": str(home / "no-system-config.toml"),
+            "XDG_CONFIG_HOME": str(home / "xdg"),
+            "NO_COLOR": "1",
+            **extra,
+        }
+    )
+    return env
+
+
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 

@@ -23,7 +23,6 @@ target, and exits 1 if any repetition missed one.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import statistics
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import benchlib  # noqa: E402
 from cr_queue import migrate, synth  # noqa: E402
 from cr_queue.embedded import Cluster  # noqa: E402
 
@@ -54,10 +54,7 @@ def alive(pid: int) -> bool:
 
 
 def script(name: str) -> str:
-    found = shutil.which(name) or str(Path(sys.executable).parent / name)
-    if not os.path.exists(found):
-        sys.exit(f"requeue_time: console script {name} not found: pip install -e {REPO}")
-    return found
+    return benchlib.console_script(name, "requeue_time")
 
 
 def wait_for(predicate, what: str, timeout: float = 60.0, interval: float = 0.05):
@@ -88,19 +85,7 @@ class Bench:
         return self.cluster.url
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CRH_", "PG"))}
-        env.update(
-            {
-                "CRH_DATABASE_URL": self.url,
-                "CRH_CRMOD": script("crh_standin_crmod"),
-                "CRH_CRTOMO": script("crh_standin_crtomo"),
-                "CRH_SYSTEM_CONFIG": str(self.home / "no-system-config.toml"),
-                "XDG_CONFIG_HOME": str(self.home / "xdg"),
-                "NO_COLOR": "1",
-                "CRH_STANDIN_MARK": str(self.marks),
-            }
-        )
-        return env
+        return benchlib.standin_env(self.home, self.url, "requeue_time", CRH_STANDIN_MARK=str(self.marks))
 
     def sql(self, query: str, params=()):
         with psycopg.connect(self.url, autocommit=True) as conn:

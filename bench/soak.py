@@ -27,7 +27,6 @@ than any cluster does, and a job whose worker is killed max_attempts times is
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import signal
@@ -43,15 +42,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import benchlib  # noqa: E402
 from cr_queue import migrate, synth  # noqa: E402
 from cr_queue.embedded import Cluster  # noqa: E402
 
 
 def script(name: str) -> str:
-    found = shutil.which(name) or str(Path(sys.executable).parent / name)
-    if not os.path.exists(found):
-        sys.exit(f"soak: console script {name} not found: pip install -e {REPO}")
-    return found
+    return benchlib.console_script(name, "soak")
 
 
 def say(message: str) -> None:
@@ -81,18 +78,7 @@ class Soak:
         return self.cluster.url
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CRH_", "PG"))}
-        env.update(
-            {
-                "CRH_DATABASE_URL": self.url,
-                "CRH_CRMOD": script("crh_standin_crmod"),
-                "CRH_CRTOMO": script("crh_standin_crtomo"),
-                "CRH_SYSTEM_CONFIG": str(self.home / "no-system-config.toml"),
-                "XDG_CONFIG_HOME": str(self.home / "xdg"),
-                "NO_COLOR": "1",
-            }
-        )
-        return env
+        return benchlib.standin_env(self.home, self.url, "soak")
 
     # ------------------------------------------------------------------ steps
 
