@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import psycopg
 from psycopg import conninfo
@@ -16,6 +15,7 @@ from psycopg import conninfo
 from cr_queue import queue, roles, synth
 
 from .conftest import run, script
+from .faults import wait_for
 
 
 def _sql(db_url, query, params=None):
@@ -36,15 +36,6 @@ def _worker(db_url, name, host="node07", **kw) -> int:
 def _requested(db_url) -> dict[str, str | None]:
     return {name: req for name, req in _sql(db_url, "SELECT name || '#' || id, requested FROM workers ORDER BY id")}
 
-
-def _wait(predicate, timeout=60.0, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not reached in time")
 
 
 def test_worker_list(cli_env, db_url):
@@ -109,7 +100,7 @@ def test_a_real_worker_obeys_drain_and_stop(tmp_path, cli_env, db_url):
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        _wait(lambda: _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'running'")[0][0] == 1)
+        wait_for(lambda: _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'running'")[0][0] == 1, "a running job")
         run([script("crh"), "worker", "drain", "node-a"], cli_env)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -126,7 +117,7 @@ def test_a_real_worker_obeys_drain_and_stop(tmp_path, cli_env, db_url):
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        _wait(lambda: _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'running'")[0][0] == 1)
+        wait_for(lambda: _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'running'")[0][0] == 1, "a running job")
         run([script("crh"), "worker", "stop", "node-b"], cli_env)
         out, err = proc.communicate(timeout=60)
     finally:

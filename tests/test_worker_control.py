@@ -13,16 +13,8 @@ import psycopg
 from cr_queue import synth
 
 from .conftest import run, script
+from .faults import wait_for
 
-
-def _wait(predicate, timeout=30.0, step=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not reached in time")
 
 
 def _sleepy(tree, n, seconds, **kw):
@@ -60,7 +52,7 @@ def test_admin_drain_and_stop_through_the_database(tmp_path, cli_env, db_url):
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     with psycopg.connect(db_url, autocommit=True) as conn:
-        _wait(lambda: conn.execute("SELECT count(*) FROM inversions WHERE status = 'running'").fetchone()[0] == 1)
+        wait_for(lambda: conn.execute("SELECT count(*) FROM inversions WHERE status = 'running'").fetchone()[0] == 1, "a running job")
         conn.execute("UPDATE workers SET requested = 'stop' WHERE name = 'node-a'")
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
@@ -77,7 +69,7 @@ def test_admin_drain_and_stop_through_the_database(tmp_path, cli_env, db_url):
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     with psycopg.connect(db_url, autocommit=True) as conn:
-        _wait(lambda: conn.execute("SELECT count(*) FROM inversions WHERE status = 'running'").fetchone()[0] == 1)
+        wait_for(lambda: conn.execute("SELECT count(*) FROM inversions WHERE status = 'running'").fetchone()[0] == 1, "a running job")
         conn.execute("UPDATE workers SET requested = 'drain' WHERE name = 'node-b'")
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
