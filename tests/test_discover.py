@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import pytest
 from cr_queue import synth
 from cr_queue.discover import Discovery, Done, Incomplete, Tomodir, classify, discover
 
-EXAMPLES = Path(__file__).resolve().parent.parent / ".." / "shared" / "examples" / "tomodirs.tar.gz"
 
 
 def finish_inversion(td: Path, *trailer: str) -> None:
@@ -194,28 +192,19 @@ def test_results_are_sorted_and_deterministic(tmp_path: Path) -> None:
     assert discover([tmp_path]) == first
 
 
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not EXAMPLES.is_file():
-        pytest.skip(f"{EXAMPLES} is absent (only in the shared workspace)")
-    target = tmp_path_factory.mktemp("examples")
-    with tarfile.open(EXAMPLES) as tar:
-        tar.extractall(target, filter="data")
-    return target
 
+def test_real_examples(examples_dir: Path) -> None:
+    assert classify(examples_dir / "td_mod_minimal") == Tomodir(examples_dir / "td_mod_minimal", True, False)
+    assert classify(examples_dir / "td_mod_hydra_mod1") == Tomodir(examples_dir / "td_mod_hydra_mod1", True, False)
+    assert classify(examples_dir / "td_inv_tools_postproc") == Tomodir(examples_dir / "td_inv_tools_postproc", False, True)
+    assert classify(examples_dir / "td_inv_hydra_20_157") == Tomodir(examples_dir / "td_inv_hydra_20_157", False, True)
 
-def test_real_examples(examples: Path) -> None:
-    assert classify(examples / "td_mod_minimal") == Tomodir(examples / "td_mod_minimal", True, False)
-    assert classify(examples / "td_mod_hydra_mod1") == Tomodir(examples / "td_mod_hydra_mod1", True, False)
-    assert classify(examples / "td_inv_tools_postproc") == Tomodir(examples / "td_inv_tools_postproc", False, True)
-    assert classify(examples / "td_inv_hydra_20_157") == Tomodir(examples / "td_inv_hydra_20_157", False, True)
-
-    sip = discover([examples / "sipdir_complex"])
+    sip = discover([examples_dir / "sipdir_complex"])
     assert len(sip.todo) == 13
     assert all(t.sim_type == "inv" and not t.needs_mod for t in sip.todo)
     assert [t.path.name for t in sip.todo][:2] == ["01_0.010", "02_0.032"]
     assert sip.done == [] and sip.incomplete == [] and sip.errors == []
 
-    everything = discover([examples])
+    everything = discover([examples_dir])
     assert len(everything.todo) == 17
     assert everything.incomplete == [] and everything.errors == []

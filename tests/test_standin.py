@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from cr_queue import synth
 from cr_queue.discover import Done, Tomodir, classify
 
 PACKAGE_ROOT = Path(cr_queue.__file__).resolve().parent.parent
-EXAMPLES = Path(__file__).resolve().parent.parent / ".." / "shared" / "examples" / "tomodirs.tar.gz"
 PID_LINE = re.compile(r"^\s*CRTomo PID\s+(\d+)\s+exited abnormally\s*$")
 
 
@@ -331,22 +329,13 @@ def test_mark_log_counts_runs(tmp_path: Path) -> None:
     assert all(pid.isdigit() for pid, _, _ in entries)
 
 
-@pytest.fixture(scope="module")
-def examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not EXAMPLES.is_file():
-        pytest.skip(f"{EXAMPLES} is absent (only in the shared workspace)")
-    target = tmp_path_factory.mktemp("examples")
-    with tarfile.open(EXAMPLES) as tar:
-        tar.extractall(target, filter="data")
-    return target
-
 
 @pytest.mark.parametrize(
     "name,solver",
     [("td_mod_minimal", "crmod"), ("td_inv_tools_postproc", "crtomo"), ("sipdir_complex/invmod/01_0.010", "crtomo")],
 )
-def test_real_examples_are_solved(examples: Path, name: str, solver: str) -> None:
-    td = examples / name
+def test_real_examples_are_solved(examples_dir: Path, name: str, solver: str) -> None:
+    td = examples_dir / name
     assert isinstance(classify(td), Tomodir)
     proc, _, err = run(solver, td)
     assert proc.returncode == 0, err
