@@ -545,14 +545,21 @@ def _kind(info: tarfile.TarInfo) -> str:
     return f"member type {info.type!r} is not allowed"
 
 
+Place = Callable[[str, int, str, str], "str | None"]
+"""``place(rel, parent_fd, name, tmp)``: the name in the same directory that the
+member ``rel``, finished under the temporary name ``tmp`` in the directory open
+as ``parent_fd``, is renamed to (usually ``name``), or None to drop it."""
+
+
 class _Extractor:
     """Creates members relative to an open directory descriptor, walking
     every path component with O_NOFOLLOW, so no symlink - in the archive or
     already in the destination - can redirect a write."""
 
-    def __init__(self, dest: Path, limits: Limits, reader: _ForwardReader) -> None:
+    def __init__(self, dest: Path, limits: Limits, reader: _ForwardReader, place: Place | None = None) -> None:
         self._limits = limits
         self._reader = reader
+        self._place = place
         self._dest_real = os.path.realpath(dest)
         self._root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._cached: tuple[tuple[str, ...], int] = ((), self._root)
@@ -667,16 +674,30 @@ class _Extractor:
                 os.utime(fd, ns=(mtime, mtime))
             finally:
                 os.close(fd)
-            try:
-                os.rename(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-            except IsADirectoryError:
-                raise UnsafeArchive(info.name, "a directory of that name already exists in the destination") from None
+            self._settle(tmp, parent, parts, info.name)
         except BaseException:
             try:
                 os.unlink(tmp, dir_fd=parent)
             except FileNotFoundError:
                 pass
             raise
+
+    def _settle(self, tmp: str, parent: int, parts: list[str], member: str) -> str | None:
+        """Rename a finished temporary entry to the name the caller's ``place`` chose
+        (default: the member's own); returns that name, None when it was dropped."""
+        name: str | None = parts[-1]
+        if self._place is not None:
+            name = self._place("/".join(parts), parent, parts[-1], tmp)
+            if name is None:
+                os.unlink(tmp, dir_fd=parent)
+                return None
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"place() must return a name in the same directory, not {name!r}")
+        try:
+            os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except IsADirectoryError:
+            raise UnsafeArchive(member, "a directory of that name already exists in the destination") from None
+        return name
 
     def _copy_data(self, fd: int, info: tarfile.TarInfo) -> None:
         """The reader sits at the member's data right after tarfile parsed
@@ -711,8 +732,23 @@ class _Extractor:
             raise UnsafeArchive(info.name, f"symlink target {target!r} points outside the destination")
         parent = self._parent(parts, info.name)
         base = parts[-1]
-        self._replace_entry(lambda: os.symlink(target, base, dir_fd=parent), parent, base, info.name)
-        name = "/".join(parts)
+        if self._place is None:
+            self._replace_entry(lambda: os.symlink(target, base, dir_fd=parent), parent, base, info.name)
+        else:
+            tmp = f".crq-{secrets.token_hex(8)}.part"
+            os.symlink(target, tmp, dir_fd=parent)
+            try:
+                placed = self._settle(tmp, parent, parts, info.name)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=parent)
+                except FileNotFoundError:
+                    pass
+                raise
+            if placed is None:
+                return
+            base = placed
+        name = "/".join([*parts[:-1], base])
         self._links.append(name)
         self._check_link(name, info.name)
 
@@ -807,11 +843,25 @@ def _size_of(src: BinaryIO) -> int:
         return 1 << 62
 
 
-def unpack(src: BinaryIO, dest: Path, *, limits: Limits | None = None) -> list[str]:
+def unpack(
+    src: BinaryIO,
+    dest: Path,
+    *,
+    limits: Limits | None = None,
+    place: Place | None = None,
+    size: int | None = None,
+) -> list[str]:
     """Extract a zstd-compressed tar stream into `dest`, member by member.
 
     Verify the archive's sha256 *before* calling this (copy_verified): a
-    rejection mid-stream leaves the members already extracted in place."""
+    rejection mid-stream leaves the members already extracted in place.
+
+    Every file and symlink is written under a temporary name beside its
+    target and renamed into place; `place`, when given, chooses that final
+    name (see :data:`Place`), so a caller unpacking into a tree that already
+    holds files decides which of them a member may replace.  `size` is the
+    archive's length where the caller knows it (a spooled download has no
+    file to ask)."""
     dest = Path(dest)
     limits = default_limits if limits is None else limits
     dest.mkdir(parents=True, exist_ok=True)
@@ -821,9 +871,9 @@ def unpack(src: BinaryIO, dest: Path, *, limits: Limits | None = None) -> list[s
     # A small archive is decompressed in this thread: the hand-over to a
     # second one cost more than it saved below a few blocks (retrieve of 100
     # one-megabyte tomodirs: docs/performance.md).
-    forward = _ForwardReader(reader, threaded=_size_of(src) > _THREAD_ABOVE)
+    forward = _ForwardReader(reader, threaded=(_size_of(src) if size is None else size) > _THREAD_ABOVE)
     try:
-        extractor = _Extractor(dest, limits, forward)
+        extractor = _Extractor(dest, limits, forward, place)
         ok = False
         try:
             with tarfile.TarFile(fileobj=forward, mode="r") as tar:  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -115,19 +116,34 @@ def retrieve(
                 if progress is not None:
                     progress(item)
                 continue
-            args = (job, cf, crh, tomodir, item, actor)
-            work.append((item, pool.submit(_retrieve_one, *args) if pool else None, args))
-        for item, future, args in work:
+            args = (job, cf, crh, tomodir, item)
+            work.append((item, crh, pool.submit(_retrieve_one, *args) if pool else None, args))
+        done: list[tuple[Item, Path]] = []
+
+        def settle() -> None:
+            """Flag a batch of brought-back jobs downloaded (one commit), then drop their markers and .crh files."""
+            if not done:
+                return
+            queue.mark_downloaded_many(conn, [item.job_id for item, _ in done], actor)
+            for item, crh in done:
+                _finish(item.path, item.job_id)
+                control.remove(crh)
+                (report.retrieved if item.status == "finished" else report.failed).append(item)
+                if progress is not None:
+                    progress(item)
+            done.clear()
+
+        for item, crh, future, args in work:
+            if future is not None and not future.done():
+                settle()  # while the threads work on
             problem = future.result() if future is not None else _retrieve_one(conn, *args)
             if problem is not None:
                 report.problems.append(problem)
                 continue
-            (report.retrieved if item.status == "finished" else report.failed).append(item)
-            if progress is not None:
-                progress(item)
-        if pool is not None:
-            # The threads' commits did not wait for the disk; this one waits for all of them.
-            conn.execute("SELECT txid_current()")
+            done.append((item, crh))
+            if len(done) >= SETTLE_BATCH:
+                settle()
+        settle()
     finally:
         if pool is not None:
             pool.close()
@@ -141,21 +157,23 @@ def retrieve(
 RETRIEVE_THREADS = 3
 
 
-def _retrieve_one(conn, job: queue.Job, cf: control.ControlFile, crh: Path, tomodir: Path, item: Item, actor: queue.Actor) -> str | None:
-    """Bring one job's result back; a problem to report, or None."""
+# Jobs flagged 'downloaded' in one statement.  Until its flag is committed a
+# tomodir keeps its .crh and its retrieval marker, so a rerun after a crash
+# finds it complete (the marker) and only flags it.
+SETTLE_BATCH = 64
+
+
+def _retrieve_one(conn, job: queue.Job, cf: control.ControlFile, crh: Path, tomodir: Path, item: Item) -> str | None:
+    """Bring one job's result into its tomodir; a problem to report, or None."""
     try:
         _bring_back(conn, job, cf, tomodir, item)
     except (archive.ArchiveError, store.BlobMissing) as exc:
         return f"{crh}: job {job.id}'s result cannot be used: {exc}"
-    queue.mark_downloaded(conn, job.id, actor)
-    _finish(tomodir, job.id)
-    control.remove(crh)
     return None
 
 
 class _Pool:
-    """RETRIEVE_THREADS threads with a connection each; their commits do not wait for the
-    disk (the caller's last commit does): a lost 'downloaded' flag only keeps a job longer."""
+    """RETRIEVE_THREADS threads with a connection each, for downloads only (they write nothing)."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -168,7 +186,6 @@ class _Pool:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._db.connect("crh_retrieve")
-            conn.execute("SET synchronous_commit = off")
             with self._lock:
                 self._conns.append(conn)
         return conn
@@ -190,44 +207,84 @@ def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, it
     staging = parent / f".{tomodir.name}.crh-staging-{job.id}"
     # Whatever an interrupted run left beside the tomodir is of no further use.
     packed.unlink(missing_ok=True)
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove_tree(staging)
     if marker.exists():
         # An earlier run was interrupted after its exchange: the results are in place.
         reconcile_leftovers(new, tomodir)
         return
-    shutil.rmtree(new, ignore_errors=True)
+    _remove_tree(new)
     if job.result_sha256 is None:
         return
-    try:
-        # Typical results stay in memory; large ones spill to a file beside the tomodir.
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=parent, prefix=packed.name) as fh:
-            store.fetch(conn, job.result_sha256, fh)
-            pause_point("retrieve:downloaded")
-            staging.mkdir(mode=0o700)
-            fh.seek(0)
-            archive.unpack(fh, staging)
+    # Typical results stay in memory; large ones spill to a file beside the tomodir.
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=parent, prefix=packed.name) as fh:
+        size = store.fetch(conn, job.result_sha256, fh)
+        pause_point("retrieve:downloaded")
         try:
             swap.link_copy(tomodir, new)
         except swap.SwapUnsupported:
-            shutil.rmtree(new, ignore_errors=True)
-            _merge(staging, tomodir, cf.manifest, item)
+            _remove_tree(new)
+            _unpack_moving(fh, size, staging, tomodir, cf.manifest, item)
             return
-        _merge(staging, new, cf.manifest, item)
-        (new / marker.name).touch()
-        pause_point("retrieve:staged")
         try:
+            # Straight into the copy: its files are the user's (same inodes), so
+            # the placement rules see exactly what they would see in the tomodir.
+            fh.seek(0)
+            archive.unpack(fh, new, place=_Placement(cf.manifest, item), size=size)
+            (new / marker.name).touch()
+            pause_point("retrieve:staged")
             swap.exchange(new, tomodir)
         except swap.SwapUnsupported:
-            (new / marker.name).unlink()
-            shutil.rmtree(new, ignore_errors=True)
+            _remove_tree(new)
             item.files, item.conflicts = 0, []
-            _merge(staging, tomodir, cf.manifest, item)
+            _unpack_moving(fh, size, staging, tomodir, cf.manifest, item)
             return
-        pause_point("retrieve:exchanged")
-        reconcile_leftovers(new, tomodir)
+        except BaseException:
+            _remove_tree(new)
+            raise
+    pause_point("retrieve:exchanged")
+    reconcile_leftovers(new, tomodir)
+
+
+def _unpack_moving(fh, size: int, staging: Path, tomodir: Path, manifest: dict[str, list[int]], item: Item) -> None:
+    """Where directories cannot be exchanged: unpack beside the tomodir, then move file by file."""
+    try:
+        staging.mkdir(mode=0o700)
+        fh.seek(0)
+        archive.unpack(fh, staging, size=size)
+        _merge(staging, tomodir, manifest, item)
     finally:
-        packed.unlink(missing_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_tree(staging)
+
+
+def _remove_tree(path: Path) -> None:
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class _Placement:
+    """Where each result file lands in the tomodir's copy (see archive.Place).
+
+    A file the user changed after crh_add, or a symlink, is not replaced: the
+    result goes beside it as NAME.crh-result, unless it is identical already."""
+
+    def __init__(self, manifest: dict[str, list[int]], item: Item) -> None:
+        self._manifest = manifest
+        self._item = item
+
+    def __call__(self, rel: str, parent_fd: int, name: str, tmp: str) -> str | None:
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            self._item.files += 1
+            return name
+        if not stat.S_ISLNK(st.st_mode) and self._manifest.get(rel) == [st.st_size, st.st_mtime_ns]:
+            self._item.files += 1
+            return name
+        if stat.S_ISREG(st.st_mode) and _same_content_at(parent_fd, tmp, name):
+            return None
+        self._item.files += 1
+        self._item.conflicts.append(rel)
+        return name + CONFLICT_SUFFIX
 
 
 def reconcile_leftovers(old: Path, tomodir: Path) -> None:
@@ -269,15 +326,25 @@ def _user_changed(target: Path, rel: str, manifest: dict[str, list[int]]) -> boo
 
 
 def _same_content(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
-        return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            block_a, block_b = fa.read(1 << 20), fb.read(1 << 20)
-            if block_a != block_b:
-                return False
-            if not block_a:
-                return True
+        return _same_stream(fa, fb)
+
+
+def _same_content_at(dir_fd: int, a: str, b: str) -> bool:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    with open(os.open(a, flags, dir_fd=dir_fd), "rb") as fa, open(os.open(b, flags, dir_fd=dir_fd), "rb") as fb:
+        return _same_stream(fa, fb)
+
+
+def _same_stream(fa, fb) -> bool:
+    if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
+        return False
+    while True:
+        block_a, block_b = fa.read(1 << 20), fb.read(1 << 20)
+        if block_a != block_b:
+            return False
+        if not block_a:
+            return True
 
 
 def wait_retrieve(
