@@ -137,16 +137,24 @@ def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, r
                 conns.append(conn)
         return conn
 
-    def one(td: discover.Tomodir):
+    def one(td: discover.Tomodir, registered: int | None):
         deferred: list[tuple[int, str]] = []
-        item = _add_one(conn_of(), td, options, actor, report, finish=lambda _c, job_id, sha, _a: deferred.append((job_id, sha)))
+        item = _add_one(
+            conn_of(), td, options, actor, report,
+            finish=lambda _c, job_id, sha, _a: deferred.append((job_id, sha)),
+            registered=registered,
+        )
         return item, deferred
 
     main = db.connect("crh_add")
     try:
+        # The job rows of every tomodir without a .crh, in one (durable) commit.
+        fresh = [td for td in todo if options.force or not control.control_path(td.path.resolve()).exists()]
+        news = [_new_job(td, td.path.resolve(), control.control_path(td.path.resolve()), options, actor) for td in fresh]
+        registered = dict(zip((td.path for td in fresh), queue.begin_registrations(main, news, actor)))
         main.execute("SET synchronous_commit = off")
         with ThreadPoolExecutor(ADD_THREADS, thread_name_prefix="crh_add") as pool:
-            futures = [pool.submit(one, td) for td in todo]
+            futures = [pool.submit(one, td, registered.get(td.path)) for td in todo]
             try:
                 for future in futures:
                     item, deferred = future.result()
@@ -170,9 +178,14 @@ def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, r
     return report
 
 
-def _add_one(conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor, report: AddReport, finish=None) -> Added | None:
+def _add_one(
+    conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor, report: AddReport, finish=None, registered: int | None = None
+) -> Added | None:
+    """``registered``: the job row was already made (by :func:`queue.begin_registrations`)."""
     path = td.path.resolve()
     crh = control.control_path(path)
+    if registered is not None:
+        return _register_reporting(conn, td, path, crh, options, actor, report, registered=registered, finish=finish)
     if crh.exists() and not options.force:
         try:
             existing = control.read(crh)
@@ -188,9 +201,9 @@ def _add_one(conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor
     return _register_reporting(conn, td, path, crh, options, actor, report, finish=finish)
 
 
-def _register_reporting(conn, td, path, crh, options, actor, report, *, resume_id=None, finish=None) -> Added | None:
+def _register_reporting(conn, td, path, crh, options, actor, report, *, resume_id=None, registered=None, finish=None) -> Added | None:
     try:
-        return _register(conn, td, path, crh, options, actor, report, resume_id=resume_id, finish=finish)
+        return _register(conn, td, path, crh, options, actor, report, resume_id=resume_id, registered=registered, finish=finish)
     except Duplicate as dup:
         report.skipped.append((path, f"the same content is already queued or running as job {dup.job_id}"))
         return None
@@ -206,27 +219,19 @@ def _register(
     report: AddReport,
     *,
     resume_id: int | None = None,
+    registered: int | None = None,
     finish=None,
 ) -> Added:
     """Register one tomodir; without ``crh`` (the Python API's in-memory jobs) no .crh is written.
 
     ``finish(conn, job_id, sha256, actor)`` makes the job claimable (default:
     at once); crh_add with threads defers it to keep the queue order."""
-    new = queue.NewJob(
-        sim_type=td.sim_type,
-        model_first=td.needs_mod and td.needs_inv,
-        source_path=str(path),
-        crh_file=str(crh) if crh is not None else "",
-        username=actor.os_user,
-        source_computer=actor.host,
-        priority=options.priority,
-        job_group=options.group,
-        threads=options.threads,
-        timeout_s=options.timeout_s,
-        max_attempts=options.max_attempts,
-        sipdir=str(sipdir) if (sipdir := discover.sipdir_of(path)) else None,
-    )
-    job_id = resume_id if resume_id is not None else queue.begin_registration(conn, new, actor)
+    if resume_id is not None:
+        job_id = resume_id
+    elif registered is not None:
+        job_id = registered
+    else:
+        job_id = queue.begin_registration(conn, _new_job(td, path, crh, options, actor), actor)
     pause_point("add:registered")
     manifest = archive.snapshot(path)
     packed = store.put_tree(conn, path)
@@ -245,6 +250,23 @@ def _register(
             "replace it with the file it points to if the solver needs it, then crh_add --force"
         )
     return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resume_id is not None)
+
+
+def _new_job(td: discover.Tomodir, path: Path, crh: Path | None, options: AddOptions, actor: queue.Actor) -> queue.NewJob:
+    return queue.NewJob(
+        sim_type=td.sim_type,
+        model_first=td.needs_mod and td.needs_inv,
+        source_path=str(path),
+        crh_file=str(crh) if crh is not None else "",
+        username=actor.os_user,
+        source_computer=actor.host,
+        priority=options.priority,
+        job_group=options.group,
+        threads=options.threads,
+        timeout_s=options.timeout_s,
+        max_attempts=options.max_attempts,
+        sipdir=str(sipdir) if (sipdir := discover.sipdir_of(path)) else None,
+    )
 
 
 def register_unlinked(conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor) -> Added:

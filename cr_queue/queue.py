@@ -198,6 +198,28 @@ def begin_registration(conn: psycopg.Connection, new: NewJob, actor: Actor) -> i
         return conn.execute(_INSERT_REGISTERING, params).fetchone()[0]
 
 
+def begin_registrations(conn: psycopg.Connection, news: list[NewJob], actor: Actor) -> list[int]:
+    """:func:`begin_registration` for many tomodirs in one transaction (one commit, not one each),
+    the statements pipelined; returns the job ids in the order of ``news``."""
+    ids: list[int] = []
+    with conn.pipeline(), conn.transaction():
+        reused = []
+        for new in news:
+            params = {**new.__dict__, **_actor(actor)}
+            reused.append((conn.execute(_REUSE_REGISTERING, params), params))
+        pending = []
+        for cur, params in reused:
+            row = cur.fetchone()
+            if row is not None:
+                conn.execute(_UPDATE_REGISTERING, {**params, "id": row[0]})
+                pending.append(row[0])
+            else:
+                pending.append(conn.execute(_INSERT_REGISTERING, params))
+        for entry in pending:
+            ids.append(entry if isinstance(entry, int) else entry.fetchone()[0])
+    return ids
+
+
 def finish_registration(conn: psycopg.Connection, job_id: int, sha256: str, actor: Actor) -> bool:
     """Make a registered job claimable; False when it was not (or no longer) registering."""
     params = {"id": job_id, "sha256": sha256, **_actor(actor, {"sha256": sha256})}
@@ -626,14 +648,19 @@ _MARK_DOWNLOADED = _with_event(
     "downloaded",
     """
     UPDATE inversions SET downloaded = true, datetime_downloaded = now()
-    WHERE id = %(id)s AND status IN ('finished', 'failed')
+    WHERE id = ANY(%(ids)s) AND status IN ('finished', 'failed')
     RETURNING id, status, attempt
 """,
 )
 
 
 def mark_downloaded(conn: psycopg.Connection, job_id: int, actor: Actor) -> bool:
-    return conn.execute(_MARK_DOWNLOADED, {"id": job_id, **_actor(actor)}).fetchone() is not None
+    return job_id in mark_downloaded_many(conn, [job_id], actor)
+
+
+def mark_downloaded_many(conn: psycopg.Connection, job_ids: list[int], actor: Actor) -> set[int]:
+    """One statement (one commit) for a whole batch of retrieved jobs; returns the ids it marked."""
+    return {row[0] for row in conn.execute(_MARK_DOWNLOADED, {"ids": list(job_ids), **_actor(actor)}).fetchall()}
 
 
 # ------------------------------------------------------------------- waiting

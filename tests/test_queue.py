@@ -83,6 +83,17 @@ def test_registering_job_is_invisible_until_finished(conn):
     assert conn.execute("SELECT count(*) FROM inversions").fetchone()[0] == 1
 
 
+def test_batch_registration_takes_over_interrupted_rows_and_records_events(conn):
+    interrupted = queue.begin_registration(conn, _new("/data/b"), ACTOR)
+    ids = queue.begin_registrations(conn, [_new("/data/a"), _new("/data/b", priority=5), _new("/data/c")], ACTOR)
+    assert len(set(ids)) == 3 and ids[1] == interrupted
+    rows = conn.execute("SELECT id, source_path, status, priority FROM inversions ORDER BY source_path").fetchall()
+    assert rows == [(ids[0], "/data/a", "registering", 0), (ids[1], "/data/b", "registering", 5), (ids[2], "/data/c", "registering", 0)]
+    events = conn.execute("SELECT job_id FROM events WHERE event = 'registering' ORDER BY id").fetchall()
+    assert [e[0] for e in events] == [interrupted, ids[0], ids[2]]
+    assert queue.begin_registrations(conn, [], ACTOR) == []
+
+
 def test_claim_order_capabilities_and_groups(conn):
     low = _queued(conn, "/a", priority=0)
     high = _queued(conn, "/b", priority=5)
