@@ -14,7 +14,6 @@ them to users verbatim (exit code 2, no traceback).
 
 from __future__ import annotations
 
-import configparser
 import os
 import re
 import stat
@@ -286,6 +285,8 @@ def _legacy_credentials(env: Mapping[str, str]) -> tuple[str, str] | None:
     path = (Path(home) if home else Path.home()) / LEGACY_NAME
     if not path.exists():
         return None
+    import configparser  # only for this file, which few still have
+
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with path.open(encoding="utf-8") as handle:

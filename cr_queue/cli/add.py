@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from .. import add as add_service
-from .. import local, solvers
 from .common import DURATION, GROUP, Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
 
 
@@ -119,6 +118,9 @@ def _print(out: Output, report: add_service.AddReport, dry_run: bool) -> None:
 
 
 def _run_local(out: Output, paths, options, found, local_jobs, threads, crtomo, crmod, db_url) -> None:
+    # Only --local runs a worker here: its modules are not loaded for a plain crh_add.
+    from .. import local, solvers
+
     settings, database = open_db(db_url, crtomo=crtomo, crmod=crmod)
     solver_map = solvers.resolve(
         {

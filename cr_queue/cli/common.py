@@ -16,20 +16,33 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import psycopg
 
-from .. import archive, config, db, jobs, solvers
+from .. import archive, config, db
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (config.ConfigError, db.DatabaseError, solvers.SolverError)
+if TYPE_CHECKING:
+    from .. import jobs
+
+# Errors whose message is the whole story, besides config's and db's: (module, class).
+# Those modules are imported only by the commands that use them (crh_add and
+# crh_retrieve need neither), and none of their errors can occur before they are.
+_LAZY_ERRORS = (("cr_queue.solvers", "SolverError"), ("cr_queue.embedded", "EmbeddedError"))
 
 
-def _embedded_error() -> tuple[type[BaseException], ...]:
-    from .. import embedded
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions reported as one message and exit 2, not as a traceback.
 
-    return (embedded.EmbeddedError,)
+    Evaluated whenever an exception leaves a command (the SystemExit of every
+    normal end included), so it imports nothing."""
+    found: list[type[BaseException]] = [config.ConfigError, db.DatabaseError]
+    for module, name in _LAZY_ERRORS:
+        error = getattr(sys.modules.get(module), name, None)
+        if error is not None:
+            found.append(error)
+    return tuple(found)
 
 
 @dataclass
@@ -72,7 +85,7 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except EXPECTED_ERRORS + _embedded_error() as exc:
+        except expected_errors() as exc:
             fail(str(exc), 2)
         except psycopg.errors.InsufficientPrivilege as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "permission denied"
@@ -208,6 +221,8 @@ LABEL = Label()
 
 def select_jobs(targets) -> jobs.Selection:
     """Job ids from ids, tomodirs and .crh files; a usage error when none of them names a job."""
+    from .. import jobs
+
     selection = jobs.select(list(targets))
     if not selection.ids and selection.problems:
         fail("; ".join(selection.problems))
