@@ -11,7 +11,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ def write(cf: ControlFile, path: Path | str) -> None:
     """Write atomically: a crash leaves the old file or the new one, never a
     torn one, because a lost .crh means a result nobody can retrieve."""
     path = Path(path)
-    data = (json.dumps(asdict(cf), indent=2) + "\n").encode()
+    data = render(cf).encode()
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
@@ -65,6 +65,27 @@ def write(cf: ControlFile, path: Path | str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def render(cf: ControlFile) -> str:
+    """The file's text: what ``json.dumps(asdict(cf), indent=2)`` gives, built from
+    json's C encoder one value at a time (with an indent, json falls back to its
+    pure-Python encoder, and asdict deep-copies the manifest: together a third
+    of crh_add's own work on a tree of small tomodirs)."""
+    lines = []
+    for f in fields(ControlFile):
+        value = getattr(cf, f.name)
+        if f.name == "manifest":
+            if value:
+                entries = ",\n".join(
+                    f"    {json.dumps(rel)}: [\n      {entry[0]},\n      {entry[1]}\n    ]" for rel, entry in value.items()
+                )
+                lines.append(f'  "manifest": {{\n{entries}\n  }}')
+            else:
+                lines.append('  "manifest": {}')
+        else:
+            lines.append(f"  {json.dumps(f.name)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -194,3 +194,12 @@ def test_cr_hydra_control_file_is_recognised(tmp_path):
     old.write_text(json.dumps({"sim_id": 17, "sim_type": "inv", "crh_file": str(old)}))
     with pytest.raises(control.ControlFileError, match="written by cr_hydra .job 17.*do not delete"):
         control.read(old)
+
+
+@pytest.mark.parametrize("manifest", [{}, {"inv/a.dat": [12, 1_700_000_000_123_456_789], 'ü "odd" name': [0, 5]}])
+def test_rendered_text_is_the_indented_json_of_the_fields(manifest):
+    cf = ControlFile(
+        job_id=5, sim_type="inv", crh_file="/x/td.crh", tomodir="/x/td", source_computer="h",
+        username="ü", datetime_init="2026-01-01T00:00:00+00:00", archive_sha256="ab" * 32, manifest=manifest,
+    )
+    assert control.render(cf) == json.dumps(asdict(cf), indent=2) + "\n"
