@@ -65,6 +65,12 @@ _SEAL = (
     "datetime_completed = now() WHERE id = %s"
 )
 _DROP = "DELETE FROM blobs WHERE id = %s"
+# A small archive's whole upload: the blob row unless the content is stored already
+# (and the transaction's commit not waiting for the disk), its chunks, its seal.
+_NEW_BLOB_UNLESS_STORED = (
+    "INSERT INTO blobs (location) SELECT 'db' FROM (SELECT set_config('synchronous_commit', 'off', true)) s "
+    "WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE sha256 = %s AND complete) RETURNING id"
+)
 _LOOKUP = "SELECT id, n_chunks, size, location FROM blobs WHERE sha256 = %s AND complete"
 # Through the view: it shows only chunks of blobs the caller may see (row-level security).
 _READ = (
@@ -224,6 +230,12 @@ class BlobWriter:
             self._pending.append(bytes(self._buf))
             self._buf.clear()
         batch, self._pending = self._pending, []
+        if self.blob_id is None:
+            try:
+                return self._seal_small(batch, sha256, raw_size)
+            except errors.UniqueViolation:
+                # Rolled back: the same content was sealed meanwhile, or is hidden from us.
+                self.blob_id, self._n_chunks = None, 0
         with self._conn.transaction():
             self._conn.execute(_ASYNC)
             if self._conn.execute(_EXISTING, (sha256,)).fetchone() is not None:
@@ -239,6 +251,21 @@ class BlobWriter:
                 # hidden from us): theirs is as good as ours once the database has compared them.
                 self._conn.execute(_ADOPT, (self.blob_id, sha256))
                 self._conn.execute(_DROP, (self.blob_id,))
+        return sha256
+
+    def _seal_small(self, batch: list[bytes], sha256: str, raw_size: int | None) -> str:
+        """An archive that never filled a batch, in one transaction of four round trips
+        instead of eight (most tomodirs are this small; COPY, measured, beats an
+        INSERT of a bytea array for the chunks).  A unique violation
+        on the seal rolls it all back; :meth:`seal` then takes the careful path, which
+        keeps the upload to compare it with the stored copy."""
+        with self._conn.transaction():
+            row = self._conn.execute(_NEW_BLOB_UNLESS_STORED, (sha256,)).fetchone()
+            if row is None:
+                return sha256
+            self.blob_id = row[0]
+            self._copy(batch)
+            self._conn.execute(_SEAL, (sha256, self.size, raw_size, self._n_chunks, self.blob_id))
         return sha256
 
     def abort(self) -> None:
