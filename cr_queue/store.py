@@ -67,10 +67,12 @@ _SEAL = (
 _DROP = "DELETE FROM blobs WHERE id = %s"
 # A small archive's whole upload: the blob row unless the content is stored already
 # (and the transaction's commit not waiting for the disk), its chunks, its seal.
-_NEW_BLOB_UNLESS_STORED = (
-    "INSERT INTO blobs (location) SELECT 'db' FROM (SELECT set_config('synchronous_commit', 'off', true)) s "
+_UNLESS_STORED = (
+    "FROM (SELECT set_config('synchronous_commit', 'off', true)) s "
     "WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE sha256 = %s AND complete) RETURNING id"
 )
+_NEW_BLOB_UNLESS_STORED = f"INSERT INTO blobs (location) SELECT 'db' {_UNLESS_STORED}"
+_NEW_FILE_BLOB_UNLESS_STORED = f"INSERT INTO blobs (location) SELECT 'dir' {_UNLESS_STORED}"
 _LOOKUP = "SELECT id, n_chunks, size, location FROM blobs WHERE sha256 = %s AND complete"
 # Through the view: it shows only chunks of blobs the caller may see (row-level security).
 _READ = (
@@ -382,7 +384,18 @@ class DirectoryStore:
 
     @staticmethod
     def _register(conn: psycopg.Connection, result: archive.PackResult) -> None:
-        """The archive's blobs row: made unsealed, then sealed, as row security requires."""
+        """The archive's blobs row: made unsealed, then sealed, as row security requires.
+
+        First in two statements (the usual case: nobody stored these bytes); on a
+        unique violation that transaction is rolled back and the careful one runs."""
+        try:
+            with conn.transaction():
+                row = conn.execute(_NEW_FILE_BLOB_UNLESS_STORED, (result.sha256,)).fetchone()
+                if row is not None:
+                    conn.execute(_SEAL, (result.sha256, result.size, result.raw_size, 0, row[0]))
+            return
+        except errors.UniqueViolation:
+            pass
         with conn.transaction():
             conn.execute(_ASYNC)
             if conn.execute(_EXISTING, (result.sha256,)).fetchone() is not None:
