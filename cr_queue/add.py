@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import archive, control, discover, queue, store
+from . import control, discover, queue, store
 from .db import Database
 from .pause import pause_point
 
@@ -155,15 +155,20 @@ def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, r
         main.execute("SET synchronous_commit = off")
         with ThreadPoolExecutor(ADD_THREADS, thread_name_prefix="crh_add") as pool:
             futures = [pool.submit(one, td, registered.get(td.path)) for td in todo]
+            ready: list[tuple[int, str]] = []
             try:
                 for future in futures:
+                    if ready and not future.done():
+                        # While the threads pack on: one statement for every job ready so far.
+                        queue.finish_registrations(main, ready, actor)
+                        ready.clear()
                     item, deferred = future.result()
-                    for job_id, sha in deferred:
-                        queue.finish_registration(main, job_id, sha, actor)
+                    ready.extend(deferred)
                     if item is not None:
                         report.added.append(item)
                         if progress is not None:
                             progress(item)
+                queue.finish_registrations(main, ready, actor)
             except BaseException:
                 for future in futures:
                     future.cancel()
@@ -233,7 +238,6 @@ def _register(
     else:
         job_id = queue.begin_registration(conn, _new_job(td, path, crh, options, actor), actor)
     pause_point("add:registered")
-    manifest = archive.snapshot(path)
     packed = store.put_tree(conn, path)
     pause_point("add:uploaded")
     duplicate = queue.find_duplicate(conn, actor.host, str(path), packed.sha256, job_id)
@@ -241,7 +245,7 @@ def _register(
         queue.drop_registration(conn, job_id)
         raise Duplicate(duplicate)
     if crh is not None:
-        _write_control(crh, job_id, td, path, actor, packed.sha256, manifest)
+        _write_control(crh, job_id, td, path, actor, packed.sha256, packed.manifest)
     pause_point("add:control_written")
     (finish or queue.finish_registration)(conn, job_id, packed.sha256, actor)
     for rel in packed.skipped:

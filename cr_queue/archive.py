@@ -79,6 +79,9 @@ class PackResult:
     raw_size: int  # file bytes packed
     members: int
     skipped: list[str] = field(default_factory=list)
+    # (size, mtime_ns) of every regular file packed, as snapshot() would give
+    # them: crh_add's manifest without walking the tree a second time.
+    manifest: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -415,6 +418,7 @@ def _pack_into(compressor, sink, root_real: str, entries, result: PackResult, bu
                 zw.write(_header(rel, st, tarfile.DIRTYPE))
             elif stat.S_ISREG(mode):
                 result.raw_size += _pack_file(root_real, rel, zw, buf)
+                result.manifest[rel] = (st.st_size, st.st_mtime_ns)
             elif stat.S_ISLNK(mode) and (target := _portable_link(root_real, rel)) is not None:
                 zw.write(_header(rel, st, tarfile.SYMTYPE, link=target))
             else:

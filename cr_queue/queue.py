@@ -226,6 +226,48 @@ def finish_registration(conn: psycopg.Connection, job_id: int, sha256: str, acto
     return conn.execute(_FINISH_REGISTRATION, params).fetchone() is not None
 
 
+# finish_registration for a batch, in its order: each user's jobs get consecutive
+# ranks after that user's last waiting job (or the front of the queue), and each
+# event the same detail as finish_registration's.
+_FINISH_REGISTRATIONS = f"""
+WITH req AS MATERIALIZED (
+    SELECT r.id, r.sha256, r.ord, j.username
+    FROM unnest(%(ids)s::bigint[], %(shas)s::text[]) WITH ORDINALITY AS r(id, sha256, ord)
+    JOIN inversions j ON j.id = r.id AND j.status = 'registering'
+), front AS MATERIALIZED (
+    SELECT crh_queue_front() - 1 AS rank
+), base AS MATERIALIZED (
+    SELECT username, greatest(
+        (SELECT max(fair_rank) FROM inversions WHERE status = 'queued' AND username = users.username),
+        (SELECT rank FROM front),
+        0) AS rank
+    FROM (SELECT DISTINCT username FROM req) users
+), rank AS MATERIALIZED (
+    SELECT req.id, req.sha256, base.rank + row_number() OVER (PARTITION BY req.username ORDER BY req.ord) AS fair_rank
+    FROM req JOIN base USING (username)
+), u AS (
+    UPDATE inversions SET status = 'queued', input_sha256 = r.sha256, datetime_queued = now(), fair_rank = r.fair_rank
+    FROM rank r
+    WHERE inversions.id = r.id AND inversions.status = 'registering'
+    RETURNING inversions.id, inversions.status, inversions.attempt, inversions.input_sha256
+), e AS (
+    INSERT INTO events ({_EVENT_COLUMNS})
+    SELECT u.id, 'queued', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s,
+           jsonb_build_object('sha256', u.input_sha256)
+    FROM u
+)
+SELECT id FROM u
+"""
+
+
+def finish_registrations(conn: psycopg.Connection, done: list[tuple[int, str]], actor: Actor) -> set[int]:
+    """:func:`finish_registration` for many ``(job_id, sha256)`` in one statement; returns the ids made claimable."""
+    if not done:
+        return set()
+    params = {"ids": [job_id for job_id, _ in done], "shas": [sha for _, sha in done], **_actor(actor)}
+    return {row[0] for row in conn.execute(_FINISH_REGISTRATIONS, params).fetchall()}
+
+
 _DUPLICATE = """
 SELECT id FROM inversions
 WHERE source_computer = %s AND source_path = %s AND input_sha256 = %s

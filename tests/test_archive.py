@@ -523,6 +523,7 @@ def test_snapshot_lists_regular_files_only(tmp_path: Path) -> None:
     assert "link" not in snap and "inv" not in snap
     assert snap["grid/elem.dat"] == ((src / "grid/elem.dat").stat().st_size, MTIME_NS)
     assert snap["config/spaced name ä.dat"] == (700, MTIME_NS + 5)
+    assert pack(src, io.BytesIO()).manifest == snap, "crh_add takes its manifest from the pack"
 
 
 def test_changed_since_finds_solver_output(tmp_path: Path) -> None:

@@ -94,6 +94,22 @@ def test_batch_registration_takes_over_interrupted_rows_and_records_events(conn)
     assert queue.begin_registrations(conn, [], ACTOR) == []
 
 
+def test_batch_finish_queues_in_order_with_the_ranks_and_events_of_single_finishes(conn):
+    other = queue.begin_registration(conn, _new("/data/other", username="bob"), ACTOR)
+    queue.finish_registration(conn, other, _blob(conn, b"o"), ACTOR)
+    ids = queue.begin_registrations(conn, [_new(f"/data/{n}") for n in "abc"], ACTOR)
+    shas = [_blob(conn, n.encode()) for n in "abc"]
+    assert queue.finish_registrations(conn, list(zip(ids, shas)), ACTOR) == set(ids)
+    assert queue.finish_registrations(conn, list(zip(ids, shas)), ACTOR) == set(), "only registering jobs"
+    rows = conn.execute("SELECT id, status, input_sha256, fair_rank FROM inversions WHERE id = ANY(%s) ORDER BY id", (ids,)).fetchall()
+    assert [(r[0], r[1], r[2]) for r in rows] == [(i, "queued", sha) for i, sha in zip(ids, shas)]
+    assert [r[3] for r in rows] == [1, 2, 3], "consecutive ranks from the front, in the batch's order"
+    details = conn.execute("SELECT job_id, detail->>'sha256' FROM events WHERE event = 'queued' AND job_id = ANY(%s) ORDER BY job_id", (ids,)).fetchall()
+    assert details == list(zip(ids, shas))
+    actor = _worker(conn)
+    assert [_claim(conn, actor).id for _ in range(4)][:3] == [other, ids[0], ids[1]]
+
+
 def test_claim_order_capabilities_and_groups(conn):
     low = _queued(conn, "/a", priority=0)
     high = _queued(conn, "/b", priority=5)
