@@ -51,7 +51,7 @@ import benchlib as bl  # noqa: E402
 import psycopg  # noqa: E402
 
 from cr_queue import add as add_service  # noqa: E402
-from cr_queue import queue, store, synth  # noqa: E402
+from cr_queue import archive, queue, store, synth  # noqa: E402
 from cr_queue.db import Database  # noqa: E402
 
 ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim", "status", "rss", "many")
@@ -313,29 +313,93 @@ def cr_hydra_pack(tomodirs: list[Path]) -> None:
         hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
-def make_results(ctx: Context, url: str, store_path: Path | None, tree_copy: Path) -> Path:
-    """Finish every job of the tree with a result as large as its input (the files again, under inv/),
-    as a worker would; returns a directory of those result trees for the reference archive."""
-    results = ctx.work / f"results-{'dir' if store_path else 'db'}"
-    bl.rmtree(results)
+def solve_with_workers(ctx: Context, url: str, store_path: Path | None) -> None:
+    """Run every queued job of the tree through real workers and the CRTomo stand-in
+    (what a real inversion writes: inv.ctr, run.ctr, rhoNN.mag/.pha/.sig and voltNN.dat
+    per iteration, exe/inv.lastmod, the solver log), as results come back in real use."""
+    env = ctx.env(url, store_path=store_path)
+    env["CRH_CRTOMO"] = bl.console_script("crh_standin_crtomo", "bench/run")
+    env["CRH_CRMOD"] = bl.console_script("crh_standin_crmod", "bench/run")
+    args = [crh("crh_worker"), "-j", "2", "-q", "-Q", "--log-level", "warning"]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+    wait_workers(procs, timeout=1800)
+    with psycopg.connect(url, autocommit=True) as conn:
+        left = conn.execute("SELECT count(*) FROM inversions WHERE status <> 'finished'").fetchone()[0]
+    if left:
+        raise RuntimeError(f"{left} jobs did not finish")
+
+
+def copy_results(ctx: Context, url: str, store_path: Path | None, tree_copy: Path) -> None:
+    """Finish every job with its inputs copied under inv/ as its result: as large as the
+    input and eight files per tomodir (the smallest results; an INFO row)."""
     db = ctx.database(url, store_path)
-    actor = queue.Actor()
     with db.connect("bench") as conn:
         wid = queue.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
         actor = queue.Actor(worker_id=wid)
-        while True:
-            job = queue.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=3600)
-            if job is None:
-                break
-            rel = Path(job.source_path).relative_to(tree_copy)
-            result = results / rel
-            (result / "inv").mkdir(parents=True)
+        scratch = ctx.work / "copied-result"
+        while (job := queue.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=3600)) is not None:
+            bl.rmtree(scratch)
+            (scratch / "inv").mkdir(parents=True)
             for f in sorted(Path(job.source_path).rglob("*")):
                 if f.is_file():
-                    shutil.copy2(f, result / "inv" / f"{f.parent.name}_{f.name}")
-            sha = store.put_tree(conn, result).sha256
+                    shutil.copy2(f, scratch / "inv" / f"{f.parent.name}_{f.name}")
+            sha = store.put_tree(conn, scratch).sha256
             assert queue.complete(conn, job, result_sha256=sha, exit_code=0, actor=actor)
-    return results
+        bl.rmtree(scratch)
+
+
+def results_reference(ctx: Context, url: str, store_path: Path | None, tree_copy: Path, name: str) -> tuple[Path, int, int]:
+    """The results as one tar.zst (the reference's input): every job's result, unpacked
+    where its tomodir is; returns the archive, the results' bytes and their file count."""
+    results = ctx.work / f"results-{name}"
+    bl.rmtree(results)
+    db = ctx.database(url, store_path)
+    with db.connect("bench") as conn:
+        for job_id, source, sha in conn.execute("SELECT id, source_path, result_sha256 FROM inversions ORDER BY id").fetchall():
+            buf = io.BytesIO()
+            store.fetch(conn, sha, buf)
+            buf.seek(0)
+            archive.unpack(buf, results / Path(source).relative_to(tree_copy))
+    files = sum(1 for p in results.rglob("*") if p.is_file())
+    size = bl.tree_bytes(results)
+    ref = ctx.work / f"results-{name}.tar.zst"
+    bl.sh(f"tar -c -C {results} . | zstd -1 -q -f -o {ref}")
+    bl.rmtree(results)
+    return ref, size, files
+
+
+def time_retrieve(
+    ctx: Context, env: dict[str, str], copy: Path, url: str, ref: Path, n_tomodirs: int, reps: int, sign: str
+) -> tuple[list[float], list[float]]:
+    """crh_retrieve of the tree, ``reps`` times from the same state, each beside
+    ``zstd -d | tar -x`` of the same results; returns both lists of times.
+    ``sign``: a glob that matches one file of each retrieved result."""
+    pristine = ctx.work / "pristine"
+    bl.rmtree(pristine)
+    bl.sh(f"cp -a {copy} {pristine}")
+    t_untar, t_ret = [], []
+    for _ in range(reps):
+        dest = ctx.work / "untar"
+        bl.rmtree(dest)
+        dest.mkdir()
+        bl.sh("sync")
+        t_untar.append(bl.timed(lambda: bl.sh(f"zstd -d -q -c {ref} | tar -x -C {dest}")))
+        bl.rmtree(dest)
+        bl.sh("sync")
+        t_ret.append(bl.timed(lambda: run([crh("crh_retrieve"), "-Q"], env, cwd=copy)))
+        left = list(copy.rglob("*.crh"))
+        if left:
+            raise RuntimeError(f"crh_retrieve left {len(left)} .crh files")
+        got = sum(1 for _ in copy.glob(f"site_*/td_*/{sign}"))
+        if got != n_tomodirs:
+            raise RuntimeError(f"crh_retrieve brought back {got} of {n_tomodirs} results")
+        # Back to before the retrieval, for the next repetition.
+        bl.rmtree(copy)
+        bl.sh(f"cp -a {pristine} {copy}")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("UPDATE inversions SET downloaded = false, datetime_downloaded = NULL")
+    bl.rmtree(pristine)
+    return t_untar, t_ret
 
 
 def bench_add_retrieve(ctx: Context, store_kind: str, rows: set[str]) -> None:
@@ -344,8 +408,9 @@ def bench_add_retrieve(ctx: Context, store_kind: str, rows: set[str]) -> None:
     tomodirs = sorted(p for p in tree.glob("site_*/td_*"))
     reps = ctx.sizes.reps
     label = f"[{store_kind} store]"
-    t_tool, t_add, t_ret, t_untar = [], [], [], []
-    last = None
+    t_tool, t_add = [], []
+    retrieve_rows: list[bl.Row] = []
+    rate = lambda size, t: size / t / 1e6  # noqa: E731
     for rep in range(reps):
         url = ctx.cluster.new_database()
         store_path = ctx.work / f"store-{rep}" if store_kind == "dir" else None
@@ -354,53 +419,66 @@ def bench_add_retrieve(ctx: Context, store_kind: str, rows: set[str]) -> None:
         copy = ctx.work / f"add-{store_kind}-{rep}"
         bl.sh(f"cp -a {tree} {copy}")
         env = ctx.env(url, store_path=store_path)
+        bl.sh("sync")
         t_tool.append(bl.timed(lambda: bl.sh(f"tar -c -C {tree} . | zstd -1 -q -c | sha256sum > /dev/null")))
+        bl.sh("sync")
         t_add.append(bl.timed(lambda: run([crh("crh_add"), "-Q"], env, cwd=copy)))
         n_crh = len(list(copy.rglob("*.crh")))
         if n_crh != len(tomodirs):
             raise RuntimeError(f"crh_add registered {n_crh} of {len(tomodirs)} tomodirs")
-        if "retrieve" in rows:
-            results = make_results(ctx, url, store_path, copy)
-            ref = ctx.work / f"results-{store_kind}.tar.zst"
-            bl.sh(f"tar -c -C {results} . | zstd -1 -q -c > {ref}")
-            pristine = ctx.work / f"pristine-{store_kind}"
-            bl.rmtree(pristine)
-            bl.sh(f"cp -a {copy} {pristine}")
-            for _ in range(1 if ctx.smoke else 2):
-                dest = ctx.work / "untar"
-                bl.rmtree(dest)
-                dest.mkdir()
-                t_untar.append(bl.timed(lambda: bl.sh(f"zstd -d -q -c {ref} | tar -x -C {dest}")))
-                bl.rmtree(dest)
-                t_ret.append(bl.timed(lambda: run([crh("crh_retrieve"), "-Q"], env, cwd=copy)))
-                left = list(copy.rglob("*.crh"))
-                if left:
-                    raise RuntimeError(f"crh_retrieve left {len(left)} .crh files")
-                got = sum(1 for _ in copy.rglob("inv/*_elem.dat"))
-                if got != len(tomodirs):
-                    raise RuntimeError(f"crh_retrieve brought back {got} of {len(tomodirs)} results")
-                # Back to before the retrieval, for the next repetition.
-                bl.rmtree(copy)
-                bl.sh(f"cp -a {pristine} {copy}")
-                with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute("UPDATE inversions SET downloaded = false, datetime_downloaded = NULL")
-            bl.rmtree(pristine)
-            bl.rmtree(results)
+        if "retrieve" in rows and rep == 0:
+            # The results of real workers running the CRTomo stand-in.
+            solve_with_workers(ctx, url, store_path)
+            ref, size, files = results_reference(ctx, url, store_path, copy, store_kind)
+            untar, ret = (bl.median(t) for t in time_retrieve(ctx, env, copy, url, ref, len(tomodirs), reps, "inv/inv.ctr"))
+            ratio = untar / ret
+            retrieve_rows.append(
+                bl.Row(
+                    f"crh_retrieve {bl.mb(size)} of results {label}",
+                    f"{rate(size, ret):.0f} MB/s ({ret:.2f} s)",
+                    f"zstd -d|tar -x {rate(size, untar):.0f} MB/s",
+                    f"{ratio:.2f}x",
+                    ">= 0.5x",
+                    None if ctx.smoke else ratio >= 0.5,
+                    note=f"median of {reps}, whole command incl. start-up; results of crh_worker + CRTomo stand-in: "
+                    f"{files} files, {len(tomodirs)} tomodirs",
+                )
+            )
+            if not ctx.smoke:
+                # The smallest results: each tomodir's inputs again, eight files of 1 MB in all.
+                url2 = ctx.cluster.new_database()
+                copy2 = ctx.work / f"copied-{store_kind}"
+                bl.sh(f"cp -a {tree} {copy2}")
+                env2 = ctx.env(url2, store_path=store_path)
+                run([crh("crh_add"), "-Q"], env2, cwd=copy2)
+                copy_results(ctx, url2, store_path, copy2)
+                ref2, size2, files2 = results_reference(ctx, url2, store_path, copy2, f"{store_kind}-copied")
+                untar2, ret2 = (bl.median(t) for t in time_retrieve(ctx, env2, copy2, url2, ref2, len(tomodirs), reps, "inv/grid_elem.dat"))
+                retrieve_rows.append(
+                    bl.Row(
+                        f"crh_retrieve {bl.mb(size2)}, inputs as results {label}",
+                        f"{rate(size2, ret2):.0f} MB/s ({ret2:.2f} s)",
+                        f"zstd -d|tar -x {rate(size2, untar2):.0f} MB/s",
+                        f"{untar2 / ret2:.2f}x",
+                        "report",
+                        None,
+                        note=f"median of {reps}; {files2} files: each tomodir's eight input files again",
+                    )
+                )
+                bl.rmtree(copy2)
+                ctx.cluster.drop_database(url2)
         bl.rmtree(copy)
         if store_path:
             bl.rmtree(store_path)
         ctx.cluster.drop_database(url)
-        last = url
-    del last
-    rate = lambda t: raw / t / 1e6  # noqa: E731
     tool, ours = bl.median(t_tool), bl.median(t_add)
     if "add" in rows:
         ratio = tool / ours
         ctx.report.add(
             bl.Row(
                 f"crh_add {bl.mb(raw)} tree {label}",
-                f"{rate(ours):.0f} MB/s ({ours:.2f} s)",
-                f"tar|zstd -1|sha256sum {rate(tool):.0f} MB/s",
+                f"{rate(raw, ours):.0f} MB/s ({ours:.2f} s)",
+                f"tar|zstd -1|sha256sum {rate(raw, tool):.0f} MB/s",
                 f"{ratio:.2f}x",
                 ">= 0.5x",
                 None if ctx.smoke else ratio >= 0.5,
@@ -413,11 +491,11 @@ def bench_add_retrieve(ctx: Context, store_kind: str, rows: set[str]) -> None:
             sample_raw = sum(bl.tree_bytes(t) for t in sample)
             t_hydra = bl.timed(lambda: cr_hydra_pack(sample))
             hydra_rate = sample_raw / t_hydra / 1e6
-            speedup = rate(ours) / hydra_rate
+            speedup = rate(raw, ours) / hydra_rate
             ctx.report.add(
                 bl.Row(
                     f"crh_add vs cr_hydra's method {label}",
-                    f"{rate(ours):.0f} MB/s",
+                    f"{rate(raw, ours):.0f} MB/s",
                     f"tar.xz in memory + sha256 {hydra_rate:.1f} MB/s",
                     f"{speedup:.1f}x",
                     ">= 5x faster",
@@ -425,20 +503,8 @@ def bench_add_retrieve(ctx: Context, store_kind: str, rows: set[str]) -> None:
                     note=f"reference without its upload, on {bl.mb(sample_raw)}",
                 )
             )
-    if "retrieve" in rows:
-        untar, ret = bl.median(t_untar), bl.median(t_ret)
-        ratio = untar / ret
-        ctx.report.add(
-            bl.Row(
-                f"crh_retrieve {bl.mb(raw)} of results {label}",
-                f"{rate(ret):.0f} MB/s ({ret:.2f} s)",
-                f"zstd -d|tar -x {rate(untar):.0f} MB/s",
-                f"{ratio:.2f}x",
-                ">= 0.5x",
-                None if ctx.smoke else ratio >= 0.5,
-                note=f"median of {len(t_ret)}, whole command incl. start-up",
-            )
-        )
+    for row in retrieve_rows:
+        ctx.report.add(row)
 
 
 # --------------------------------------------------------------------------- dispatch and overhead
