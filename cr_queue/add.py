@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,26 +137,34 @@ def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, r
                 conns.append(conn)
         return conn
 
-    def one(td: discover.Tomodir, registered: int | None):
+    # The job rows of every tomodir without a .crh, made in one (durable) commit
+    # while the threads start packing; a thread waits for its id after its upload.
+    fresh = [td for td in todo if options.force or not control.control_path(td.path.resolve()).exists()]
+    ids: Future[dict[Path, int]] = Future()
+
+    def one(td: discover.Tomodir, is_fresh: bool):
         deferred: list[tuple[int, str]] = []
         item = _add_one(
             conn_of(), td, options, actor, report,
             finish=lambda _c, job_id, sha, _a: deferred.append((job_id, sha)),
-            registered=registered,
+            registered=(lambda: ids.result()[td.path]) if is_fresh else None,
         )
         return item, deferred
 
     main = db.connect("crh_add")
     try:
-        # The job rows of every tomodir without a .crh, in one (durable) commit.
-        fresh = [td for td in todo if options.force or not control.control_path(td.path.resolve()).exists()]
-        news = [_new_job(td, td.path.resolve(), control.control_path(td.path.resolve()), options, actor) for td in fresh]
-        registered = dict(zip((td.path for td in fresh), queue.begin_registrations(main, news, actor)))
-        main.execute("SET synchronous_commit = off")
         with ThreadPoolExecutor(ADD_THREADS, thread_name_prefix="crh_add") as pool:
-            futures = [pool.submit(one, td, registered.get(td.path)) for td in todo]
+            fresh_paths = {td.path for td in fresh}
+            futures = [pool.submit(one, td, td.path in fresh_paths) for td in todo]
             ready: list[tuple[int, str]] = []
             try:
+                news = [_new_job(td, td.path.resolve(), control.control_path(td.path.resolve()), options, actor) for td in fresh]
+                try:
+                    ids.set_result(dict(zip((td.path for td in fresh), queue.begin_registrations(main, news, actor))))
+                except BaseException as exc:
+                    ids.set_exception(exc)
+                    raise
+                main.execute("SET synchronous_commit = off")
                 for future in futures:
                     if ready and not future.done():
                         # While the threads pack on: one statement for every job ready so far.
@@ -184,9 +192,15 @@ def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, r
 
 
 def _add_one(
-    conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor, report: AddReport, finish=None, registered: int | None = None
+    conn,
+    td: discover.Tomodir,
+    options: AddOptions,
+    actor: queue.Actor,
+    report: AddReport,
+    finish=None,
+    registered: Callable[[], int] | None = None,
 ) -> Added | None:
-    """``registered``: the job row was already made (by :func:`queue.begin_registrations`)."""
+    """``registered``: the job row is made elsewhere (by :func:`queue.begin_registrations`)."""
     path = td.path.resolve()
     crh = control.control_path(path)
     if registered is not None:
@@ -224,22 +238,24 @@ def _register(
     report: AddReport,
     *,
     resume_id: int | None = None,
-    registered: int | None = None,
+    registered: Callable[[], int] | None = None,
     finish=None,
 ) -> Added:
     """Register one tomodir; without ``crh`` (the Python API's in-memory jobs) no .crh is written.
 
-    ``finish(conn, job_id, sha256, actor)`` makes the job claimable (default:
-    at once); crh_add with threads defers it to keep the queue order."""
-    if resume_id is not None:
-        job_id = resume_id
-    elif registered is not None:
-        job_id = registered
-    else:
+    ``registered()`` gives the id of a job row made elsewhere (crh_add with
+    threads makes them all at once, while the threads already pack: the
+    archive needs no job).  ``finish(conn, job_id, sha256, actor)`` makes
+    the job claimable (default: at once); crh_add with threads defers it to
+    keep the queue order."""
+    job_id: int | None = resume_id
+    if job_id is None and registered is None:
         job_id = queue.begin_registration(conn, _new_job(td, path, crh, options, actor), actor)
     pause_point("add:registered")
     packed = store.put_tree(conn, path)
     pause_point("add:uploaded")
+    if job_id is None:
+        job_id = registered()
     duplicate = queue.find_duplicate(conn, actor.host, str(path), packed.sha256, job_id)
     if duplicate is not None:
         queue.drop_registration(conn, job_id)
