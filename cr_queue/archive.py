@@ -669,7 +669,7 @@ class _Extractor:
         parent = self._parent(parts, info.name)
         # A fresh file renamed into place never writes through an existing
         # symlink or hard link, and never leaves a half-written result.
-        tmp = f".crq-{secrets.token_hex(8)}.part"
+        tmp = _temporary_name()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent)
         try:
             try:
@@ -686,10 +686,7 @@ class _Extractor:
                 os.close(fd)
             self._settle(tmp, parent, parts, info.name)
         except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=parent)
-            except FileNotFoundError:
-                pass
+            _discard(tmp, parent)
             raise
 
     def _settle(self, tmp: str, parent: int, parts: list[str], member: str) -> str | None:
@@ -745,15 +742,12 @@ class _Extractor:
         if self._place is None:
             self._replace_entry(lambda: os.symlink(target, base, dir_fd=parent), parent, base, info.name)
         else:
-            tmp = f".crq-{secrets.token_hex(8)}.part"
+            tmp = _temporary_name()
             os.symlink(target, tmp, dir_fd=parent)
             try:
                 placed = self._settle(tmp, parent, parts, info.name)
             except BaseException:
-                try:
-                    os.unlink(tmp, dir_fd=parent)
-                except FileNotFoundError:
-                    pass
+                _discard(tmp, parent)
                 raise
             if placed is None:
                 return
@@ -835,6 +829,17 @@ class _Extractor:
     def close(self) -> None:
         self._drop_cache()
         os.close(self._root)
+
+
+def _temporary_name() -> str:
+    return f".crq-{secrets.token_hex(8)}.part"
+
+
+def _discard(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 def _write_all(fd: int, view: memoryview) -> None:
