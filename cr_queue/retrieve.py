@@ -1,17 +1,19 @@
 """Bringing results back into the user's tree: the crh_retrieve workflow.
 
-A result is downloaded to a hidden file beside the tomodir, its sha256 is
-checked, and only then is it unpacked into a hidden staging directory on the
-same filesystem.  The retrieved tomodir is assembled beside the original (a
-hard-link copy plus the results) and exchanged with it in one atomic step, so
-an interrupted retrieval leaves the tomodir either untouched or complete; the
-``.crh`` goes last, and a rerun finishes whatever was left.  Where the
-filesystem cannot exchange directories, files are moved one by one instead
-(each move atomic; a rerun completes an interrupted one).
+A result is downloaded (into memory, or a hidden file beside the tomodir when
+large) and its sha256 checked before anything is unpacked.  The retrieved
+tomodir is then assembled beside the original: a hard-link copy of it (the
+user's files keep their inodes), into which the result is unpacked member by
+member, each file under a temporary name renamed into place.  The copy is
+exchanged with the original in one atomic step, so an interrupted retrieval
+leaves the tomodir either untouched or complete; the ``.crh`` goes last, and
+a rerun finishes whatever was left.  Where the filesystem cannot exchange
+directories, the result is unpacked into a staging directory and moved in
+file by file instead (each move atomic; a rerun completes an interrupted one).
 
 A file the user changed after crh_add (its size or modification time differs
-from the manifest in the ``.crh``) is never overwritten: the result is put
-beside it as ``NAME.crh-result`` and the report says so.
+from the manifest in the ``.crh``), or a symlink, is never overwritten: the
+result is put beside it as ``NAME.crh-result`` and the report says so.
 """
 
 from __future__ import annotations
