@@ -17,6 +17,7 @@ import pytest
 from cr_queue import discover
 
 from .conftest import run, script
+from .faults import wait_for
 
 
 def _state(td: Path) -> dict[str, str]:
@@ -83,4 +84,63 @@ def test_kill9_of_crh_retrieve_leaves_the_tomodir_untouched_or_complete(lab, poi
     leftovers = [p.name for p in lab.tree.iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temporary files left beside the tomodirs: {leftovers}"
     assert lab.sql("SELECT count(*) FROM inversions WHERE downloaded") == [(2,)]
+    lab.check_invariants({job_id: "finished" for job_id in ids})
+
+
+# Without CRH_PAUSE_AT both commands run with threads and batch their commits
+# (registrations, queueing, 'downloaded' flags): a kill -9 halfway through must
+# leave the same guarantees as a kill at one of the pause points.
+
+
+def _kill_when(proc, ready) -> None:
+    wait_for(lambda: ready() or proc.poll() is not None, "the command to get halfway", interval=0.002)
+    proc.kill()
+    proc.wait()
+
+
+def test_kill9_of_crh_add_halfway_through_its_threads_then_a_rerun_queues_each_tomodir_once(lab):
+    tomodirs = lab.tomodirs(60, cfg="sleep = 0")
+    add = lab.spawn([script("crh_add"), "--quiet", str(lab.tree)])
+    _kill_when(add, lambda: sum(td.with_suffix(".crh").exists() for td in tomodirs) >= 5)
+
+    for job_id, status, source in lab.sql("SELECT id, status, source_path FROM inversions"):
+        crh = Path(source).with_suffix(".crh")
+        if status == "queued":
+            assert crh.exists() and json.loads(crh.read_text())["job_id"] == job_id, "a queued job has its .crh"
+        assert status in ("registering", "queued")
+
+    out = json.loads(run([script("crh_add"), "--json", str(lab.tree)], lab.env).stdout)
+    assert not out["problems"]
+    rows = lab.sql("SELECT source_path, count(*), min(status), max(status) FROM inversions GROUP BY 1 ORDER BY 1")
+    assert rows == [(str(td), 1, "queued", "queued") for td in tomodirs], "each tomodir queued exactly once"
+    for td in tomodirs:
+        [(job_id,)] = lab.sql("SELECT id FROM inversions WHERE source_path = %s", (str(td),))
+        assert json.loads(td.with_suffix(".crh").read_text())["job_id"] == job_id
+
+    code, report = lab.worker("w", "-q", "--jobs", "2").finish(timeout=300)
+    assert code == 0 and report["finished"] == len(tomodirs)
+    lab.check_invariants({job_id: "finished" for (job_id,) in lab.sql("SELECT id FROM inversions")})
+
+
+def test_kill9_of_crh_retrieve_halfway_through_its_threads_then_a_rerun_completes_every_tomodir(lab):
+    tomodirs = lab.tomodirs(40, cfg="sleep = 0")
+    ids = lab.add()
+    code, report = lab.worker("w", "-q", "--jobs", "2").finish(timeout=300)
+    assert code == 0 and report["finished"] == len(tomodirs)
+    before = {td: _state(td) for td in tomodirs}
+
+    retrieve = lab.spawn([script("crh_retrieve"), "--quiet", str(lab.tree)])
+    _kill_when(retrieve, lambda: sum(not td.with_suffix(".crh").exists() for td in tomodirs) >= 3)
+    interrupted = {td: _state(td) for td in tomodirs}
+
+    out = json.loads(run([script("crh_retrieve"), "--json", str(lab.tree)], lab.env).stdout)
+    assert not out["problems"]
+    for td in tomodirs:
+        after = _state(td)
+        assert interrupted[td] in (before[td], after), f"{td.name} was left half retrieved"
+        assert {k: after[k] for k in before[td]} == before[td], "the inputs are unchanged"
+        assert discover.classify(td) == discover.Done(td) and not td.with_suffix(".crh").exists()
+        assert not list(td.glob(".crh-retrieved-*"))
+    assert not [p.name for p in lab.tree.iterdir() if p.name.startswith(".")], "nothing left beside the tomodirs"
+    assert lab.sql("SELECT count(*) FROM inversions WHERE downloaded") == [(len(tomodirs),)]
     lab.check_invariants({job_id: "finished" for job_id in ids})
