@@ -118,12 +118,15 @@ ADD_THREADS = 3
 def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, report: AddReport, progress) -> AddReport:
     """Like the loop in :func:`add`, but packing and uploading in ADD_THREADS threads.
 
-    The last step of each registration (making the job claimable) is done
-    here, in the order of ``todo``, so the jobs of one crh_add are queued
-    in the order they were found, as without threads.  Those commits do not
-    wait for the disk: an interrupted run leaves 'registering' jobs whose
-    .crh the next crh_add completes; the last one waits, which makes every
-    earlier one durable too (PostgreSQL's log is sequential).
+    The job rows of all new tomodirs are made first, in one durable commit
+    (while the threads already pack).  The last step of each registration
+    (making the job claimable) is done here, in the order of ``todo`` and in
+    batches of whatever uploads have finished, so the jobs of one crh_add
+    are queued in the order they were found, as without threads.  Those
+    commits do not wait for the disk: an interrupted run leaves
+    'registering' jobs whose .crh the next crh_add completes (or, without a
+    .crh yet, whose rows it takes over); the last one waits, which makes
+    every earlier one durable too (PostgreSQL's log is sequential).
     """
     local = threading.local()
     conns: list = []
