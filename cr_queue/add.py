@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import control, discover, queue, store
+from . import control, discover, forked, queue, store
 from .db import Database
 from .pause import pause_point
 
@@ -45,6 +45,10 @@ class AddOptions:
     threads: int = 1
     timeout_s: int | None = None
     max_attempts: int = 3
+    # Processes sharing the packing (forked after the imports: see forked.py).
+    # crh_add's own process asks for more; a program using the Python API keeps
+    # one, because forking a process that runs other threads is not safe.
+    processes: int = 1
 
 
 @dataclass
@@ -113,20 +117,30 @@ def add(
 # while one waits for the database (a commit's WAL flush), the other compresses
 # (zstd releases the GIL).  Measured (bench/tune.py, docs/performance.md): 3 beat 2 and 1.
 ADD_THREADS = 3
+# With more than one process, the threads of each; and the least work that is
+# worth a process of its own.
+THREADS_PER_PROCESS = 2
+MIN_TOMODIRS_PER_PROCESS = 4
+
+
+def default_processes() -> int:
+    """Processes for a crh_add command: one per CPU, at most four."""
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, report: AddReport, progress) -> AddReport:
-    """Like the loop in :func:`add`, but packing and uploading in ADD_THREADS threads.
+    """Like the loop in :func:`add`, but packing and uploading in threads, and
+    in ``options.processes`` processes where there is enough to share.
 
     The job rows of all new tomodirs are made first, in one durable commit
-    (while the threads already pack).  The last step of each registration
-    (making the job claimable) is done here, in the order of ``todo`` and in
-    batches of whatever uploads have finished, so the jobs of one crh_add
-    are queued in the order they were found, as without threads.  Those
-    commits do not wait for the disk: an interrupted run leaves
-    'registering' jobs whose .crh the next crh_add completes (or, without a
-    .crh yet, whose rows it takes over); the last one waits, which makes
-    every earlier one durable too (PostgreSQL's log is sequential).
+    (while the threads already pack: an archive needs no job).  The last step
+    of each registration (making the job claimable) is done here, in the
+    order of ``todo`` and in batches of whatever uploads have finished, so
+    the jobs of one crh_add are queued in the order they were found, as
+    without threads.  Those commits do not wait for the disk: an interrupted
+    run leaves 'registering' jobs whose .crh the next crh_add completes (or,
+    without a .crh yet, whose rows it takes over); the last one waits, which
+    makes every earlier one durable too (PostgreSQL's log is sequential).
     """
     local = threading.local()
     conns: list = []
@@ -140,58 +154,90 @@ def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, r
                 conns.append(conn)
         return conn
 
-    # The job rows of every tomodir without a .crh, made in one (durable) commit
-    # while the threads start packing; a thread waits for its id after its upload.
-    fresh = [td for td in todo if options.force or not control.control_path(td.path.resolve()).exists()]
-    ids: Future[dict[Path, int]] = Future()
-
-    def one(td: discover.Tomodir, is_fresh: bool):
-        deferred: list[tuple[int, str]] = []
-        item = _add_one(
-            conn_of(), td, options, actor, report,
-            finish=lambda _c, job_id, sha, _a: deferred.append((job_id, sha)),
-            registered=(lambda: ids.result()[td.path]) if is_fresh else None,
-        )
-        return item, deferred
-
-    main = db.connect("crh_add")
-    try:
-        with ThreadPoolExecutor(ADD_THREADS, thread_name_prefix="crh_add") as pool:
-            fresh_paths = {td.path for td in fresh}
-            futures = [pool.submit(one, td, td.path in fresh_paths) for td in todo]
-            ready: list[tuple[int, str]] = []
-            try:
-                news = [_new_job(td, td.path.resolve(), control.control_path(td.path.resolve()), options, actor) for td in fresh]
-                try:
-                    ids.set_result(dict(zip((td.path for td in fresh), queue.begin_registrations(main, news, actor))))
-                except BaseException as exc:
-                    ids.set_exception(exc)
-                    raise
-                main.execute("SET synchronous_commit = off")
-                for future in futures:
-                    if ready and not future.done():
-                        # While the threads pack on: one statement for every job ready so far.
-                        queue.finish_registrations(main, ready, actor)
-                        ready.clear()
-                    item, deferred = future.result()
-                    ready.extend(deferred)
-                    if item is not None:
-                        report.added.append(item)
-                        if progress is not None:
-                            progress(item)
-                queue.finish_registrations(main, ready, actor)
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-        # Make every registration durable before saying so.
-        main.execute("SET synchronous_commit = on")
-        main.execute("SELECT txid_current()")
-    finally:
-        main.close()
+    def close_conns() -> None:
         for conn in conns:
             conn.close()
+
+    fresh = {td.path for td in todo if options.force or not control.control_path(td.path.resolve()).exists()}
+
+    def one(td: discover.Tomodir, registered_ids: Callable[[], dict[Path, int]]):
+        """Everything of one tomodir but making it claimable; its report entries travel with it."""
+        deferred: list[tuple[int, str]] = []
+        own = AddReport()
+        item = _add_one(
+            conn_of(), td, options, actor, own,
+            finish=lambda _c, job_id, sha, _a: deferred.append((job_id, sha)),
+            registered=(lambda: registered_ids()[td.path]) if td.path in fresh else None,
+        )
+        return item, deferred, own.problems, own.skipped
+
+    processes = max(1, min(options.processes, len(todo) // MIN_TOMODIRS_PER_PROCESS))
+    shares = [list(enumerate(todo))[n::processes] for n in range(processes)]
+    # Children first: forked before this process has threads or connections of its own.
+    children = [forked.Child(share, one, threads=THREADS_PER_PROCESS, teardown=close_conns) for share in shares[1:]]
+    futures: dict[int, Future] = {}
+    for child in children:
+        futures.update(child.futures)
+    ids: Future[dict[Path, int]] = Future()
+    try:
+        main = db.connect("crh_add")
+        try:
+            with ThreadPoolExecutor(THREADS_PER_PROCESS if children else ADD_THREADS, thread_name_prefix="crh_add") as pool:
+                for index, td in shares[0]:
+                    futures[index] = pool.submit(one, td, ids.result)
+                try:
+                    _register_all(main, [td for td in todo if td.path in fresh], options, actor, ids, children)
+                    main.execute("SET synchronous_commit = off")
+                    _queue_in_order(main, [futures[i] for i in range(len(todo))], actor, report, progress)
+                except BaseException:
+                    for future in futures.values():
+                        future.cancel()
+                    for child in children:
+                        child.kill()
+                    raise
+            # Make every registration durable before saying so.
+            main.execute("SET synchronous_commit = on")
+            main.execute("SELECT txid_current()")
+        finally:
+            main.close()
+            close_conns()
+    finally:
+        for child in children:
+            child.close()
     return report
+
+
+def _register_all(main, fresh: list[discover.Tomodir], options: AddOptions, actor: queue.Actor, ids: Future, children) -> None:
+    """The job rows of every tomodir without a .crh, in one (durable) commit; then every
+    thread and child that waits for its job id gets it."""
+    news = [_new_job(td, td.path.resolve(), control.control_path(td.path.resolve()), options, actor) for td in fresh]
+    try:
+        registered = dict(zip((td.path for td in fresh), queue.begin_registrations(main, news, actor)))
+    except BaseException as exc:
+        ids.set_exception(exc)
+        raise
+    ids.set_result(registered)
+    for child in children:
+        child.send(registered)
+
+
+def _queue_in_order(main, futures: list[Future], actor: queue.Actor, report: AddReport, progress) -> None:
+    """Collect each tomodir's outcome in the order found, making finished uploads claimable
+    in batches (one statement for all that are ready while the others still pack)."""
+    ready: list[tuple[int, str]] = []
+    for future in futures:
+        if ready and not future.done():
+            queue.finish_registrations(main, ready, actor)
+            ready.clear()
+        item, deferred, problems, skipped = future.result()
+        ready.extend(deferred)
+        report.problems.extend(problems)
+        report.skipped.extend(skipped)
+        if item is not None:
+            report.added.append(item)
+            if progress is not None:
+                progress(item)
+    queue.finish_registrations(main, ready, actor)
 
 
 def _add_one(

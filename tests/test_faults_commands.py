@@ -17,7 +17,7 @@ import pytest
 from cr_queue import discover
 
 from .conftest import run, script
-from .faults import wait_for
+from .faults import alive, wait_for
 
 
 def _state(td: Path) -> dict[str, str]:
@@ -92,6 +92,20 @@ def test_kill9_of_crh_retrieve_leaves_the_tomodir_untouched_or_complete(lab, poi
 # leave the same guarantees as a kill at one of the pause points.
 
 
+def _commands_on(tree: Path, name: str) -> list[int]:
+    """Processes whose command line names ``name`` and ``tree``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(name.encode() in arg for arg in argv) and str(tree).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
 def _kill_when(proc, ready) -> None:
     wait_for(lambda: ready() or proc.poll() is not None, "the command to get halfway", interval=0.002)
     proc.kill()
@@ -102,6 +116,8 @@ def test_kill9_of_crh_add_halfway_through_its_threads_then_a_rerun_queues_each_t
     tomodirs = lab.tomodirs(60, cfg="sleep = 0")
     add = lab.spawn([script("crh_add"), "--quiet", str(lab.tree)])
     _kill_when(add, lambda: sum(td.with_suffix(".crh").exists() for td in tomodirs) >= 5)
+    # crh_add packs in a forked helper process too: it dies with its parent.
+    wait_for(lambda: not [pid for pid in _commands_on(lab.tree, "crh_add") if alive(pid)], "crh_add's helper process to end")
 
     for job_id, status, source in lab.sql("SELECT id, status, source_path FROM inversions"):
         crh = Path(source).with_suffix(".crh")

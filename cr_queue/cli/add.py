@@ -9,6 +9,7 @@ import click
 
 from .. import add as add_service
 from .common import DURATION, GROUP, Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
+from .entry import command_process
 
 
 @click.command("add")
@@ -51,6 +52,7 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
         threads=threads,
         timeout_s=int(timeout_s) if timeout_s is not None else None,
         max_attempts=max_attempts,
+        processes=add_service.default_processes() if command_process() else 1,
     )
     if local and not dry_run:
         if group:

@@ -44,6 +44,11 @@ def load(spec: str) -> Any:
             gc.enable()
 
 
+def command_process() -> bool:
+    """Whether this process is a console script's own (then it may, for one, fork)."""
+    return _command_process
+
+
 def _own_process() -> None:
     global _command_process
     _command_process = True
