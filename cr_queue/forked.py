@@ -76,15 +76,11 @@ class Child(Generic[T, R]):
         with os.fdopen(self._up, "rb") as up:
             while (frame := _read_frame(up)) is not None:
                 key, ok, value = pickle.loads(frame)
-                future = self.futures[key]
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+                _settle(self.futures[key], ok, value)
         self.wait()
+        died = ChildDied(f"a helper process of this command ended early ({_describe(self._status)})")
         for future in self.futures.values():
-            if not future.done():
-                future.set_exception(ChildDied(f"a helper process of this command ended early ({_describe(self._status)})"))
+            _settle(future, False, died)
 
     def kill(self) -> None:
         try:
@@ -108,6 +104,16 @@ class Child(Generic[T, R]):
         except OSError:
             pass
         self._reader.join()
+
+
+def _settle(future: Future, ok: bool, value: Any) -> None:
+    """Hand an outcome over, unless the parent has cancelled the future meanwhile."""
+    if future.done() or not future.set_running_or_notify_cancel():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 def _describe(status: int | None) -> str:
