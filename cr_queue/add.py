@@ -172,7 +172,8 @@ def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, r
         return item, deferred, own.problems, own.skipped
 
     processes = max(1, min(options.processes, len(todo) // MIN_TOMODIRS_PER_PROCESS))
-    shares = [list(enumerate(todo))[n::processes] for n in range(processes)]
+    numbered = list(enumerate(todo))
+    shares = [numbered[n::processes] for n in range(processes)]
     # Children first: forked before this process has threads or connections of its own.
     children = [forked.Child(share, one, threads=THREADS_PER_PROCESS, teardown=close_conns) for share in shares[1:]]
     futures: dict[int, Future] = {}

@@ -142,30 +142,6 @@ _INSERT_REGISTERING = _with_event(
 """,
 )
 
-# The new job's rank: after the user's last waiting job, but never behind the
-# front of the queue, so a user who adds 10 jobs behind another's 5,000 is
-# served in turns with them rather than after them.  The front comes from
-# crh_queue_front(): with per-user roles, row-level security hides others' jobs.
-_FINISH_REGISTRATION = _with_event(
-    "queued",
-    """
-    UPDATE inversions SET status = 'queued', input_sha256 = %(sha256)s, datetime_queued = now(),
-        fair_rank = rank.fair_rank
-    FROM rank
-    WHERE id = %(id)s AND status = 'registering'
-    RETURNING id, status, attempt
-""",
-    before="""
-rank AS (
-    SELECT greatest(
-        (SELECT max(fair_rank) FROM inversions WHERE status = 'queued' AND username = j.username),
-        crh_queue_front() - 1,
-        0) + 1 AS fair_rank
-    FROM inversions j WHERE j.id = %(id)s
-)
-""",
-)
-
 
 @dataclass(frozen=True)
 class NewJob:
@@ -189,13 +165,7 @@ def begin_registration(conn: psycopg.Connection, new: NewJob, actor: Actor) -> i
     A row left in 'registering' by an interrupted crh_add for the same
     directory is taken over instead of adding a second one.
     """
-    params = {**new.__dict__, **_actor(actor)}
-    with conn.transaction():
-        row = conn.execute(_REUSE_REGISTERING, params).fetchone()
-        if row is not None:
-            conn.execute(_UPDATE_REGISTERING, {**params, "id": row[0]})
-            return row[0]
-        return conn.execute(_INSERT_REGISTERING, params).fetchone()[0]
+    return begin_registrations(conn, [new], actor)[0]
 
 
 def begin_registrations(conn: psycopg.Connection, news: list[NewJob], actor: Actor) -> list[int]:
@@ -222,13 +192,15 @@ def begin_registrations(conn: psycopg.Connection, news: list[NewJob], actor: Act
 
 def finish_registration(conn: psycopg.Connection, job_id: int, sha256: str, actor: Actor) -> bool:
     """Make a registered job claimable; False when it was not (or no longer) registering."""
-    params = {"id": job_id, "sha256": sha256, **_actor(actor, {"sha256": sha256})}
-    return conn.execute(_FINISH_REGISTRATION, params).fetchone() is not None
+    return job_id in finish_registrations(conn, [(job_id, sha256)], actor)
 
 
-# finish_registration for a batch, in its order: each user's jobs get consecutive
-# ranks after that user's last waiting job (or the front of the queue), and each
-# event the same detail as finish_registration's.
+# Making registered jobs claimable, in the batch's order.  A new job's rank: after
+# its user's last waiting job, but never behind the front of the queue, so a user
+# who adds 10 jobs behind another's 5,000 is served in turns with them rather than
+# after them (a user's jobs of one batch get consecutive ranks).  The front comes
+# from crh_queue_front(): with per-user roles, row-level security hides others' jobs.
+# Each event's detail names the archive.
 _FINISH_REGISTRATIONS = f"""
 WITH req AS MATERIALIZED (
     SELECT r.id, r.sha256, r.ord, j.username

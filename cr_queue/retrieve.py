@@ -212,7 +212,7 @@ def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, it
     _remove_tree(staging)
     if marker.exists():
         # An earlier run was interrupted after its exchange: the results are in place.
-        reconcile_leftovers(new, tomodir)
+        swap.reconcile(new, tomodir)
         return
     _remove_tree(new)
     if job.result_sha256 is None:
@@ -244,7 +244,7 @@ def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, it
             _remove_tree(new)
             raise
     pause_point("retrieve:exchanged")
-    reconcile_leftovers(new, tomodir)
+    swap.reconcile(new, tomodir)
 
 
 def _unpack_moving(fh, size: int, staging: Path, tomodir: Path, manifest: dict[str, list[int]], item: Item) -> None:
@@ -287,11 +287,6 @@ class _Placement:
         self._item.files += 1
         self._item.conflicts.append(rel)
         return name + CONFLICT_SUFFIX
-
-
-def reconcile_leftovers(old: Path, tomodir: Path) -> None:
-    if old.exists():
-        swap.reconcile(old, tomodir)
 
 
 def _finish(tomodir: Path, job_id: int) -> None:
