@@ -230,6 +230,7 @@ class BenchCluster:
         name = conninfo.conninfo_to_dict(url)["dbname"]
         with psycopg.connect(self.cluster.url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        removed()
 
 
 def _has_library(name: str) -> bool:
@@ -275,5 +276,41 @@ def scratch(prefix: str = "crq-bench-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
 
+# ext4 without a journal (this VM's disk is one) does not reuse an inode for a
+# minute after it was freed while its inode table block is cached, and every
+# new file or directory scans past each such inode of its block group
+# (recently_deleted() in fs/ext4/ialloc.c).  A command that creates files
+# within that minute of thousands being deleted spends most of its system
+# time there, and so does the reference beside it, by an amount that depends
+# on which groups each lands in: the retrieve rows swung between 0.37x and
+# 1.07x on it.  Users do not delete thousands of files seconds before
+# crh_add or crh_retrieve; the benchmarks' own clean-up did, so timed runs
+# wait until the bench's last deletion is this long ago (see settle()).
+RECENT_DELETION_S = 61.0
+_last_removal = 0.0
+
+
+def removed() -> None:
+    """Note that something outside rmtree() just deleted files (a worker's scratch, a DROP DATABASE)."""
+    global _last_removal
+    _last_removal = time.monotonic()
+
+
 def rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        removed()
+
+
+def settle(wait: bool = True) -> float:
+    """Write everything back, then (``wait``) sleep until the bench's last deletion is
+    RECENT_DELETION_S ago, so timed commands and their references create files under
+    the same conditions; returns the seconds waited."""
+    subprocess.run(["sync"], check=True)
+    if not wait:
+        return 0.0
+    left = _last_removal + RECENT_DELETION_S - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+        subprocess.run(["sync"], check=True)
+    return max(left, 0.0)

@@ -323,6 +323,7 @@ def solve_with_workers(ctx: Context, url: str, store_path: Path | None) -> None:
     args = [crh("crh_worker"), "-j", "2", "-q", "-Q", "--log-level", "warning"]
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
     wait_workers(procs, timeout=1800)
+    bl.removed()  # each job's scratch directory
     with psycopg.connect(url, autocommit=True) as conn:
         left = conn.execute("SELECT count(*) FROM inversions WHERE status <> 'finished'").fetchone()[0]
     if left:
@@ -373,19 +374,30 @@ def time_retrieve(
 ) -> tuple[list[float], list[float]]:
     """crh_retrieve of the tree, ``reps`` times from the same state, each beside
     ``zstd -d | tar -x`` of the same results; returns both lists of times.
-    ``sign``: a glob that matches one file of each retrieved result."""
+    ``sign``: a glob that matches one file of each retrieved result.  Nothing is
+    deleted between the timed runs (a retrieved tree is moved aside, not removed,
+    and the reference extracts into a new directory each time) and they start
+    after benchlib.settle(): see RECENT_DELETION_S there."""
     pristine = ctx.work / "pristine"
     bl.rmtree(pristine)
     bl.sh(f"cp -a {copy} {pristine}")
-    t_untar, t_ret = [], []
-    for _ in range(reps):
-        dest = ctx.work / "untar"
-        bl.rmtree(dest)
+    aside = ctx.work / "retrieved"
+    aside.mkdir()
+    dests = [ctx.work / f"untar-{rep}" for rep in range(reps)]
+    for dest in dests:
         dest.mkdir()
-        bl.sh("sync")
+    bl.settle(wait=not ctx.smoke)
+    t_untar, t_ret = [], []
+    for rep, dest in enumerate(dests):
+        if rep:
+            # Back to before the retrieval.
+            copy.rename(aside / str(rep))
+            bl.sh(f"cp -a {pristine} {copy}")
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("UPDATE inversions SET downloaded = false, datetime_downloaded = NULL")
+        bl.settle(wait=False)
         t_untar.append(bl.timed(lambda: bl.sh(f"zstd -d -q -c {ref} | tar -x -C {dest}")))
-        bl.rmtree(dest)
-        bl.sh("sync")
+        bl.settle(wait=False)
         t_ret.append(bl.timed(lambda: run([crh("crh_retrieve"), "-Q"], env, cwd=copy)))
         left = list(copy.rglob("*.crh"))
         if left:
@@ -393,12 +405,8 @@ def time_retrieve(
         got = sum(1 for _ in copy.glob(f"site_*/td_*/{sign}"))
         if got != n_tomodirs:
             raise RuntimeError(f"crh_retrieve brought back {got} of {n_tomodirs} results")
-        # Back to before the retrieval, for the next repetition.
-        bl.rmtree(copy)
-        bl.sh(f"cp -a {pristine} {copy}")
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("UPDATE inversions SET downloaded = false, datetime_downloaded = NULL")
-    bl.rmtree(pristine)
+    for path in [pristine, aside, *dests]:
+        bl.rmtree(path)
     return t_untar, t_ret
 
 
@@ -411,62 +419,68 @@ def bench_add_retrieve(ctx: Context, store_kind: str, rows: set[str]) -> None:
     t_tool, t_add = [], []
     retrieve_rows: list[bl.Row] = []
     rate = lambda size, t: size / t / 1e6  # noqa: E731
-    for rep in range(reps):
-        url = ctx.cluster.new_database()
-        store_path = ctx.work / f"store-{rep}" if store_kind == "dir" else None
+    # Every repetition's database, store and copy first: nothing is deleted between
+    # the timed runs, which start after benchlib.settle() (see RECENT_DELETION_S).
+    urls = [ctx.cluster.new_database() for _ in range(reps)]
+    store_paths = [ctx.work / f"store-{rep}" if store_kind == "dir" else None for rep in range(reps)]
+    copies = [ctx.work / f"add-{store_kind}-{rep}" for rep in range(reps)]
+    for store_path, copy in zip(store_paths, copies):
         if store_path:
             store_path.mkdir()
-        copy = ctx.work / f"add-{store_kind}-{rep}"
         bl.sh(f"cp -a {tree} {copy}")
-        env = ctx.env(url, store_path=store_path)
-        bl.sh("sync")
+    envs = [ctx.env(url, store_path=store_path) for url, store_path in zip(urls, store_paths)]
+    bl.settle(wait=not ctx.smoke)
+    for env, copy in zip(envs, copies):
+        bl.settle(wait=False)
         t_tool.append(bl.timed(lambda: bl.sh(f"tar -c -C {tree} . | zstd -1 -q -c | sha256sum > /dev/null")))
-        bl.sh("sync")
+        bl.settle(wait=False)
         t_add.append(bl.timed(lambda: run([crh("crh_add"), "-Q"], env, cwd=copy)))
         n_crh = len(list(copy.rglob("*.crh")))
         if n_crh != len(tomodirs):
             raise RuntimeError(f"crh_add registered {n_crh} of {len(tomodirs)} tomodirs")
-        if "retrieve" in rows and rep == 0:
-            # The results of real workers running the CRTomo stand-in.
-            solve_with_workers(ctx, url, store_path)
-            ref, size, files = results_reference(ctx, url, store_path, copy, store_kind)
-            untar, ret = (bl.median(t) for t in time_retrieve(ctx, env, copy, url, ref, len(tomodirs), reps, "inv/inv.ctr"))
-            ratio = untar / ret
+    if "retrieve" in rows:
+        url, store_path, copy, env = urls[0], store_paths[0], copies[0], envs[0]
+        # The results of real workers running the CRTomo stand-in.
+        solve_with_workers(ctx, url, store_path)
+        ref, size, files = results_reference(ctx, url, store_path, copy, store_kind)
+        untar, ret = (bl.median(t) for t in time_retrieve(ctx, env, copy, url, ref, len(tomodirs), reps, "inv/inv.ctr"))
+        ratio = untar / ret
+        retrieve_rows.append(
+            bl.Row(
+                f"crh_retrieve {bl.mb(size)} of results {label}",
+                f"{rate(size, ret):.0f} MB/s ({ret:.2f} s)",
+                f"zstd -d|tar -x {rate(size, untar):.0f} MB/s",
+                f"{ratio:.2f}x",
+                ">= 0.5x",
+                None if ctx.smoke else ratio >= 0.5,
+                note=f"median of {reps}, whole command incl. start-up; results of crh_worker + CRTomo stand-in: "
+                f"{files} files, {len(tomodirs)} tomodirs",
+            )
+        )
+        if not ctx.smoke:
+            # The smallest results: each tomodir's inputs again, eight files of 1 MB in all.
+            url2 = ctx.cluster.new_database()
+            copy2 = ctx.work / f"copied-{store_kind}"
+            bl.sh(f"cp -a {tree} {copy2}")
+            env2 = ctx.env(url2, store_path=store_path)
+            run([crh("crh_add"), "-Q"], env2, cwd=copy2)
+            copy_results(ctx, url2, store_path, copy2)
+            ref2, size2, files2 = results_reference(ctx, url2, store_path, copy2, f"{store_kind}-copied")
+            untar2, ret2 = (bl.median(t) for t in time_retrieve(ctx, env2, copy2, url2, ref2, len(tomodirs), reps, "inv/grid_elem.dat"))
             retrieve_rows.append(
                 bl.Row(
-                    f"crh_retrieve {bl.mb(size)} of results {label}",
-                    f"{rate(size, ret):.0f} MB/s ({ret:.2f} s)",
-                    f"zstd -d|tar -x {rate(size, untar):.0f} MB/s",
-                    f"{ratio:.2f}x",
-                    ">= 0.5x",
-                    None if ctx.smoke else ratio >= 0.5,
-                    note=f"median of {reps}, whole command incl. start-up; results of crh_worker + CRTomo stand-in: "
-                    f"{files} files, {len(tomodirs)} tomodirs",
+                    f"crh_retrieve {bl.mb(size2)}, inputs as results {label}",
+                    f"{rate(size2, ret2):.0f} MB/s ({ret2:.2f} s)",
+                    f"zstd -d|tar -x {rate(size2, untar2):.0f} MB/s",
+                    f"{untar2 / ret2:.2f}x",
+                    "report",
+                    None,
+                    note=f"median of {reps}; {files2} files: each tomodir's eight input files again",
                 )
             )
-            if not ctx.smoke:
-                # The smallest results: each tomodir's inputs again, eight files of 1 MB in all.
-                url2 = ctx.cluster.new_database()
-                copy2 = ctx.work / f"copied-{store_kind}"
-                bl.sh(f"cp -a {tree} {copy2}")
-                env2 = ctx.env(url2, store_path=store_path)
-                run([crh("crh_add"), "-Q"], env2, cwd=copy2)
-                copy_results(ctx, url2, store_path, copy2)
-                ref2, size2, files2 = results_reference(ctx, url2, store_path, copy2, f"{store_kind}-copied")
-                untar2, ret2 = (bl.median(t) for t in time_retrieve(ctx, env2, copy2, url2, ref2, len(tomodirs), reps, "inv/grid_elem.dat"))
-                retrieve_rows.append(
-                    bl.Row(
-                        f"crh_retrieve {bl.mb(size2)}, inputs as results {label}",
-                        f"{rate(size2, ret2):.0f} MB/s ({ret2:.2f} s)",
-                        f"zstd -d|tar -x {rate(size2, untar2):.0f} MB/s",
-                        f"{untar2 / ret2:.2f}x",
-                        "report",
-                        None,
-                        note=f"median of {reps}; {files2} files: each tomodir's eight input files again",
-                    )
-                )
-                bl.rmtree(copy2)
-                ctx.cluster.drop_database(url2)
+            bl.rmtree(copy2)
+            ctx.cluster.drop_database(url2)
+    for url, store_path, copy in zip(urls, store_paths, copies):
         bl.rmtree(copy)
         if store_path:
             bl.rmtree(store_path)
