@@ -15,15 +15,17 @@ and the user's directory is only read, never changed (the .crh is a sibling).
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import control, discover, forked, queue, store
+from . import archive, control, discover, packers, queue, store
 from .db import Database
 from .pause import pause_point
 
@@ -45,10 +47,6 @@ class AddOptions:
     threads: int = 1
     timeout_s: int | None = None
     max_attempts: int = 3
-    # Processes sharing the packing (forked after the imports: see forked.py).
-    # crh_add's own process asks for more; a program using the Python API keeps
-    # one, because forking a process that runs other threads is not safe.
-    processes: int = 1
 
 
 @dataclass
@@ -84,7 +82,10 @@ def add(
     *,
     progress: Callable[[Added], None] | None = None,
     found: discover.Discovery | None = None,
+    helpers: packers.Packers | None = None,
 ) -> AddReport:
+    """Register the tomodirs below ``paths``.  ``helpers``: what :func:`packers.start`
+    forked for the same ``found.todo`` and ``options.force`` (the caller closes it)."""
     found = found if found is not None else plan(paths)
     report = AddReport(done=list(found.done))
     report.problems.extend(found.errors)
@@ -98,8 +99,8 @@ def add(
                 report.added.append(Added(td.path.resolve(), None, td.sim_type, td.steps))
         return report
     actor = queue.Actor()
-    if len(found.todo) > 1 and ADD_THREADS > 1 and not os.environ.get("CRH_PAUSE_AT"):
-        return _add_parallel(db, list(found.todo), options, actor, report, progress)
+    if helpers is not None or (len(found.todo) > 1 and ADD_THREADS > 1 and not os.environ.get("CRH_PAUSE_AT")):
+        return _add_parallel(db, list(found.todo), options, actor, report, progress, helpers)
     conn = db.connect("crh_add")
     try:
         for td in found.todo:
@@ -117,20 +118,31 @@ def add(
 # while one waits for the database (a commit's WAL flush), the other compresses
 # (zstd releases the GIL).  Measured (bench/tune.py, docs/performance.md): 3 beat 2 and 1.
 ADD_THREADS = 3
-# With more than one process, the threads of each; and the least work that is
-# worth a process of its own.
-THREADS_PER_PROCESS = 2
-MIN_TOMODIRS_PER_PROCESS = 4
+# Beside helper processes (packers.py), the parent's own threads.
+THREADS_WITH_HELPERS = 2
+# A helper's archive up to this size is read whole and stored by whichever parent
+# thread is free; a larger one is streamed into the store as it arrives.
+DELIVERY_IN_MEMORY = 16 << 20
 
 
-def default_processes() -> int:
-    """Processes for a crh_add command: one per CPU, at most four."""
-    return max(1, min(os.cpu_count() or 1, 4))
+class _Indices:
+    """The parent's own work list when there are no helpers (the same interface as packers.Tokens)."""
+
+    def __init__(self, indices) -> None:
+        self._left = collections.deque(indices)
+
+    def take(self) -> int | None:
+        try:
+            return self._left.popleft()
+        except IndexError:
+            return None
 
 
-def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, report: AddReport, progress) -> AddReport:
-    """Like the loop in :func:`add`, but packing and uploading in threads, and
-    in ``options.processes`` processes where there is enough to share.
+def _add_parallel(
+    db: Database, todo, options: AddOptions, actor: queue.Actor, report: AddReport, progress, helpers: packers.Packers | None
+) -> AddReport:
+    """Like the loop in :func:`add`, but packing and uploading in threads, and in
+    helper processes (``helpers``, see packers.py) where there are any.
 
     The job rows of all new tomodirs are made first, in one durable commit
     (while the threads already pack: an archive needs no job).  The last step
@@ -154,63 +166,158 @@ def _add_parallel(db: Database, todo, options: AddOptions, actor: queue.Actor, r
                 conns.append(conn)
         return conn
 
-    def close_conns() -> None:
-        for conn in conns:
-            conn.close()
+    fresh_indices = helpers.indices if helpers is not None else packers.unregistered(todo, options.force)
+    fresh = {todo[i].path for i in fresh_indices}
+    others = _Indices(i for i in range(len(todo)) if todo[i].path not in fresh)
+    tokens = helpers.tokens if helpers is not None else _Indices(fresh_indices)
+    futures: list[Future] = [Future() for _ in todo]
+    ids: Future[dict[Path, int]] = Future()
+    stop = threading.Event()
 
-    fresh = {td.path for td in todo if options.force or not control.control_path(td.path.resolve()).exists()}
-
-    def one(td: discover.Tomodir, registered_ids: Callable[[], dict[Path, int]]):
+    def one(index: int, put=None):
         """Everything of one tomodir but making it claimable; its report entries travel with it."""
+        td = todo[index]
         deferred: list[tuple[int, str]] = []
         own = AddReport()
         item = _add_one(
             conn_of(), td, options, actor, own,
             finish=lambda _c, job_id, sha, _a: deferred.append((job_id, sha)),
-            registered=(lambda: registered_ids()[td.path]) if td.path in fresh else None,
+            registered=(lambda: ids.result()[td.path]) if td.path in fresh else None,
+            put=put,
         )
         return item, deferred, own.problems, own.skipped
 
-    processes = max(1, min(options.processes, len(todo) // MIN_TOMODIRS_PER_PROCESS))
-    numbered = list(enumerate(todo))
-    shares = [numbered[n::processes] for n in range(processes)]
-    # Children first: forked before this process has threads or connections of its own.
-    children = [forked.Child(share, one, threads=THREADS_PER_PROCESS, teardown=close_conns) for share in shares[1:]]
-    futures: dict[int, Future] = {}
-    for child in children:
-        futures.update(child.futures)
-    ids: Future[dict[Path, int]] = Future()
+    inbox = packers.Inbox(len(helpers.helpers) if helpers is not None else 0)
+
+    def from_helper(delivery: packers.Delivery) -> None:
+        """Register a tomodir whose archive a helper packed, storing what it sent."""
+        _settle(futures[delivery.index], functools.partial(one, delivery.index, functools.partial(_put_delivered, delivery)))
+
+    def store_delivered(delivery: packers.Delivery) -> None:
+        try:
+            from_helper(delivery)
+        finally:
+            inbox.done(delivery)
+
+    def work() -> None:
+        """A parent thread: what the helpers packed first (it is ready and holds memory),
+        then tomodirs that need the database first, then new ones as they come."""
+        while not stop.is_set():
+            delivery = inbox.get(wait=False)
+            if delivery is not None:
+                store_delivered(delivery)
+                continue
+            index = others.take()
+            if index is None:
+                index = tokens.take()
+            if index is not None:
+                _settle(futures[index], functools.partial(one, index))
+                continue
+            delivery = inbox.get(wait=True)
+            if delivery is None:
+                return
+            store_delivered(delivery)
+
+    def receive(helper: packers.Helper) -> None:
+        """Read what one helper packed as it arrives: a small archive whole, for any
+        thread to store; a large one is streamed into the store here."""
+        try:
+            for delivery in helper.deliveries():
+                try:
+                    whole = delivery.read(DELIVERY_IN_MEMORY)
+                except BaseException as exc:  # the helper could not pack it
+                    _fail(futures[delivery.index], exc)
+                    continue
+                if whole:
+                    inbox.put(delivery)
+                else:
+                    from_helper(delivery)
+            error = helper.lost()
+        except BaseException as exc:  # the pipe broke: what it still owed fails
+            error = exc
+        finally:
+            inbox.sender_finished()
+        if error is not None:
+            for index in list(helper.outstanding):
+                _fail(futures[index], error)
+
+    threads = [
+        threading.Thread(target=work, name=f"crh_add-{n}")
+        for n in range(THREADS_WITH_HELPERS if helpers is not None and helpers.helpers else ADD_THREADS)
+    ]
+    threads += [threading.Thread(target=receive, args=(h,), name="crh_add-receive") for h in (helpers.helpers if helpers else [])]
+
+    def finally_unsettled() -> None:
+        """Once nobody works any more, a tomodir still without an outcome was lost with a helper."""
+        for thread in threads:
+            thread.join()
+        for future in futures:
+            _fail(future, packers.HelperDied("a helper process of this command ended before it reported a tomodir"))
+
     try:
         main = db.connect("crh_add")
         try:
-            with ThreadPoolExecutor(THREADS_PER_PROCESS if children else ADD_THREADS, thread_name_prefix="crh_add") as pool:
-                for index, td in shares[0]:
-                    futures[index] = pool.submit(one, td, ids.result)
-                try:
-                    _register_all(main, [td for td in todo if td.path in fresh], options, actor, ids, children)
-                    main.execute("SET synchronous_commit = off")
-                    _queue_in_order(main, [futures[i] for i in range(len(todo))], actor, report, progress)
-                except BaseException:
-                    for future in futures.values():
-                        future.cancel()
-                    for child in children:
-                        child.kill()
-                    raise
+            for thread in threads:
+                thread.start()
+            watcher = threading.Thread(target=finally_unsettled, name="crh_add-watch", daemon=True)
+            watcher.start()
+            try:
+                _register_all(main, [td for td in todo if td.path in fresh], options, actor, ids)
+                main.execute("SET synchronous_commit = off")
+                _queue_in_order(main, futures, actor, report, progress)
+            except BaseException:
+                stop.set()
+                inbox.close()
+                if helpers is not None:
+                    helpers.kill()
+                raise
+            finally:
+                watcher.join()
             # Make every registration durable before saying so.
             main.execute("SET synchronous_commit = on")
             main.execute("SELECT txid_current()")
         finally:
             main.close()
-            close_conns()
     finally:
-        for child in children:
-            child.close()
+        stop.set()
+        inbox.close()
+        for thread in threads:
+            thread.join()
+        for conn in conns:
+            conn.close()
     return report
 
 
-def _register_all(main, fresh: list[discover.Tomodir], options: AddOptions, actor: queue.Actor, ids: Future, children) -> None:
+def _put_delivered(delivery: packers.Delivery, conn) -> archive.PackResult:
+    return store.put_stream(conn, delivery.write_to)
+
+
+def _settle(future: Future, fn: Callable[[], object]) -> None:
+    """Run ``fn`` for a future that nobody has settled yet, and settle it."""
+    if future.done():
+        return
+    try:
+        outcome = fn()
+    except BaseException as exc:  # handed to whoever reads the future
+        _fail(future, exc)
+    else:
+        with _SETTLING:
+            if not future.done():
+                future.set_result(outcome)
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    with _SETTLING:
+        if not future.done():
+            future.set_exception(error)
+
+
+_SETTLING = threading.Lock()
+
+
+def _register_all(main, fresh: list[discover.Tomodir], options: AddOptions, actor: queue.Actor, ids: Future) -> None:
     """The job rows of every tomodir without a .crh, in one (durable) commit; then every
-    thread and child that waits for its job id gets it."""
+    thread that waits for its job id gets it."""
     news = [_new_job(td, td.path.resolve(), control.control_path(td.path.resolve()), options, actor) for td in fresh]
     try:
         registered = dict(zip((td.path for td in fresh), queue.begin_registrations(main, news, actor)))
@@ -218,8 +325,6 @@ def _register_all(main, fresh: list[discover.Tomodir], options: AddOptions, acto
         ids.set_exception(exc)
         raise
     ids.set_result(registered)
-    for child in children:
-        child.send(registered)
 
 
 def _queue_in_order(main, futures: list[Future], actor: queue.Actor, report: AddReport, progress) -> None:
@@ -249,12 +354,14 @@ def _add_one(
     report: AddReport,
     finish=None,
     registered: Callable[[], int] | None = None,
+    put: Callable | None = None,
 ) -> Added | None:
-    """``registered``: the job row is made elsewhere (by :func:`queue.begin_registrations`)."""
+    """``registered``: the job row is made elsewhere (by :func:`queue.begin_registrations`);
+    ``put(conn)``: stores the archive packed elsewhere (by a helper process)."""
     path = td.path.resolve()
     crh = control.control_path(path)
     if registered is not None:
-        return _register_reporting(conn, td, path, crh, options, actor, report, registered=registered, finish=finish)
+        return _register_reporting(conn, td, path, crh, options, actor, report, registered=registered, finish=finish, put=put)
     if crh.exists() and not options.force:
         try:
             existing = control.read(crh)
@@ -270,9 +377,9 @@ def _add_one(
     return _register_reporting(conn, td, path, crh, options, actor, report, finish=finish)
 
 
-def _register_reporting(conn, td, path, crh, options, actor, report, *, resume_id=None, registered=None, finish=None) -> Added | None:
+def _register_reporting(conn, td, path, crh, options, actor, report, *, resume_id=None, registered=None, finish=None, put=None) -> Added | None:
     try:
-        return _register(conn, td, path, crh, options, actor, report, resume_id=resume_id, registered=registered, finish=finish)
+        return _register(conn, td, path, crh, options, actor, report, resume_id=resume_id, registered=registered, finish=finish, put=put)
     except Duplicate as dup:
         report.skipped.append((path, f"the same content is already queued or running as job {dup.job_id}"))
         return None
@@ -290,6 +397,7 @@ def _register(
     resume_id: int | None = None,
     registered: Callable[[], int] | None = None,
     finish=None,
+    put: Callable | None = None,
 ) -> Added:
     """Register one tomodir; without ``crh`` (the Python API's in-memory jobs) no .crh is written.
 
@@ -297,12 +405,13 @@ def _register(
     threads makes them all at once, while the threads already pack: the
     archive needs no job).  ``finish(conn, job_id, sha256, actor)`` makes
     the job claimable (default: at once); crh_add with threads defers it to
-    keep the queue order."""
+    keep the queue order.  ``put(conn)`` stores an archive a helper process
+    packed (default: pack ``path`` here)."""
     job_id: int | None = resume_id
     if job_id is None and registered is None:
         job_id = queue.begin_registration(conn, _new_job(td, path, crh, options, actor), actor)
     pause_point("add:registered")
-    packed = store.put_tree(conn, path)
+    packed = put(conn) if put is not None else store.put_tree(conn, path)
     pause_point("add:uploaded")
     if job_id is None:
         job_id = registered()

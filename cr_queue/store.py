@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -85,6 +85,10 @@ _HAS = "SELECT EXISTS (SELECT 1 FROM blobs WHERE sha256 = %s AND complete)"
 _NEW_FILE_BLOB = "INSERT INTO blobs (location) VALUES ('dir') RETURNING id"
 
 
+# Writes an archive to the file object it is given and describes it.
+Produce = Callable[[archive.Writable], archive.PackResult]
+
+
 class BlobMissing(Exception):
     """An archive a job refers to is not (or no longer) stored."""
 
@@ -97,6 +101,8 @@ class Store(Protocol):
     kind: str
 
     def put_tree(self, conn: psycopg.Connection, root, *, members=None) -> archive.PackResult: ...
+
+    def put_stream(self, conn: psycopg.Connection, produce: Produce) -> archive.PackResult: ...
 
     def fetch(self, conn: psycopg.Connection, sha256: str, dst: BinaryIO) -> int: ...
 
@@ -289,9 +295,13 @@ class DatabaseStore:
 
     def put_tree(self, conn: psycopg.Connection, root, *, members=None, chunk_size: int = CHUNK_SIZE) -> archive.PackResult:
         """Pack a directory straight into the database in one streaming pass."""
+        return self.put_stream(conn, lambda out: archive.pack(root, out, members=members), chunk_size=chunk_size)
+
+    def put_stream(self, conn: psycopg.Connection, produce: Produce, *, chunk_size: int = CHUNK_SIZE) -> archive.PackResult:
+        """Store the archive that ``produce`` writes (and describes in the PackResult it returns)."""
         writer = BlobWriter(conn, chunk_size=chunk_size)
         try:
-            result = archive.pack(root, writer, members=members)
+            result = produce(writer)
         except BaseException:
             try:
                 writer.abort()
@@ -356,6 +366,10 @@ class DirectoryStore:
         self._checked.add(mode)
 
     def put_tree(self, conn: psycopg.Connection, root, *, members=None, chunk_size: int = CHUNK_SIZE) -> archive.PackResult:
+        return self.put_stream(conn, lambda out: archive.pack(root, out, members=members))
+
+    def put_stream(self, conn: psycopg.Connection, produce: Produce, *, chunk_size: int = CHUNK_SIZE) -> archive.PackResult:
+        """Store the archive that ``produce`` writes (and describes in the PackResult it returns)."""
         self.check(write=True)
         tmp = self.path / f".tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}.part"
         try:
@@ -367,7 +381,7 @@ class DirectoryStore:
             ) from exc
         try:
             with open(fd, "wb", buffering=0, closefd=True) as fh:
-                result = archive.pack(root, fh, members=members)
+                result = produce(fh)
                 os.fsync(fh.fileno())
             final = self.file_of(result.sha256)
             final.parent.mkdir(exist_ok=True)
@@ -455,6 +469,12 @@ def _user() -> str:
 def put_tree(conn: psycopg.Connection, root, *, members=None, chunk_size: int = CHUNK_SIZE) -> archive.PackResult:
     """Pack a directory into the connection's store in one streaming pass."""
     return of(conn).put_tree(conn, root, members=members, chunk_size=chunk_size)
+
+
+def put_stream(conn: psycopg.Connection, produce: Produce) -> archive.PackResult:
+    """Store an archive packed elsewhere (crh_add's helper processes, see packers.py):
+    ``produce(out)`` writes it to ``out`` and returns its PackResult."""
+    return of(conn).put_stream(conn, produce)
 
 
 def exists(conn: psycopg.Connection, sha256: str) -> bool:

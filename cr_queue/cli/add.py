@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .. import add as add_service
-from .common import DURATION, GROUP, Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
-from .entry import command_process
+from .. import discover, packers
+from .common import (
+    DURATION,
+    GROUP,
+    Output,
+    db_option,
+    fail,
+    handle_errors,
+    open_db,
+    output_options,
+    setup_logging,
+)
+from .entry import command_process, load_module
+
+if TYPE_CHECKING:
+    from .. import add as add_service
 
 
 @click.command("add")
@@ -35,7 +49,6 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
     never changed.  Run crh_retrieve in the same tree later.
     """
     setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     paths = list(paths) or [Path(".")]
     for path in paths:
         # A mistyped path is a usage error: register nothing rather than half of what was meant.
@@ -43,7 +56,13 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
             fail(f"{path}: no such directory; check the path (crh_add takes directories holding tomodirs)")
         if not path.is_dir():
             fail(f"{path}: not a directory; give the tomodir or a directory above it")
-    found = add_service.plan(paths)
+    found = discover.discover(paths)
+    # The helpers start packing now, while this process imports the database
+    # driver (most of its start-up) and connects: see packers.py.
+    helpers = None
+    if not dry_run and not local and command_process():
+        helpers = packers.start(found.todo, force=force, processes=packers.default_processes())
+    add_service = load_module("cr_queue.add")
     options = add_service.AddOptions(
         force=force,
         dry_run=dry_run,
@@ -52,8 +71,17 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
         threads=threads,
         timeout_s=int(timeout_s) if timeout_s is not None else None,
         max_attempts=max_attempts,
-        processes=add_service.default_processes() if command_process() else 1,
     )
+    try:
+        _add(Output(json=as_json, quiet=quiet), paths, found, helpers, options, local, local_jobs, threads, crtomo, crmod, db_url)
+    finally:
+        if helpers is not None:
+            helpers.close()
+
+
+def _add(out: Output, paths, found, helpers, options, local, local_jobs, threads, crtomo, crmod, db_url) -> None:
+    add_service = load_module("cr_queue.add")
+    dry_run, group = options.dry_run, options.group
     if local and not dry_run:
         if group:
             fail("--local puts the jobs in a private group of their own; leave out --group")
@@ -68,13 +96,14 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
             _settings, database = open_db(db_url)
             if out.interactive:
                 with click.progressbar(length=len(found.todo), label="adding", file=click.get_text_stream("stderr")) as bar:
-                    report = add_service.add(database, paths, options, found=found, progress=lambda _item: bar.update(1))
+                    report = add_service.add(database, paths, options, found=found, helpers=helpers, progress=lambda _item: bar.update(1))
             else:
                 report = add_service.add(
                     database,
                     paths,
                     options,
                     found=found,
+                    helpers=helpers,
                     progress=lambda item: out.line(
                         f"{'resumed' if item.resumed else 'queued'} job {item.job_id} "
                         f"({'+'.join(item.steps)}, {item.size / 1e6:.1f} MB): {item.path}"

@@ -19,17 +19,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-import psycopg
 
-from .. import archive, config, db
+from .. import archive, config
 
 if TYPE_CHECKING:
-    from .. import jobs
+    from .. import db, jobs
 
-# Errors whose message is the whole story, besides config's and db's: (module, class).
-# Those modules are imported only by the commands that use them (crh_add and
-# crh_retrieve need neither), and none of their errors can occur before they are.
-_LAZY_ERRORS = (("cr_queue.solvers", "SolverError"), ("cr_queue.embedded", "EmbeddedError"))
+# Errors whose message is the whole story, besides config's: (module, class).
+# Those modules are imported only by the commands that use them (crh_add forks
+# its helpers before it imports the database driver; crh_add and crh_retrieve
+# need no solvers), and none of their errors can occur before they are.
+_LAZY_ERRORS = (
+    ("cr_queue.db", "DatabaseError"),
+    ("cr_queue.solvers", "SolverError"),
+    ("cr_queue.embedded", "EmbeddedError"),
+)
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -37,7 +41,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
     Evaluated whenever an exception leaves a command (the SystemExit of every
     normal end included), so it imports nothing."""
-    found: list[type[BaseException]] = [config.ConfigError, db.DatabaseError]
+    found: list[type[BaseException]] = [config.ConfigError]
     for module, name in _LAZY_ERRORS:
         error = getattr(sys.modules.get(module), name, None)
         if error is not None:
@@ -87,24 +91,35 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except expected_errors() as exc:
             fail(str(exc), 2)
-        except psycopg.errors.InsufficientPrivilege as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "permission denied"
-            fail(
-                f"the database refused this role: {detail}. Ask the admin to grant it the right "
-                "role: `crh db grant-user NAME` for a scientist, `crh db grant-worker NAME` for a "
-                "compute node (see docs/security.md).",
-                2,
-            )
-        except psycopg.OperationalError as exc:
-            detail = config.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost")
-            fail(
-                f"lost the connection to the database ({detail}). Nothing was left half-done: "
-                "run the command again once the database is back (crh_add resumes interrupted "
-                "registrations, crh_retrieve interrupted retrievals).",
-                2,
-            )
+        except Exception as exc:
+            _database_error(exc)
+            raise
 
     return wrapper
+
+
+def _database_error(exc: Exception) -> None:
+    """Exit with a message for the driver's errors that mean "ask the admin" or "try again";
+    return for anything else.  (The driver is not imported before a command needs it.)"""
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None:
+        return
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "permission denied"
+        fail(
+            f"the database refused this role: {detail}. Ask the admin to grant it the right "
+            "role: `crh db grant-user NAME` for a scientist, `crh db grant-worker NAME` for a "
+            "compute node (see docs/security.md).",
+            2,
+        )
+    if isinstance(exc, psycopg.OperationalError):
+        detail = config.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost")
+        fail(
+            f"lost the connection to the database ({detail}). Nothing was left half-done: "
+            "run the command again once the database is back (crh_add resumes interrupted "
+            "registrations, crh_retrieve interrupted retrievals).",
+            2,
+        )
 
 
 def db_option(fn: Callable) -> Callable:
@@ -139,6 +154,8 @@ def setup_logging(level: str) -> None:
 
 
 def open_db(db_url: str | None, **settings_kw: Any) -> tuple[config.Settings, db.Database]:
+    from .. import db
+
     settings = config.load(db=db_url, **settings_kw)
     # The caps of safe extraction this installation chose ([archive] in the config).
     archive.set_default_limits(archive.Limits(**config.archive_limits(settings)))

@@ -28,15 +28,21 @@ _command_process = False
 
 
 def load(spec: str) -> Any:
-    """``.module:attribute`` relative to cr_queue.cli; in a command's process,
-    imported with the cyclic GC held off and the result frozen."""
+    """``.module:attribute`` relative to cr_queue.cli, imported by :func:`load_module`."""
     module, _, attribute = spec.partition(":")
+    return getattr(load_module(module, __package__), attribute)
+
+
+def load_module(name: str, package: str | None = None) -> Any:
+    """Import a module; in a command's process with the cyclic GC held off and the
+    result frozen (a command imports what it needs only once it needs it: crh_add
+    forks its helpers before it imports the database driver)."""
     if not _command_process:
-        return getattr(importlib.import_module(module, __package__), attribute)
+        return importlib.import_module(name, package)
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return getattr(importlib.import_module(module, __package__), attribute)
+        return importlib.import_module(name, package)
     finally:
         # What the imports made lives until exit: keep later collections from walking it.
         gc.freeze()
