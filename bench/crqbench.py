@@ -133,7 +133,7 @@ class Context:
             if key.startswith(("CRH_", "CRQ_BENCH_")):
                 del env[key]
         bl.bytecode_env(env, self.work)
-        config = self.work / f"config-{'dir' if store_path else 'db'}.toml"
+        config = self.work / f"config-{store_path.name if store_path else 'db'}.toml"
         config.write_text(f'[store]\npath = "{store_path}"\n' if store_path else "")
         env.update(
             {
