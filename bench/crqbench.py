@@ -386,6 +386,7 @@ def time_retrieve(
     dests = [ctx.work / f"untar-{rep}" for rep in range(reps)]
     for dest in dests:
         dest.mkdir()
+    ctx.cluster.checkpoint()
     bl.settle(wait=not ctx.smoke)
     t_untar, t_ret = [], []
     for rep, dest in enumerate(dests):
@@ -429,6 +430,7 @@ def bench_add_retrieve(ctx: Context, store_kind: str, rows: set[str]) -> None:
             store_path.mkdir()
         bl.sh(f"cp -a {tree} {copy}")
     envs = [ctx.env(url, store_path=store_path) for url, store_path in zip(urls, store_paths)]
+    ctx.cluster.checkpoint()
     bl.settle(wait=not ctx.smoke)
     for env, copy in zip(envs, copies):
         bl.settle(wait=False)
