@@ -123,7 +123,7 @@ ADD_THREADS = 3
 THREADS_WITH_HELPERS = 2
 # A helper's archive up to this size is read whole and stored by whichever parent
 # thread is free; a larger one is streamed into the store as it arrives.
-DELIVERY_IN_MEMORY = 16 << 20
+DELIVERY_IN_MEMORY = 8 << 20
 
 
 class _Indices:

@@ -42,9 +42,10 @@ _FRAME = struct.Struct("=BIQ")  # kind, tomodir index, payload length
 _TAKEN, _DATA, _DONE, _FAILED = 1, 2, 3, 4
 PR_SET_PDEATHSIG = 1
 F_SETPIPE_SZ = 1031
-# What a helper holds while the parent is not reading (it is still starting up):
-# a 100 MB tree of tomodirs packs to about 15 MB.
-BUDGET = 64 << 20
+# What a helper holds while the parent is not reading (it is still starting up:
+# about 30 one-megabyte tomodirs get packed meanwhile, 4 MB), and what the
+# parent holds of archives read whole but not yet stored.
+BUDGET = 32 << 20
 PIECE = 1 << 20
 
 
@@ -454,6 +455,8 @@ def _run_helper(parent: int, paths: dict[int, Path], tokens: Tokens, up_w: int, 
     code = 1
     try:
         _die_with(parent)
+        # Ctrl-C reaches the whole process group: the parent decides (and kills us).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         tokens.after_fork(child=True)
         outbox = _Outbox(up_w, budget)
         while (index := tokens.take()) is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import socket
@@ -165,6 +166,35 @@ def test_pipeline_through_the_commands_with_a_directory_store(tmp_path: Path, cl
         locations = {r[0] for r in conn.execute("SELECT DISTINCT location FROM blobs")}
     assert locations == {"dir"}
     assert len(list(root.glob("*/*.tar.zst"))) == 4  # two inputs, two results
+
+
+@pytest.mark.parametrize("kind", ["db", "dir"])
+def test_crh_add_with_helper_processes_stores_and_queues_every_tomodir_in_order(
+    kind: str, tmp_path: Path, cli_env: dict[str, str], db_url: str
+) -> None:
+    """Twelve tomodirs: on two or more CPUs crh_add forks a helper that packs
+    part of them (packers.py); whoever packed it, each archive is stored whole
+    under its hash, and the jobs are queued in the order the tomodirs were found."""
+    root = tmp_path / "shared"
+    root.mkdir()
+    cfg = tmp_path / "crq.toml"
+    cfg.write_text(f'[store]\npath = "{root}"\n' if kind == "dir" else "")
+    env = {**cli_env, "CRH_CONFIG": str(cfg)}
+    work = tmp_path / "work"
+    tomodirs = [synth.make_tomodir(work / f"td_{i:02d}", "inv", nx=12, nz=6, seed=i) for i in range(12)]
+    run([script("crh_add"), "--quiet"], env, cwd=work)
+    with psycopg.connect(db_url) as conn:
+        jobs = conn.execute("SELECT source_path, status, input_sha256 FROM inversions ORDER BY fair_rank, id").fetchall()
+        locations = {r[0] for r in conn.execute("SELECT DISTINCT location FROM blobs")}
+        db = _db(db_url, root if kind == "dir" else None)
+        with db.connect("test") as reader:
+            for td, (source, status, sha) in zip(tomodirs, jobs):
+                assert (source, status) == (str(td), "queued")
+                assert json.loads(td.with_suffix(".crh").read_text())["archive_sha256"] == sha
+                out = io.BytesIO()
+                store.fetch(reader, sha, out)  # verifies the hash
+                assert sha == archive.pack(td, io.BytesIO()).sha256, "the same bytes as packing here"
+    assert len(jobs) == 12 and locations == {kind}
 
 
 # -------------------------------------------------------- garbage collection
