@@ -60,7 +60,7 @@ ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim"
 @dataclass
 class Sizes:
     tree_bytes: int
-    reps: int
+    reps: int  # of each timed add and retrieve run: medians of 5 are steadier on a shared machine
     dispatch_n: int
     overhead_n: int
     herd_workers: int
@@ -74,7 +74,7 @@ class Sizes:
     many_jobs: int
 
 
-FULL = Sizes(100_000_000, 3, 100, 100, 8, 40, 400, 10, 100_000, 1000, 1_000_000_000, 32, 2000)
+FULL = Sizes(100_000_000, 5, 100, 100, 8, 40, 400, 10, 100_000, 1000, 1_000_000_000, 32, 2000)
 SMOKE = Sizes(2_000_000, 1, 5, 10, 2, 4, 16, 1, 2_000, 50, 20_000_000, 3, 30)
 
 
