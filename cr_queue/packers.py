@@ -202,7 +202,6 @@ class Delivery:
                     self.finished = True
                     return True
                 elif kind == _FAILED:
-                    self.finished = True
                     raise pickle.loads(payload)
                 else:
                     raise RuntimeError(f"a helper of crh_add sent an unknown frame ({kind})")

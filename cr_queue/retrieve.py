@@ -175,7 +175,7 @@ def _retrieve_one(conn, job: queue.Job, cf: control.ControlFile, crh: Path, tomo
 
 
 class _Pool:
-    """RETRIEVE_THREADS threads with a connection each, for downloads only (they write nothing)."""
+    """RETRIEVE_THREADS threads with a connection each, each bringing back whole tomodirs (:func:`_retrieve_one`)."""
 
     def __init__(self, db: Database) -> None:
         self._db = db

@@ -73,14 +73,13 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
         max_attempts=max_attempts,
     )
     try:
-        _add(Output(json=as_json, quiet=quiet), paths, found, helpers, options, local, local_jobs, threads, crtomo, crmod, db_url)
+        _add(add_service, Output(json=as_json, quiet=quiet), paths, found, helpers, options, local, local_jobs, threads, crtomo, crmod, db_url)
     finally:
         if helpers is not None:
             helpers.close()
 
 
-def _add(out: Output, paths, found, helpers, options, local, local_jobs, threads, crtomo, crmod, db_url) -> None:
-    add_service = load_module("cr_queue.add")
+def _add(add_service, out: Output, paths, found, helpers, options, local, local_jobs, threads, crtomo, crmod, db_url) -> None:
     dry_run, group = options.dry_run, options.group
     if local and not dry_run:
         if group:
