@@ -124,6 +124,10 @@ THREADS_WITH_HELPERS = 2
 # A helper's archive up to this size is read whole and stored by whichever parent
 # thread is free; a larger one is streamed into the store as it arrives.
 DELIVERY_IN_MEMORY = 8 << 20
+# Archives read whole that one parent thread stores together (store.put_many): as
+# many as have arrived, up to this.  Measured: five round trips for a batch instead
+# of six per archive halves the client's and the server's work per archive.
+STORE_BATCH = 16
 
 
 class _Indices:
@@ -188,25 +192,56 @@ def _add_parallel(
         )
         return item, deferred, own.problems, own.skipped
 
+    def one_stored(index: int, packed: archive.PackResult, duplicate: int | None):
+        """:func:`one` for a tomodir whose archive :func:`store_batch` stored."""
+        td = todo[index]
+        path = td.path.resolve()
+        deferred: list[tuple[int, str]] = []
+        own = AddReport()
+        item = _skipping_duplicates(path, own, lambda: _stored(
+            conn_of(), td, path, control.control_path(path), ids.result()[td.path], packed, actor, own,
+            duplicate=duplicate, finish=lambda _c, job_id, sha, _a: deferred.append((job_id, sha)),
+        ))
+        return item, deferred, own.problems, own.skipped
+
     inbox = packers.Inbox(len(helpers.helpers) if helpers is not None else 0)
 
     def from_helper(delivery: packers.Delivery) -> None:
         """Register a tomodir whose archive a helper packed, storing what it sent."""
         _settle(futures[delivery.index], functools.partial(one, delivery.index, functools.partial(_put_delivered, delivery)))
 
-    def store_delivered(delivery: packers.Delivery) -> None:
+    def store_batch(batch: list[packers.Delivery]) -> None:
+        """Register tomodirs whose archives a helper sent whole: stored together, their
+        duplicates looked up together, then each one's .crh and report."""
         try:
-            from_helper(delivery)
+            unsettled = [d for d in batch if not futures[d.index].done()]
+            if not unsettled:
+                return
+            conn = conn_of()
+            try:
+                store.put_many(conn, [d.packed() for d in unsettled])
+                job_ids = ids.result()
+                duplicates = queue.find_duplicates(
+                    conn, actor.host,
+                    [(job_ids[todo[d.index].path], str(todo[d.index].path.resolve()), d.result.sha256) for d in unsettled],
+                )
+            except BaseException as exc:  # handed to whoever reads the futures
+                for d in unsettled:
+                    _fail(futures[d.index], exc)
+                return
+            for d in unsettled:
+                duplicate = duplicates[job_ids[todo[d.index].path]]
+                _settle(futures[d.index], functools.partial(one_stored, d.index, d.result, duplicate))
         finally:
-            inbox.done(delivery)
+            inbox.done(batch)
 
     def work() -> None:
         """A parent thread: what the helpers packed first (it is ready and holds memory),
         then tomodirs that need the database first, then new ones as they come."""
         while not stop.is_set():
-            delivery = inbox.get(wait=False)
-            if delivery is not None:
-                store_delivered(delivery)
+            batch = inbox.take(STORE_BATCH, wait=False)
+            if batch:
+                store_batch(batch)
                 continue
             index = others.take()
             if index is None:
@@ -214,10 +249,10 @@ def _add_parallel(
             if index is not None:
                 _settle(futures[index], functools.partial(one, index))
                 continue
-            delivery = inbox.get(wait=True)
-            if delivery is None:
+            batch = inbox.take(STORE_BATCH, wait=True)
+            if not batch:
                 return
-            store_delivered(delivery)
+            store_batch(batch)
 
     def receive(helper: packers.Helper) -> None:
         """Read what one helper packed as it arrives: a small archive whole, for any
@@ -392,8 +427,14 @@ def _add_one(
 
 
 def _register_reporting(conn, td, path, crh, options, actor, report, *, resume_id=None, registered=None, finish=None, put=None) -> Added | None:
+    return _skipping_duplicates(
+        path, report, lambda: _register(conn, td, path, crh, options, actor, report, resume_id=resume_id, registered=registered, finish=finish, put=put)
+    )
+
+
+def _skipping_duplicates(path: Path, report: AddReport, register: Callable[[], Added]) -> Added | None:
     try:
-        return _register(conn, td, path, crh, options, actor, report, resume_id=resume_id, registered=registered, finish=finish, put=put)
+        return register()
     except Duplicate as dup:
         report.skipped.append((path, f"the same content is already queued or running as job {dup.job_id}"))
         return None
@@ -430,6 +471,14 @@ def _register(
     if job_id is None:
         job_id = registered()
     duplicate = queue.find_duplicate(conn, actor.host, str(path), packed.sha256, job_id)
+    return _stored(conn, td, path, crh, job_id, packed, actor, report, duplicate=duplicate, finish=finish, resumed=resume_id is not None)
+
+
+def _stored(
+    conn, td: discover.Tomodir, path: Path, crh: Path | None, job_id: int, packed: archive.PackResult,
+    actor: queue.Actor, report: AddReport, *, duplicate: int | None, finish=None, resumed: bool = False,
+) -> Added:
+    """The rest of a registration once the archive is stored and ``duplicate`` looked up."""
     if duplicate is not None:
         queue.drop_registration(conn, job_id)
         raise Duplicate(duplicate)
@@ -442,7 +491,7 @@ def _register(
             f"{path / rel}: a symlink pointing outside the tomodir was not sent with job {job_id}; "
             "replace it with the file it points to if the solver needs it, then crh_add --force"
         )
-    return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resume_id is not None)
+    return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resumed)
 
 
 def _new_job(td: discover.Tomodir, path: Path, crh: Path | None, options: AddOptions, actor: queue.Actor) -> queue.NewJob:

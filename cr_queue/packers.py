@@ -210,6 +210,11 @@ class Delivery:
             self.finished = True
             raise
 
+    def packed(self) -> tuple[list[bytes], archive.PackResult]:
+        """After :meth:`read` returned True: the archive's pieces and its PackResult."""
+        assert self.finished and self.result is not None
+        return self._pieces, self.result
+
     def skip(self) -> None:
         """Read past the rest of this archive (its tomodir failed before storing it)."""
         if not self.finished:
@@ -239,10 +244,10 @@ class Inbox:
             self._bytes += delivery.size
             self._cond.notify_all()
 
-    def done(self, delivery: Delivery) -> None:
-        """``delivery`` has been stored: its bytes no longer count."""
+    def done(self, deliveries: list[Delivery]) -> None:
+        """``deliveries`` have been stored: their bytes no longer count."""
         with self._cond:
-            self._bytes -= delivery.size
+            self._bytes -= sum(delivery.size for delivery in deliveries)
             self._cond.notify_all()
 
     def sender_finished(self) -> None:
@@ -256,12 +261,14 @@ class Inbox:
             self._closed = True
             self._cond.notify_all()
 
-    def get(self, wait: bool) -> Delivery | None:
-        """The next archive; None if there is none (``wait``: none will come any more)."""
+    def take(self, limit: int, wait: bool) -> list[Delivery]:
+        """Up to ``limit`` archives, oldest first; none if there are none (``wait``: none will come any more)."""
         with self._cond:
             while wait and not self._items and self._senders > 0 and not self._closed:
                 self._cond.wait()
-            return self._items.popleft() if self._items and not self._closed else None
+            if self._closed:
+                return []
+            return [self._items.popleft() for _ in range(min(limit, len(self._items)))]
 
 
 class _Discard:

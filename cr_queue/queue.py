@@ -240,11 +240,13 @@ def finish_registrations(conn: psycopg.Connection, done: list[tuple[int, str]], 
     return {row[0] for row in conn.execute(_FINISH_REGISTRATIONS, params).fetchall()}
 
 
-_DUPLICATE = """
-SELECT id FROM inversions
-WHERE source_computer = %s AND source_path = %s AND input_sha256 = %s
-  AND status IN ('queued', 'running') AND id <> %s
-ORDER BY id LIMIT 1
+_DUPLICATES = """
+SELECT r.job_id, (
+    SELECT j.id FROM inversions j
+    WHERE j.source_computer = %s AND j.source_path = r.source_path AND j.input_sha256 = r.sha256
+      AND j.status IN ('queued', 'running') AND j.id <> r.job_id
+    ORDER BY j.id LIMIT 1)
+FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS r(job_id, source_path, sha256)
 """
 
 _DROP_REGISTRATION = "DELETE FROM inversions WHERE id = %s AND status = 'registering'"
@@ -252,8 +254,15 @@ _DROP_REGISTRATION = "DELETE FROM inversions WHERE id = %s AND status = 'registe
 
 def find_duplicate(conn: psycopg.Connection, source_computer: str, source_path: str, sha256: str, job_id: int) -> int | None:
     """A job with the same content from the same directory that is still waiting or running."""
-    row = conn.execute(_DUPLICATE, (source_computer, source_path, sha256, job_id)).fetchone()
-    return row[0] if row else None
+    return find_duplicates(conn, source_computer, [(job_id, source_path, sha256)])[job_id]
+
+
+def find_duplicates(conn: psycopg.Connection, source_computer: str, jobs: list[tuple[int, str, str]]) -> dict[int, int | None]:
+    """:func:`find_duplicate` for many ``(job_id, source_path, sha256)`` in one statement: job_id -> duplicate or None."""
+    if not jobs:
+        return {}
+    ids, paths, shas = (list(column) for column in zip(*jobs))
+    return dict(conn.execute(_DUPLICATES, (source_computer, ids, paths, shas)).fetchall())
 
 
 def drop_registration(conn: psycopg.Connection, job_id: int) -> None:

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import conninfo, errors
 
-from cr_queue import add, queue, roles, store, synth
+from cr_queue import add, archive, queue, roles, store, synth
 from cr_queue.db import Database
 
 from .conftest import run, script
@@ -161,6 +161,33 @@ def test_knowing_the_hash_of_another_users_archive_gives_no_access(db_url, two_u
             queue.finish_registration(bob, job, sha, ACTOR)
         with pytest.raises(store.BlobMissing):
             store.fetch(bob, sha, io.BytesIO())
+
+
+def test_archives_stored_together_share_what_another_user_stored_after_comparison(db_url, logins, tmp_path):
+    """store.put_many (crh_add's helpers' batches): one of bob's archives is the same
+    bytes as one alice stored, which bob may not see.  The batch falls back to one
+    careful upload each: the database compares and shares alice's copy, the other
+    archive is stored; bob can read both, and nothing is stored twice."""
+    shared = synth.make_tomodir(tmp_path / "alice" / "td", "inv", seed=1)
+    own = synth.make_tomodir(tmp_path / "bob" / "td", "inv", seed=2)
+    with connect_as(db_url, ALICE) as alice:
+        sha = store.put_tree(alice, shared).sha256
+    packed = []
+    for tree in (shared, own):
+        buf = io.BytesIO()
+        result = archive.pack(tree, buf)
+        packed.append(([buf.getvalue()], result))
+    assert packed[0][1].sha256 == sha
+    with connect_as(db_url, BOB) as bob:
+        store.put_many(bob, packed)
+        for pieces, result in packed:
+            out = io.BytesIO()
+            store.fetch(bob, result.sha256, out)
+            assert out.getvalue() == pieces[0]
+    with psycopg.connect(db_url) as owner:
+        assert owner.execute("SELECT count(*) FROM blobs WHERE sha256 = %s", (sha,)).fetchone()[0] == 1
+        assert owner.execute("SELECT count(*) FROM blobs").fetchone()[0] == 2
+        assert owner.execute("SELECT count(*) FROM blob_owners").fetchone()[0] == 1
 
 
 def test_identical_archives_of_two_users_are_stored_once_and_shared_after_comparison(db_url, logins, tmp_path):

@@ -64,6 +64,52 @@ def test_failed_upload_leaves_no_blob(conn, tmp_path: Path) -> None:
     assert conn.execute("SELECT count(*) FROM binary_data").fetchone()[0] == 0
 
 
+def _in_memory(tree: Path, piece: int = 700) -> store.Packed:
+    """A tomodir's archive as crh_add's helpers deliver it: in pieces, with its PackResult."""
+    buf = io.BytesIO()
+    result = archive.pack(tree, buf)
+    data = buf.getvalue()
+    return [data[i : i + piece] for i in range(0, len(data), piece)], result
+
+
+@pytest.mark.parametrize("kind", ["db", "dir"])
+def test_archives_in_memory_are_stored_together_once_each(kind: str, db_url: str, tmp_path: Path) -> None:
+    """store.put_many: four archives, two of them the same bytes, one of them stored
+    before; each ends up stored once, whole, under its hash (the database store cut
+    into chunks as a streamed upload would be)."""
+    root = tmp_path / "crq"
+    root.mkdir()
+    trees = [synth.make_tomodir(tmp_path / f"td{i}", "inv", nx=12, nz=6, seed=i) for i in range(3)]
+    twin = tmp_path / "twin"
+    os.system(f"cp -a {trees[0]} {twin}")
+    packed = [_in_memory(t) for t in [*trees, twin]]
+    assert packed[0][1].sha256 == packed[3][1].sha256
+    chosen = store.DirectoryStore(root) if kind == "dir" else store.DatabaseStore()
+    with _db(db_url, root if kind == "dir" else None).connect("test") as conn:
+        store.put_tree(conn, trees[2])
+        chosen.put_many(conn, packed, chunk_size=1000)
+        rows = conn.execute("SELECT sha256, location, complete, size, n_chunks FROM blobs ORDER BY id").fetchall()
+        assert len(rows) == 3 and all(r[1:3] == (kind, True) for r in rows)
+        for pieces, result in packed:
+            assert _fetch(conn, result.sha256) == b"".join(pieces)
+            size, n_chunks = conn.execute("SELECT size, n_chunks FROM blobs WHERE sha256 = %s", (result.sha256,)).fetchone()
+            assert size == result.size
+            stored_before = result.sha256 == packed[2][1].sha256  # one 1 MiB chunk, by put_tree
+            assert n_chunks == (0 if kind == "dir" else 1 if stored_before else -(-size // 1000))
+    if kind == "dir":
+        assert sorted(p.name for p in root.rglob("*.tar.zst")) == sorted(f"{r[0]}.tar.zst" for r in rows)
+        assert not [p for p in root.iterdir() if p.name.endswith(".part")]
+
+
+def test_rechunk_cuts_pieces_at_the_chunk_size() -> None:
+    data = os.urandom(10_000)
+    for piece in (1, 999, 1000, 1001, 4096, 10_000):
+        pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
+        chunks = list(store._rechunk(pieces, 1000))
+        assert b"".join(chunks) == data
+        assert [len(c) for c in chunks] == [1000] * 10
+
+
 # ----------------------------------------------------------- directory store
 
 
