@@ -364,8 +364,9 @@ class DatabaseStore:
         for pieces, result in distinct.values():
             self.put_stream(conn, functools.partial(_replay, pieces, result), chunk_size=chunk_size)
 
-    def fetch(self, conn: psycopg.Connection, sha256: str, dst: BinaryIO) -> int:
-        return archive.copy_verified(chunks(conn, sha256), dst, sha256)
+    def fetch(self, conn: psycopg.Connection, sha256: str, dst: BinaryIO, *, row: tuple | None = None) -> int:
+        """``row``: the blob's ``_LOOKUP`` row where the caller has it (one round trip fewer)."""
+        return archive.copy_verified(chunks(conn, sha256, row=row), dst, sha256)
 
 
 DATABASE = DatabaseStore()
@@ -504,7 +505,7 @@ class DirectoryStore:
         if row is None:
             raise BlobMissing(f"archive {sha256[:12]} is not in the store")
         if row[3] == "db":
-            return DATABASE.fetch(conn, sha256, dst)
+            return DATABASE.fetch(conn, sha256, dst, row=row)
         return self.fetch_file(sha256, dst)
 
     def fetch_file(self, sha256: str, dst: BinaryIO) -> int:
@@ -606,9 +607,11 @@ def exists(conn: psycopg.Connection, sha256: str) -> bool:
     return bool(conn.execute(_HAS, (sha256,)).fetchone()[0])
 
 
-def chunks(conn: psycopg.Connection, sha256: str) -> Iterator[bytes]:
-    """Yield a database blob's chunks in order, a few at a time, in short statements."""
-    row = conn.execute(_LOOKUP, (sha256,)).fetchone()
+def chunks(conn: psycopg.Connection, sha256: str, *, row: tuple | None = None) -> Iterator[bytes]:
+    """Yield a database blob's chunks in order, a few at a time, in short statements
+    (``row``: its ``_LOOKUP`` row, if the caller has looked it up already)."""
+    if row is None:
+        row = conn.execute(_LOOKUP, (sha256,)).fetchone()
     if row is None:
         raise BlobMissing(f"archive {sha256[:12]} is not in the store")
     blob_id, n_chunks, _size, location = row
@@ -637,14 +640,16 @@ def fetch(conn: psycopg.Connection, sha256: str, dst: BinaryIO) -> int:
     if isinstance(chosen, DirectoryStore):
         return chosen.fetch(conn, sha256, dst)
     row = conn.execute(_LOOKUP, (sha256,)).fetchone()
-    if row is not None and row[3] == "dir":
+    if row is None:
+        raise BlobMissing(f"archive {sha256[:12]} is not in the store")
+    if row[3] == "dir":
         raise StoreUnavailable(
             errno.ENOENT,
             f"archive {sha256[:12]} is kept in a shared-directory store, but host {socket.gethostname()} has "
             "no [store] path configured; set [store] path in the config (the same directory the other "
             "hosts use) and make sure it is mounted here",
         )
-    return DATABASE.fetch(conn, sha256, dst)
+    return DATABASE.fetch(conn, sha256, dst, row=row)
 
 
 # --------------------------------------------------------- garbage collection
