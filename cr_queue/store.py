@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import psycopg
-from psycopg import errors
+from psycopg import errors, pq
 
 from . import archive
 
@@ -294,13 +294,33 @@ class BlobWriter:
         INSERT of a bytea array for the chunks).  A unique violation
         on the seal rolls it all back; :meth:`seal` then takes the careful path, which
         keeps the upload to compare it with the stored copy."""
-        with self._conn.transaction():
-            row = self._conn.execute(_NEW_BLOB_UNLESS_STORED, (sha256,)).fetchone()
+        conn = self._conn
+        if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            with conn.transaction():  # inside the caller's transaction: a savepoint
+                row = conn.execute(_NEW_BLOB_UNLESS_STORED, (sha256,)).fetchone()
+                if row is not None:
+                    self.blob_id = row[0]
+                    self._copy(batch)
+                    conn.execute(_SEAL, (sha256, self.size, raw_size, self._n_chunks, self.blob_id))
+            return sha256
+        # Three round trips, not five: BEGIN goes with the INSERT and COMMIT with the
+        # seal, in pipeline mode (COPY cannot be pipelined, so it runs between).
+        try:
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                row = conn.execute(_NEW_BLOB_UNLESS_STORED, (sha256,)).fetchone()
             if row is None:
+                conn.execute("COMMIT")
                 return sha256
             self.blob_id = row[0]
             self._copy(batch)
-            self._conn.execute(_SEAL, (sha256, self.size, raw_size, self._n_chunks, self.blob_id))
+            with conn.pipeline():
+                conn.execute(_SEAL, (sha256, self.size, raw_size, self._n_chunks, self.blob_id))
+                conn.execute("COMMIT")
+        except BaseException:
+            if not conn.closed and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+            raise
         return sha256
 
     def abort(self) -> None:
