@@ -1030,6 +1030,11 @@ def main() -> int:
             ]
             for name, fn in steps:
                 if name in rows:
+                    # Like the add/retrieve rows: the earlier rows' dirty buffers and
+                    # page cache written back, and a minute since the bench last
+                    # deleted files (workers create files per job; see settle()).
+                    cluster.checkpoint()
+                    bl.settle(wait=not ctx.smoke)
                     fn(ctx)
     finally:
         if not args.keep:
