@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,16 @@ def test_timeout_kills_the_solver_and_its_children(tmp_path: Path, waiting: str)
     with open(tmp_path / "log", "wb") as log:
         outcome = solvers.run_step(solver, tomodir, step="inv", threads=1, log=log, timeout=0.3)
     assert outcome.timed_out and not outcome.aborted
-    # Killed: gone, or a zombie until whoever inherited it reaps it.
-    try:
-        state = Path(f"/proc/{int(pids.read_text())}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        state = "gone"
+    # SIGKILLed with its group: soon gone, or a zombie until whoever inherited it reaps it.
+    stat = Path(f"/proc/{int(pids.read_text())}/stat")
+    for _ in range(100):
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("gone", "Z"):
+            break
+        time.sleep(0.05)
     assert state in ("gone", "Z")
 
 
