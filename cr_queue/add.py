@@ -192,15 +192,13 @@ def _add_parallel(
         )
         return item, deferred, own.problems, own.skipped
 
-    def one_stored(index: int, packed: archive.PackResult, duplicate: int | None):
+    def one_stored(index: int, path: Path, job_id: int, packed: archive.PackResult, duplicate: int | None):
         """:func:`one` for a tomodir whose archive :func:`store_batch` stored."""
-        td = todo[index]
-        path = td.path.resolve()
         deferred: list[tuple[int, str]] = []
         own = AddReport()
         item = _skipping_duplicates(path, own, lambda: _stored(
-            conn_of(), td, path, control.control_path(path), ids.result()[td.path], packed, actor, own,
-            duplicate=duplicate, finish=lambda _c, job_id, sha, _a: deferred.append((job_id, sha)),
+            conn_of(), todo[index], path, control.control_path(path), job_id, packed, actor, own,
+            duplicate=duplicate, finish=lambda _c, job, sha, _a: deferred.append((job, sha)),
         ))
         return item, deferred, own.problems, own.skipped
 
@@ -219,19 +217,19 @@ def _add_parallel(
                 return
             conn = conn_of()
             try:
+                paths = {d.index: todo[d.index].path.resolve() for d in unsettled}
                 store.put_many(conn, [d.packed() for d in unsettled])
-                job_ids = ids.result()
+                job_ids = {d.index: ids.result()[todo[d.index].path] for d in unsettled}
                 duplicates = queue.find_duplicates(
-                    conn, actor.host,
-                    [(job_ids[todo[d.index].path], str(todo[d.index].path.resolve()), d.result.sha256) for d in unsettled],
+                    conn, actor.host, [(job_ids[d.index], str(paths[d.index]), d.result.sha256) for d in unsettled]
                 )
             except BaseException as exc:  # handed to whoever reads the futures
                 for d in unsettled:
                     _fail(futures[d.index], exc)
                 return
             for d in unsettled:
-                duplicate = duplicates[job_ids[todo[d.index].path]]
-                _settle(futures[d.index], functools.partial(one_stored, d.index, d.result, duplicate))
+                job_id = job_ids[d.index]
+                _settle(futures[d.index], functools.partial(one_stored, d.index, paths[d.index], job_id, d.result, duplicates[job_id]))
         finally:
             inbox.done(batch)
 
