@@ -340,6 +340,15 @@ _compressors = threading.local()
 _buffers = threading.local()
 
 
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """One decompressor per thread, reused: a new one allocates its window
+    again, and those fresh pages cost more than decompressing a small result."""
+    found = getattr(_compressors, "decompressor", None)
+    if found is None:
+        found = _compressors.decompressor = zstandard.ZstdDecompressor()
+    return found
+
+
 def _compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
     """One compressor per thread and setting, reused: setting up zstd's
     context cost 1.4 ms per archive, a third of packing a 1 MB tomodir."""
@@ -446,11 +455,17 @@ class _ForwardReader:
 
     Decompression runs one block ahead in a thread (zstd releases the GIL),
     so it overlaps with writing files the way the two processes of
-    `zstd -d | tar -x` do; the queue bounds the memory to a few blocks."""
+    `zstd -d | tar -x` do; the queue bounds the memory to a few blocks.
+
+    Blocks are decompressed into buffers that are used again (a view from
+    :meth:`take` is good until the next call): a fresh megabyte per block
+    cost a page fault per 4 kB, as much CPU as the decompression itself."""
 
     def __init__(self, raw: BinaryIO, *, threaded: bool = True) -> None:
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=2)
+        self._queue: queue.Queue[tuple[bytearray, int] | BaseException] = queue.Queue(maxsize=2)
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._buffer: bytearray | None = None
         self._block = memoryview(b"")
         self._eof = False
         self.pos = 0
@@ -463,17 +478,24 @@ class _ForwardReader:
             self._thread = threading.Thread(target=self._decompress, args=(raw,), name="unpack-zstd", daemon=True)
             self._thread.start()
 
+    def _fill(self, raw: BinaryIO) -> tuple[bytearray, int]:
+        try:
+            buffer = self._free.get_nowait()
+        except queue.Empty:
+            buffer = bytearray(CHUNK)
+        return buffer, raw.readinto(buffer)
+
     def _decompress(self, raw: BinaryIO) -> None:
         try:
             while not self._stop.is_set():
-                data = raw.read(CHUNK)
-                self._put(data)
-                if not data:
+                buffer, n = self._fill(raw)
+                self._put((buffer, n))
+                if not n:
                     return
         except BaseException as e:  # handed to the reading thread
             self._put(e)
 
-    def _put(self, item: bytes | BaseException) -> None:
+    def _put(self, item: tuple[bytearray, int] | BaseException) -> None:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -487,13 +509,17 @@ class _ForwardReader:
             self._thread.join()
 
     def take(self, size: int) -> memoryview:
-        """Up to `size` bytes without copying; empty at the end of the stream."""
+        """Up to `size` bytes without copying, good until the next call; empty at the end of the stream."""
         if not self._block and not self._eof:
-            item = self._queue.get() if self._thread is not None else self._raw.read(CHUNK)
+            if self._buffer is not None:
+                self._block.release()
+                self._free.put(self._buffer)
+            item = self._queue.get() if self._thread is not None else self._fill(self._raw)
             if isinstance(item, BaseException):
                 raise item
-            self._eof = not item
-            self._block = memoryview(item)
+            self._buffer, n = item
+            self._eof = not n
+            self._block = memoryview(self._buffer)[:n]
         view = self._block[:size]
         self._block = self._block[len(view) :]
         self.pos += len(view)
@@ -509,7 +535,7 @@ class _ForwardReader:
         pieces = []
         got = 0
         while got < size and (view := self.take(size - got)):
-            pieces.append(view)
+            pieces.append(bytes(view))
             got += len(view)
         # tarfile takes a short header read for the end of the archive, and
         # zstd does not complain about a cut-off frame: remember it.
@@ -850,8 +876,10 @@ def _write_all(fd: int, view: memoryview) -> None:
 _THREAD_ABOVE = 2 * CHUNK
 
 
-def _size_of(src: BinaryIO) -> int:
+def _size_of(src: BinaryIO | memoryview) -> int:
     """Bytes left in a file, or "large" when that cannot be known (a pipe, a socket)."""
+    if isinstance(src, memoryview):
+        return src.nbytes
     try:
         return os.fstat(src.fileno()).st_size - src.tell()
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
@@ -859,7 +887,7 @@ def _size_of(src: BinaryIO) -> int:
 
 
 def unpack(
-    src: BinaryIO,
+    src: BinaryIO | memoryview,
     dest: Path,
     *,
     limits: Limits | None = None,
@@ -874,13 +902,14 @@ def unpack(
     Every file and symlink is written under a temporary name beside its
     target and renamed into place; `place`, when given, chooses that final
     name (see :data:`Place`), so a caller unpacking into a tree that already
-    holds files decides which of them a member may replace.  `size` is the
-    archive's length where the caller knows it (a spooled download has no
-    file to ask)."""
+    holds files decides which of them a member may replace.  `src` is a file
+    or the archive's bytes in memory (a :class:`~cr_queue.spool.Spool`'s view,
+    read in place); `size` is the archive's length where the caller knows it
+    and `src` is a file that cannot say (a pipe, a socket)."""
     dest = Path(dest)
     limits = default_limits if limits is None else limits
     dest.mkdir(parents=True, exist_ok=True)
-    reader = zstandard.ZstdDecompressor().stream_reader(
+    reader = _decompressor().stream_reader(
         src, read_size=CHUNK, read_across_frames=True, closefd=False
     )
     # A small archive is decompressed in this thread: the hand-over to a

@@ -21,15 +21,16 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from . import archive, control, queue, store, swap
+from .spool import Spool
 from .db import Database
 from .pause import pause_point
 
@@ -218,27 +219,26 @@ def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, it
     if job.result_sha256 is None:
         return
     # Typical results stay in memory; large ones spill to a file beside the tomodir.
-    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=parent, prefix=packed.name) as fh:
-        size = store.fetch(conn, job.result_sha256, fh)
+    with Spool(SPOOL_BYTES, parent, packed.name) as download:
+        size = store.fetch(conn, job.result_sha256, download)
         pause_point("retrieve:downloaded")
         try:
             swap.link_copy(tomodir, new)
         except swap.SwapUnsupported:
             _remove_tree(new)
-            _unpack_moving(fh, size, staging, tomodir, cf.manifest, item)
+            _unpack_moving(download.source(), size, staging, tomodir, cf.manifest, item)
             return
         try:
             # Straight into the copy: its files are the user's (same inodes), so
             # the placement rules see exactly what they would see in the tomodir.
-            fh.seek(0)
-            archive.unpack(fh, new, place=_Placement(cf.manifest, item), size=size)
+            archive.unpack(download.source(), new, place=_Placement(cf.manifest, item), size=size)
             (new / marker.name).touch()
             pause_point("retrieve:staged")
             swap.exchange(new, tomodir)
         except swap.SwapUnsupported:
             _remove_tree(new)
             item.files, item.conflicts = 0, []
-            _unpack_moving(fh, size, staging, tomodir, cf.manifest, item)
+            _unpack_moving(download.source(), size, staging, tomodir, cf.manifest, item)
             return
         except BaseException:
             _remove_tree(new)
@@ -247,12 +247,11 @@ def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, it
     swap.reconcile(new, tomodir)
 
 
-def _unpack_moving(fh, size: int, staging: Path, tomodir: Path, manifest: dict[str, list[int]], item: Item) -> None:
+def _unpack_moving(source: memoryview | BinaryIO, size: int, staging: Path, tomodir: Path, manifest: dict[str, list[int]], item: Item) -> None:
     """Where directories cannot be exchanged: unpack beside the tomodir, then move file by file."""
     try:
         staging.mkdir(mode=0o700)
-        fh.seek(0)
-        archive.unpack(fh, staging, size=size)
+        archive.unpack(source, staging, size=size)
         _merge(staging, tomodir, manifest, item)
     finally:
         _remove_tree(staging)

@@ -39,6 +39,7 @@ import psycopg
 
 from . import __version__, archive, queue, solvers, store
 from .db import Database, DatabaseError
+from .spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -719,11 +720,10 @@ class Worker:
     def _unpack_input(self, conn: psycopg.Connection, job: queue.Job, tmp: Path, tomodir: Path) -> None:
         # Typical inputs stay in memory between download and unpacking (a file
         # written, read back and removed was a tenth of a tiny job's overhead).
-        with tempfile.SpooledTemporaryFile(max_size=INPUT_SPOOL_BYTES, dir=tmp, prefix="input.tar.zst") as fh:
+        with Spool(INPUT_SPOOL_BYTES, tmp, "input.tar.zst") as fh:
             size = store.fetch(conn, job.input_sha256, fh)
-            fh.seek(0)
             tomodir.mkdir()
-            archive.unpack(fh, tomodir, size=size)
+            archive.unpack(fh.source(), tomodir, size=size)
 
     def _run_solvers(self, job: queue.Job, tomodir: Path, running: _Running) -> solvers.Verdict:
         timeout = job.timeout_s if job.timeout_s is not None else self.options.timeout_s

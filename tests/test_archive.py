@@ -103,6 +103,29 @@ def test_round_trip_keeps_content_empty_dirs_modes_and_mtimes(tmp_path: Path) ->
     assert result.members == len(names) == len(tree_state(src))
 
 
+@pytest.mark.parametrize("how", ["memory", "file, decompressed in a thread", "file, decompressed in line"])
+def test_headers_and_files_across_decompressed_blocks(tmp_path: Path, how: str, monkeypatch) -> None:
+    """Decompressed blocks are buffers used again: a header split between two
+    of them, or a file spanning several, must come out whole."""
+    long_name = "/".join(["d" * 200] * 4) + "/long.dat"  # a pax header of three blocks
+    first = os.urandom(archive.CHUNK - 3 * 512)  # its header and data end a block before the first edge
+    entries = [
+        (info("first.dat"), first),
+        (info(long_name), os.urandom(2 * archive.CHUNK + 99)),  # pax header data across the edge
+        (info("after.dat"), b"tail"),
+    ]
+    blob = hostile(*entries)
+    dest = tmp_path / "dest"
+    if how == "memory":
+        unpack(memoryview(blob), dest)
+    else:
+        if how.endswith("in line"):
+            monkeypatch.setattr(archive, "_THREAD_ABOVE", 1 << 62)
+        unpack(io.BytesIO(blob), dest, size=len(blob))
+    for ti, data in entries:
+        assert (dest / ti.name).read_bytes() == data
+
+
 def test_pack_reports_sizes_and_hash_of_bytes_written(tmp_path: Path) -> None:
     src = make_tomodir(tmp_path / "src")
     blob, result = pack_bytes(src)
