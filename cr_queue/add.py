@@ -15,7 +15,6 @@ and the user's directory is only read, never changed (the .crh is a sibling).
 
 from __future__ import annotations
 
-import collections
 import functools
 import os
 import threading
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import archive, control, discover, packers, queue, store
+from . import archive, control, discover, forks, packers, queue, store
 from .db import Database
 from .pause import pause_point
 
@@ -130,19 +129,6 @@ DELIVERY_IN_MEMORY = 8 << 20
 STORE_BATCH = 16
 
 
-class _Indices:
-    """The parent's own work list when there are no helpers (the same interface as packers.Tokens)."""
-
-    def __init__(self, indices) -> None:
-        self._left = collections.deque(indices)
-
-    def take(self) -> int | None:
-        try:
-            return self._left.popleft()
-        except IndexError:
-            return None
-
-
 def _add_parallel(
     db: Database, todo, options: AddOptions, actor: queue.Actor, report: AddReport, progress, helpers: packers.Packers | None
 ) -> AddReport:
@@ -173,8 +159,8 @@ def _add_parallel(
 
     fresh_indices = helpers.indices if helpers is not None else packers.unregistered(todo, options.force)
     fresh = {todo[i].path for i in fresh_indices}
-    others = _Indices(i for i in range(len(todo)) if todo[i].path not in fresh)
-    tokens = helpers.tokens if helpers is not None else _Indices(fresh_indices)
+    others = forks.Indices(i for i in range(len(todo)) if todo[i].path not in fresh)
+    tokens = helpers.tokens if helpers is not None else forks.Indices(fresh_indices)
     futures: list[Future] = [Future() for _ in todo]
     ids: Future[dict[Path, int]] = Future()
     stop = threading.Event()

@@ -24,9 +24,6 @@ delivered fail with :class:`HelperDied`.
 from __future__ import annotations
 
 import collections
-import ctypes
-import errno
-import fcntl
 import os
 import pickle
 import signal
@@ -35,13 +32,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import archive, control
+from . import archive, control, forks
 
-_TOKEN = struct.Struct("=I")
 _FRAME = struct.Struct("=BIQ")  # kind, tomodir index, payload length
 _TAKEN, _DATA, _DONE, _FAILED = 1, 2, 3, 4
-PR_SET_PDEATHSIG = 1
-F_SETPIPE_SZ = 1031
 # What a helper holds while the parent is not reading (it is still starting up:
 # about 30 one-megabyte tomodirs get packed meanwhile, 4 MB), and what the
 # parent holds of archives read whole but not yet stored.
@@ -84,71 +78,6 @@ def unregistered(todo: Sequence, force: bool) -> list[int]:
     ``.crh`` (all of them with ``force``).  The others need the database before
     anything else (resume or skip), so only the parent handles them."""
     return [i for i, td in enumerate(todo) if force or not control.control_path(td.path.resolve()).exists()]
-
-
-class Tokens:
-    """The indices still to pack, shared by the parent's threads and every helper."""
-
-    def __init__(self, indices: Sequence[int]) -> None:
-        self._r, w = os.pipe()
-        data = b"".join(_TOKEN.pack(i) for i in indices)
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, max(len(data), 4096))
-        except OSError:
-            pass  # larger than this system allows: the feeder thread writes the rest
-        os.set_blocking(w, False)
-        sent = 0
-        try:
-            while sent < len(data):
-                sent += os.write(w, data[sent:])
-        except BlockingIOError:
-            pass
-        self._rest = data[sent:]
-        self._w: int | None = w
-        if not self._rest:
-            os.close(w)
-            self._w = None
-
-    def after_fork(self, child: bool) -> None:
-        """In a helper: drop the write end.  In the parent: feed what did not fit, then close it."""
-        if self._w is None:
-            return
-        if child:
-            os.close(self._w)
-            self._w = None
-            return
-        threading.Thread(target=self._feed, name="crh_add-tokens", daemon=True).start()
-
-    def _feed(self) -> None:
-        w, self._w = self._w, None
-        os.set_blocking(w, True)
-        view = memoryview(self._rest)
-        try:
-            while view:
-                view = view[os.write(w, view) :]
-        except OSError:
-            pass  # everybody stopped reading: the command is ending
-        finally:
-            os.close(w)
-
-    def take(self) -> int | None:
-        """The next index, or None when every one has been taken."""
-        try:
-            raw = os.read(self._r, _TOKEN.size)
-        except OSError as exc:
-            if exc.errno == errno.EBADF:
-                return None
-            raise
-        if not raw:
-            return None
-        if len(raw) != _TOKEN.size:
-            raise RuntimeError(f"crh_add's work pipe gave a {len(raw)}-byte token")
-        return _TOKEN.unpack(raw)[0]
-
-    def close(self) -> None:
-        if self._r >= 0:
-            os.close(self._r)
-            self._r = -1
 
 
 class Delivery:
@@ -335,7 +264,7 @@ class Helper:
             return kind, index, payload
 
     def _died(self) -> HelperDied:
-        return HelperDied(f"a helper process of this command ended early ({_describe(self.wait())})")
+        return HelperDied(f"a helper process of this command ended early ({forks.describe(self.wait())})")
 
     def wait(self) -> int:
         """The helper's exit status (waits for it once)."""
@@ -360,7 +289,7 @@ class Packers:
 
     def __init__(self, roots: Sequence[Path], indices: Sequence[int], helpers: int, *, budget: int = BUDGET) -> None:
         self.indices = list(indices)
-        self.tokens = Tokens(self.indices)
+        self.tokens = forks.Tokens(self.indices)
         self.helpers: list[Helper] = []
         parent = os.getpid()
         paths = {i: roots[i] for i in self.indices}
@@ -461,10 +390,10 @@ class _Pieces:
             self._buf.clear()
 
 
-def _run_helper(parent: int, paths: dict[int, Path], tokens: Tokens, up_w: int, budget: int) -> None:
+def _run_helper(parent: int, paths: dict[int, Path], tokens: forks.Tokens, up_w: int, budget: int) -> None:
     code = 1
     try:
-        _die_with(parent)
+        forks.die_with(parent)
         # Ctrl-C reaches the whole process group: the parent decides (and kills us).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         tokens.after_fork(child=True)
@@ -485,16 +414,6 @@ def _run_helper(parent: int, paths: dict[int, Path], tokens: Tokens, up_w: int, 
         os._exit(code)
 
 
-def _die_with(parent: int) -> None:
-    """SIGKILL when the parent dies; if it died already, go now."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def _pickled(exc: BaseException) -> bytes:
     try:
         return pickle.dumps(exc)
@@ -511,9 +430,3 @@ def _write_all(fd: int, header: bytes, payload: bytes) -> None:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
-
-
-def _describe(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit status {os.waitstatus_to_exitcode(status)}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import archive, discover, packers, synth
+from cr_queue import archive, discover, forks, packers, synth
 
 
 def _tomodirs(root: Path, n: int) -> list[Path]:
@@ -100,7 +100,7 @@ def test_a_killed_helper_fails_exactly_what_it_had_taken(tmp_path):
 
 
 def test_tokens_beyond_what_a_pipe_holds_come_out_once_each_in_order():
-    tokens = packers.Tokens(range(300_000))
+    tokens = forks.Tokens(range(300_000))
     tokens.after_fork(child=False)
     try:
         got = []

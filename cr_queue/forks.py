@@ -1,0 +1,119 @@
+"""What the commands that fork helper processes share (crh_add's packers,
+crh_retrieve's second process): a work list the parent's threads and the
+helpers take from, each item exactly once, and helpers that die with their
+parent."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+
+_TOKEN = struct.Struct("=I")
+PR_SET_PDEATHSIG = 1
+F_SETPIPE_SZ = 1031
+
+
+class Tokens:
+    """The indices of the work still to do, shared by the parent's threads and every helper.
+
+    Every index is a 4-byte token in one pipe: a pipe read of 4 bytes takes one
+    whole token, and each token is read once, so every item is done exactly
+    once, by whoever is free first."""
+
+    def __init__(self, indices: Sequence[int]) -> None:
+        self._r, w = os.pipe()
+        data = b"".join(_TOKEN.pack(i) for i in indices)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, max(len(data), 4096))
+        except OSError:
+            pass  # larger than this system allows: the feeder thread writes the rest
+        os.set_blocking(w, False)
+        sent = 0
+        try:
+            while sent < len(data):
+                sent += os.write(w, data[sent:])
+        except BlockingIOError:
+            pass
+        self._rest = data[sent:]
+        self._w: int | None = w
+        if not self._rest:
+            os.close(w)
+            self._w = None
+
+    def after_fork(self, child: bool) -> None:
+        """In a helper: drop the write end.  In the parent: feed what did not fit, then close it."""
+        if self._w is None:
+            return
+        if child:
+            os.close(self._w)
+            self._w = None
+            return
+        threading.Thread(target=self._feed, name="crh-tokens", daemon=True).start()
+
+    def _feed(self) -> None:
+        w, self._w = self._w, None
+        os.set_blocking(w, True)
+        view = memoryview(self._rest)
+        try:
+            while view:
+                view = view[os.write(w, view) :]
+        except OSError:
+            pass  # everybody stopped reading: the command is ending
+        finally:
+            os.close(w)
+
+    def take(self) -> int | None:
+        """The next index, or None when every one has been taken."""
+        try:
+            raw = os.read(self._r, _TOKEN.size)
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                return None
+            raise
+        if not raw:
+            return None
+        if len(raw) != _TOKEN.size:
+            raise RuntimeError(f"the work pipe gave a {len(raw)}-byte token")
+        return _TOKEN.unpack(raw)[0]
+
+    def close(self) -> None:
+        if self._r >= 0:
+            os.close(self._r)
+            self._r = -1
+
+
+class Indices:
+    """A work list for the threads of one process (the same interface as :class:`Tokens`)."""
+
+    def __init__(self, indices: Iterable[int]) -> None:
+        self._left = collections.deque(indices)
+
+    def take(self) -> int | None:
+        try:
+            return self._left.popleft()
+        except IndexError:
+            return None
+
+
+def die_with(parent: int) -> None:
+    """SIGKILL when the parent dies; if it died already, go now."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def describe(status: int) -> str:
+    """A helper's wait status in words."""
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
