@@ -19,20 +19,20 @@ result is put beside it as ``NAME.crh-result`` and the report says so.
 from __future__ import annotations
 
 import os
+import queue as _queue
 import shutil
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from . import archive, control, queue, store, swap
-from .spool import Spool
+from . import archive, control, forks, queue, retrieve_helper, store, swap
 from .db import Database
 from .pause import pause_point
+from .spool import Spool
 
 CONFLICT_SUFFIX = ".crh-result"
 # Left inside a retrieved tomodir between the exchange and the end, so a rerun knows.
@@ -77,7 +77,12 @@ def retrieve(
     paths: Iterable[Path],
     *,
     progress: Callable[[Item], None] | None = None,
+    processes: int = 1,
 ) -> RetrieveReport:
+    """Bring back every finished job whose ``.crh`` is below ``paths``.
+
+    ``processes``: how many processes may share the work; more than one only
+    in a console script's own process, which may fork (see retrieve_helper.py)."""
     report = RetrieveReport()
     try:
         crh_files = control.find([Path(p) for p in paths])
@@ -92,74 +97,84 @@ def retrieve(
             report.problems.append(str(exc))
     if not controls:
         return report
-    actor = queue.Actor()
     conn = db.connect("crh_retrieve")
-    pool = _Pool(db) if len(controls) > 1 and RETRIEVE_THREADS > 1 and not os.environ.get("CRH_PAUSE_AT") else None
     try:
-        jobs = queue.get_jobs(conn, [cf.job_id for _, cf in controls])
-        work = []
-        for crh, cf in controls:
-            tomodir = crh.with_suffix("")
-            job = jobs.get(cf.job_id)
-            if job is None:
-                report.problems.append(
-                    f"{crh}: job {cf.job_id} is not in the database {db.redacted}, or belongs to another "
-                    "database login (each login sees only its own jobs). Retrieve with the database and "
-                    "login it was added with (--db or CRH_DATABASE_URL); "
-                    f"if that database is gone, delete {crh.name} and run crh_add again."
-                )
-                continue
-            item = Item(tomodir, job.id, job.status, job.failure_reason)
-            if job.status in PENDING:
-                report.pending.append(item)
-                continue
-            if job.status == "cancelled":
-                control.remove(crh)
-                report.cancelled.append(item)
-                if progress is not None:
-                    progress(item)
-                continue
-            args = (job, cf, crh, tomodir, item)
-            work.append((item, crh, pool.submit(_retrieve_one, *args) if pool else None, args))
-        done: list[tuple[Item, Path]] = []
-        settled_at = time.monotonic()
-
-        def settle() -> None:
-            """Flag a batch of brought-back jobs downloaded (one commit), then drop their markers and .crh files."""
-            nonlocal settled_at
-            settled_at = time.monotonic()
-            if not done:
-                return
-            queue.mark_downloaded_many(conn, [item.job_id for item, _ in done], actor)
-            for item, crh in done:
-                _finish(item.path, item.job_id)
-                control.remove(crh)
-                (report.retrieved if item.status == "finished" else report.failed).append(item)
-                if progress is not None:
-                    progress(item)
-            done.clear()
-
-        for item, crh, future, args in work:
-            if future is not None and not future.done() and time.monotonic() - settled_at >= SETTLE_EVERY_S:
-                settle()  # while the threads work on
-            problem = future.result() if future is not None else _retrieve_one(conn, *args)
-            if problem is not None:
-                report.problems.append(problem)
-                continue
-            done.append((item, crh))
-            if len(done) >= SETTLE_BATCH:
-                settle()
-        settle()
+        work = _sort_out(conn, db, controls, report, progress)
+        sink = _Report(report, progress)
+        if retrieve_helper.wanted(len(work), processes):
+            conn.close()  # a forked helper must not inherit a live connection
+            retrieve_helper.share(db, work, sink, _Runner, threads=RETRIEVE_THREADS)
+        elif work:
+            threads = 1 if len(work) == 1 or os.environ.get("CRH_PAUSE_AT") else RETRIEVE_THREADS
+            _Runner(db, conn, work, forks.Indices(range(len(work))).take, threads, sink).run()
     finally:
-        if pool is not None:
-            pool.close()
         conn.close()
+    order = {w.tomodir: i for i, w in enumerate(work)}
+    for items in (report.retrieved, report.failed):
+        items.sort(key=lambda item: order.get(item.path, -1))
     return report
 
 
-# Tomodirs brought back at the same time, each thread on its own connection:
-# a retrieval is mostly file-system calls and a commit, which release the GIL.
-# Measured in docs/performance.md.
+@dataclass
+class Work:
+    """One tomodir to bring back, as its ``.crh`` and the database describe it."""
+
+    job: queue.Job
+    cf: control.ControlFile
+    crh: Path
+    tomodir: Path
+    item: Item
+
+
+def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) -> list[Work]:
+    """The tomodirs to bring back; the others go into the report (pending, cancelled, unknown)."""
+    jobs = queue.get_jobs(conn, [cf.job_id for _, cf in controls])
+    work: list[Work] = []
+    for crh, cf in controls:
+        tomodir = crh.with_suffix("")
+        job = jobs.get(cf.job_id)
+        if job is None:
+            report.problems.append(
+                f"{crh}: job {cf.job_id} is not in the database {db.redacted}, or belongs to another "
+                "database login (each login sees only its own jobs). Retrieve with the database and "
+                "login it was added with (--db or CRH_DATABASE_URL); "
+                f"if that database is gone, delete {crh.name} and run crh_add again."
+            )
+            continue
+        item = Item(tomodir, job.id, job.status, job.failure_reason)
+        if job.status in PENDING:
+            report.pending.append(item)
+            continue
+        if job.status == "cancelled":
+            control.remove(crh)
+            report.cancelled.append(item)
+            if progress is not None:
+                progress(item)
+            continue
+        work.append(Work(job, cf, crh, tomodir, item))
+    return work
+
+
+class _Report:
+    """Where a settled tomodir or a problem goes in the process that reports (see retrieve_helper.Sink)."""
+
+    def __init__(self, report: RetrieveReport, progress: Callable[[Item], None] | None) -> None:
+        self._report = report
+        self._progress = progress
+
+    def item(self, index: int, item: Item) -> None:
+        (self._report.retrieved if item.status == "finished" else self._report.failed).append(item)
+        if self._progress is not None:
+            self._progress(item)
+
+    def problem(self, index: int, text: str) -> None:
+        self._report.problems.append(text)
+
+
+# Tomodirs brought back at the same time by one process (and as many again by
+# its helper, if it has one), each thread on its own connection: a retrieval
+# is mostly file-system calls and a commit, which release the GIL.  Measured
+# in docs/performance.md.
 RETRIEVE_THREADS = 3
 
 
@@ -174,40 +189,121 @@ SETTLE_BATCH = 64
 SETTLE_EVERY_S = 0.5
 
 
-def _retrieve_one(conn, job: queue.Job, cf: control.ControlFile, crh: Path, tomodir: Path, item: Item) -> str | None:
+class _Runner:
+    """One process's share of the work: threads bring back the tomodirs they
+    take (each on its own connection), and the calling thread settles them
+    (flags them downloaded, drops marker and ``.crh``) and hands each to the
+    sink.  Events from elsewhere (a helper process's reports) come through
+    :meth:`post` and are handed to ``foreign`` on the calling thread."""
+
+    def __init__(
+        self,
+        db: Database,
+        conn,
+        work: list[Work],
+        take: Callable[[], int | None],
+        threads: int,
+        sink,
+        *,
+        foreign: Callable[[tuple], None] | None = None,
+        sources: int = 0,
+    ) -> None:
+        self._db = db
+        self._conn = conn
+        self._work = work
+        self._take = take
+        self._threads = threads
+        self._sink = sink
+        self._foreign = foreign
+        self._sources = sources  # besides the threads: each posts ("end",) once
+        self._events: _queue.SimpleQueue[tuple] = _queue.SimpleQueue()
+        self._done: list[int] = []
+        self._stop = False
+        self._actor = queue.Actor()
+
+    def post(self, event: tuple) -> None:
+        self._events.put(event)
+
+    def run(self) -> None:
+        if self._threads <= 1 and not self._sources:
+            # One at a time in this thread: one tomodir, or a pause point that must be reached in order.
+            while (index := self._take()) is not None:
+                self._finished(index, _retrieve_one(self._conn, self._work[index]))
+                if len(self._done) >= SETTLE_BATCH:
+                    self._settle()
+            self._settle()
+            return
+        threads = [threading.Thread(target=self._bring_back, name="crh_retrieve", daemon=True) for _ in range(self._threads)]
+        for thread in threads:
+            thread.start()
+        try:
+            self._loop(len(threads) + self._sources)
+        finally:
+            self._stop = True
+            for thread in threads:
+                thread.join()
+
+    def _loop(self, sources: int) -> None:
+        settled_at = time.monotonic()
+        while sources:
+            wait = SETTLE_EVERY_S - (time.monotonic() - settled_at) if self._done else None
+            try:
+                event = self._events.get(timeout=max(wait, 0.0)) if wait is not None else self._events.get()
+            except _queue.Empty:
+                event = ("settle",)
+            kind = event[0]
+            if kind == "done":
+                self._finished(event[1], event[2])
+            elif kind == "end":
+                sources -= 1
+            elif kind == "error":
+                raise event[1]
+            elif kind != "settle" and self._foreign is not None:
+                self._foreign(event)
+            if self._done and (len(self._done) >= SETTLE_BATCH or time.monotonic() - settled_at >= SETTLE_EVERY_S):
+                self._settle()
+                settled_at = time.monotonic()
+        self._settle()
+
+    def _bring_back(self) -> None:
+        conn = None
+        try:
+            conn = self._db.connect("crh_retrieve")
+            while not self._stop and (index := self._take()) is not None:
+                self._events.put(("done", index, _retrieve_one(conn, self._work[index])))
+        except BaseException as exc:  # noqa: BLE001 - raised again by the settling thread
+            self._events.put(("error", exc))
+        finally:
+            if conn is not None:
+                conn.close()
+            self._events.put(("end",))
+
+    def _finished(self, index: int, problem: str | None) -> None:
+        if problem is not None:
+            self._sink.problem(index, problem)
+        else:
+            self._done.append(index)
+
+    def _settle(self) -> None:
+        """Flag a batch of brought-back jobs downloaded (one commit), then drop their markers and .crh files."""
+        if not self._done:
+            return
+        done = [self._work[i] for i in self._done]
+        queue.mark_downloaded_many(self._conn, [w.item.job_id for w in done], self._actor)
+        for index, w in zip(self._done, done):
+            _finish(w.tomodir, w.item.job_id)
+            control.remove(w.crh)
+            self._sink.item(index, w.item)
+        self._done.clear()
+
+
+def _retrieve_one(conn, w: Work) -> str | None:
     """Bring one job's result into its tomodir; a problem to report, or None."""
     try:
-        _bring_back(conn, job, cf, tomodir, item)
+        _bring_back(conn, w.job, w.cf, w.tomodir, w.item)
     except (archive.ArchiveError, store.BlobMissing) as exc:
-        return f"{crh}: job {job.id}'s result cannot be used: {exc}"
+        return f"{w.crh}: job {w.job.id}'s result cannot be used: {exc}"
     return None
-
-
-class _Pool:
-    """RETRIEVE_THREADS threads with a connection each, each bringing back whole tomodirs (:func:`_retrieve_one`)."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self._local = threading.local()
-        self._conns: list = []
-        self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(RETRIEVE_THREADS, thread_name_prefix="crh_retrieve")
-
-    def _conn(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._db.connect("crh_retrieve")
-            with self._lock:
-                self._conns.append(conn)
-        return conn
-
-    def submit(self, fn, *args):
-        return self._executor.submit(lambda: fn(self._conn(), *args))
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        for conn in self._conns:
-            conn.close()
 
 
 def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, item: Item) -> None:
@@ -359,13 +455,14 @@ def wait_retrieve(
     progress: Callable[[Item], None] | None = None,
     on_round: Callable[[RetrieveReport], None] | None = None,
     max_wait_s: float | None = None,
+    processes: int = 1,
 ) -> RetrieveReport:
     """Retrieve as jobs finish, until nothing under the paths is pending."""
     paths = [Path(p) for p in paths]
     total = RetrieveReport()
     started = time.monotonic()
     while True:
-        this_round = retrieve(db, paths, progress=progress)
+        this_round = retrieve(db, paths, progress=progress, processes=processes)
         total.merge(this_round)
         if on_round is not None:
             on_round(total)

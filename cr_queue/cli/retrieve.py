@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from .. import control
+from .. import control, retrieve_helper
 from .. import retrieve as retrieve_service
 from .common import Output, db_option, handle_errors, open_db, output_options, setup_logging
+from .entry import command_process
 
 
 def _item(item: retrieve_service.Item) -> dict:
@@ -65,8 +66,10 @@ def _run(paths, wait: bool, poll_s: float, db_url, as_json, quiet, log_level) ->
     out = Output(json=as_json, quiet=quiet)
     paths = list(paths) or [Path(".")]
     _settings, database = open_db(db_url)
+    # Only a console script's own process may fork a helper (see retrieve_helper.py).
+    processes = retrieve_helper.default_processes() if command_process() else 1
     if out.interactive:
-        report = _with_bar(out, database, paths, wait, poll_s)
+        report = _with_bar(out, database, paths, wait, poll_s, processes)
     elif wait:
         def round_done(total: retrieve_service.RetrieveReport) -> None:
             if total.pending:
@@ -74,15 +77,17 @@ def _run(paths, wait: bool, poll_s: float, db_url, as_json, quiet, log_level) ->
                 out.line(f"waiting: {done} done, {len(total.pending)} pending")
 
         report = retrieve_service.wait_retrieve(
-            database, paths, poll_s=poll_s, progress=_progress(out), on_round=round_done
+            database, paths, poll_s=poll_s, progress=_progress(out), on_round=round_done, processes=processes
         )
     else:
-        report = retrieve_service.retrieve(database, paths, progress=_progress(out))
+        report = retrieve_service.retrieve(database, paths, progress=_progress(out), processes=processes)
     _report(out, report)
     raise SystemExit(report.exit_code)
 
 
-def _with_bar(out: Output, database, paths, wait: bool, poll_s: float) -> retrieve_service.RetrieveReport:
+def _with_bar(
+    out: Output, database, paths, wait: bool, poll_s: float, processes: int
+) -> retrieve_service.RetrieveReport:
     """On a terminal: one progress bar; the per-job lines are printed once it is done."""
     try:
         total = len(control.find(paths))
@@ -97,9 +102,9 @@ def _with_bar(out: Output, database, paths, wait: bool, poll_s: float) -> retrie
             bar.update(1)
 
         if wait:
-            report = retrieve_service.wait_retrieve(database, paths, poll_s=poll_s, progress=step)
+            report = retrieve_service.wait_retrieve(database, paths, poll_s=poll_s, progress=step, processes=processes)
         else:
-            report = retrieve_service.retrieve(database, paths, progress=step)
+            report = retrieve_service.retrieve(database, paths, progress=step, processes=processes)
     show = _progress(out)
     for item in done:
         if item.status != "finished" or item.conflicts:
