@@ -124,11 +124,13 @@ class Work:
     crh: Path
     tomodir: Path
     item: Item
+    blob: tuple | None  # the result's row from store.look_up, if it has one
 
 
 def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) -> list[Work]:
     """The tomodirs to bring back; the others go into the report (pending, cancelled, unknown)."""
     jobs = queue.get_jobs(conn, [cf.job_id for _, cf in controls])
+    blobs = store.look_up(conn, [job.result_sha256 for job in jobs.values() if job.result_sha256])
     work: list[Work] = []
     for crh, cf in controls:
         tomodir = crh.with_suffix("")
@@ -151,7 +153,7 @@ def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) ->
             if progress is not None:
                 progress(item)
             continue
-        work.append(Work(job, cf, crh, tomodir, item))
+        work.append(Work(job, cf, crh, tomodir, item, blobs.get(job.result_sha256 or "")))
     return work
 
 
@@ -300,13 +302,14 @@ class _Runner:
 def _retrieve_one(conn, w: Work) -> str | None:
     """Bring one job's result into its tomodir; a problem to report, or None."""
     try:
-        _bring_back(conn, w.job, w.cf, w.tomodir, w.item)
+        _bring_back(conn, w)
     except (archive.ArchiveError, store.BlobMissing) as exc:
         return f"{w.crh}: job {w.job.id}'s result cannot be used: {exc}"
     return None
 
 
-def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, item: Item) -> None:
+def _bring_back(conn, w: Work) -> None:
+    job, cf, tomodir, item = w.job, w.cf, w.tomodir, w.item
     parent = tomodir.parent
     marker = tomodir / f"{MARKER_PREFIX}{job.id}"
     new = parent / f".{tomodir.name}.crh-new-{job.id}"
@@ -324,7 +327,7 @@ def _bring_back(conn, job: queue.Job, cf: control.ControlFile, tomodir: Path, it
         return
     # Typical results stay in memory; large ones spill to a file beside the tomodir.
     with Spool(SPOOL_BYTES, parent, packed.name) as download:
-        size = store.fetch(conn, job.result_sha256, download)
+        size = store.fetch(conn, job.result_sha256, download, row=w.blob)
         pause_point("retrieve:downloaded")
         try:
             swap.link_copy(tomodir, new)

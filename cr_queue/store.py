@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -75,6 +75,7 @@ _UNLESS_STORED = (
 _NEW_BLOB_UNLESS_STORED = f"INSERT INTO blobs (location) SELECT 'db' {_UNLESS_STORED}"
 _NEW_FILE_BLOB_UNLESS_STORED = f"INSERT INTO blobs (location) SELECT 'dir' {_UNLESS_STORED}"
 _LOOKUP = "SELECT id, n_chunks, size, location FROM blobs WHERE sha256 = %s AND complete"
+_LOOKUP_MANY = "SELECT sha256, id, n_chunks, size, location FROM blobs WHERE sha256 = ANY(%s) AND complete"
 # Through the view: it shows only chunks of blobs the caller may see (row-level security).
 _READ = (
     "SELECT chunk_no, data FROM blob_chunks WHERE blob_id = %s AND chunk_no >= %s "
@@ -518,10 +519,11 @@ class DirectoryStore:
                 # Stored already (perhaps by another user, hidden from us): the file is the same bytes.
                 conn.execute(_DROP, (blob_id,))
 
-    def fetch(self, conn: psycopg.Connection, sha256: str, dst: BinaryIO) -> int:
+    def fetch(self, conn: psycopg.Connection, sha256: str, dst: BinaryIO, *, row: tuple | None = None) -> int:
         # The row decides, as for the database store: what the caller may not see there
         # (row-level security) it does not get here either.
-        row = conn.execute(_LOOKUP, (sha256,)).fetchone()
+        if row is None:
+            row = conn.execute(_LOOKUP, (sha256,)).fetchone()
         if row is None:
             raise BlobMissing(f"archive {sha256[:12]} is not in the store")
         if row[3] == "db":
@@ -651,15 +653,23 @@ def chunks(conn: psycopg.Connection, sha256: str, *, row: tuple | None = None) -
         raise BlobMissing(f"archive {sha256[:12]} lacks chunk {next_no}")
 
 
-def fetch(conn: psycopg.Connection, sha256: str, dst: BinaryIO) -> int:
+def look_up(conn: psycopg.Connection, shas: Iterable[str]) -> dict[str, tuple]:
+    """Many archives' rows in one statement, for :func:`fetch` (those the caller may see)."""
+    return {sha: tuple(rest) for sha, *rest in conn.execute(_LOOKUP_MANY, (sorted(set(shas)),)).fetchall()}
+
+
+def fetch(conn: psycopg.Connection, sha256: str, dst: BinaryIO, *, row: tuple | None = None) -> int:
     """Copy an archive into a file, verifying its sha256 before anyone may unpack it.
 
     Where the bytes are is the ``blobs`` row's business: an archive in a
-    directory store needs this host to have the store configured."""
+    directory store needs this host to have the store configured.  ``row``:
+    the archive's row from :func:`look_up` where the caller has it (one round
+    trip fewer)."""
     chosen = of(conn)
     if isinstance(chosen, DirectoryStore):
-        return chosen.fetch(conn, sha256, dst)
-    row = conn.execute(_LOOKUP, (sha256,)).fetchone()
+        return chosen.fetch(conn, sha256, dst, row=row)
+    if row is None:
+        row = conn.execute(_LOOKUP, (sha256,)).fetchone()
     if row is None:
         raise BlobMissing(f"archive {sha256[:12]} is not in the store")
     if row[3] == "dir":

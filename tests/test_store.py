@@ -138,6 +138,24 @@ def test_directory_store_writes_content_addressed_files(db_url: str, tmp_path: P
     assert (tmp_path / "back" / "grid" / "elem.dat").read_bytes() == (tree / "grid" / "elem.dat").read_bytes()
 
 
+@pytest.mark.parametrize("kind", ["db", "dir"])
+def test_rows_looked_up_together_serve_each_fetch(kind: str, db_url: str, tmp_path: Path) -> None:
+    """store.look_up: one statement for many archives (crh_retrieve's results); a
+    fetch given its row reads the same bytes without looking it up again."""
+    root = tmp_path / "crq"
+    root.mkdir()
+    trees = [synth.make_tomodir(tmp_path / f"td{i}", "mod", nx=8, nz=4, seed=i) for i in range(2)]
+    with _db(db_url, root if kind == "dir" else None).connect("test") as conn:
+        shas = [store.put_tree(conn, t).sha256 for t in trees]
+        rows = store.look_up(conn, [*shas, shas[0], "0" * 64])
+        assert sorted(rows) == sorted(shas), "unknown archives are left out, repeated ones looked up once"
+        for sha in shas:
+            out = io.BytesIO()
+            assert store.fetch(conn, sha, out, row=rows[sha]) == len(out.getvalue()) > 0
+            assert out.getvalue() == _fetch(conn, sha)
+            assert rows[sha][3] == kind
+
+
 def test_directory_store_reads_archives_kept_in_the_database(db_url: str, tmp_path: Path) -> None:
     """Switching an installation to a directory store keeps the older archives readable."""
     tree = synth.make_tomodir(tmp_path / "td", "mod")
