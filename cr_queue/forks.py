@@ -102,6 +102,29 @@ class Indices:
             return None
 
 
+class Child:
+    """A forked helper seen from its parent: its exit status, waited for once from
+    whichever thread asks first, and SIGKILL while it runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._status: int | None = None
+        self._reaping = threading.Lock()
+
+    def wait(self) -> int:
+        with self._reaping:
+            if self._status is None:
+                _pid, self._status = os.waitpid(self.pid, 0)
+        return self._status
+
+    def kill(self) -> None:
+        if self._status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def die_with(parent: int) -> None:
     """SIGKILL when the parent dies; if it died already, go now."""
     try:

@@ -209,14 +209,12 @@ class _Discard:
         return len(data)
 
 
-class Helper:
+class Helper(forks.Child):
     """The parent's side of one helper process."""
 
     def __init__(self, pid: int, up: int) -> None:
-        self.pid = pid
+        super().__init__(pid)
         self._up = os.fdopen(up, "rb", buffering=PIECE)
-        self._status: int | None = None
-        self._reaping = threading.Lock()
         self._pushback: tuple[int, int, bytes] | None = None
         # Tokens the helper took and has not delivered yet.
         self.outstanding: list[int] = []
@@ -265,20 +263,6 @@ class Helper:
 
     def _died(self) -> HelperDied:
         return HelperDied(f"a helper process of this command ended early ({forks.describe(self.wait())})")
-
-    def wait(self) -> int:
-        """The helper's exit status (waits for it once)."""
-        with self._reaping:
-            if self._status is None:
-                _pid, self._status = os.waitpid(self.pid, 0)
-        return self._status
-
-    def kill(self) -> None:
-        if self._status is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def close(self) -> None:
         self._up.close()

@@ -354,7 +354,9 @@ def _bring_back(conn, w: Work) -> None:
     swap.reconcile(new, tomodir)
 
 
-def _unpack_moving(source: memoryview | BinaryIO, size: int, staging: Path, tomodir: Path, manifest: dict[str, list[int]], item: Item) -> None:
+def _unpack_moving(
+    source: memoryview | BinaryIO, size: int, staging: Path, tomodir: Path, manifest: dict[str, list[int]], item: Item
+) -> None:
     """Where directories cannot be exchanged: unpack beside the tomodir, then move file by file."""
     try:
         staging.mkdir(mode=0o700)

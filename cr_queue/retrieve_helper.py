@@ -99,16 +99,15 @@ def share(db: Database, work: list, sink: Sink, runner: Callable, *, threads: in
         tokens.close()
 
 
-class _Helper:
+class _Helper(forks.Child):
     """The parent's side: reads the helper's frames on a thread and hands them to the settling thread."""
 
     def __init__(self, pid: int, r_fd: int, work: list, sink: Sink) -> None:
-        self.pid = pid
+        super().__init__(pid)
         self._reader = os.fdopen(r_fd, "rb")
         self._work = work
         self._sink = sink
         self._taken: set[int] = set()
-        self._status: int | None = None
         self._thread: threading.Thread | None = None
 
     def start_reading(self, post: Callable[[tuple], None]) -> None:
@@ -157,19 +156,10 @@ class _Helper:
             )
         self._taken.clear()
 
-    def wait(self) -> int:
-        if self._status is None:
-            _pid, self._status = os.waitpid(self.pid, 0)
-        return self._status
-
     def close(self) -> None:
         """Stop the helper if it still runs (the parent is failing), reap it, close the pipe."""
-        if self._status is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.wait()
+        self.kill()
+        self.wait()
         self._reader.close()
         if self._thread is not None:
             self._thread.join()
