@@ -101,10 +101,13 @@ def retrieve(
     try:
         work = _sort_out(conn, db, controls, report, progress)
         sink = _Report(report, progress)
+        shared = False
         if retrieve_helper.wanted(len(work), processes):
             conn.close()  # a forked helper must not inherit a live connection
-            retrieve_helper.share(db, work, sink, _Runner, threads=RETRIEVE_THREADS)
-        elif work:
+            shared = retrieve_helper.share(db, work, sink, _Runner, threads=RETRIEVE_THREADS)
+            if not shared:
+                conn = db.connect("crh_retrieve")
+        if work and not shared:
             threads = 1 if len(work) == 1 or os.environ.get("CRH_PAUSE_AT") else RETRIEVE_THREADS
             _Runner(db, conn, work, forks.Indices(range(len(work))).take, threads, sink).run()
     finally:

@@ -71,15 +71,22 @@ def wanted(tomodirs: int, processes: int) -> bool:
     )
 
 
-def share(db: Database, work: list, sink: Sink, runner: Callable, *, threads: int) -> None:
-    """Bring back ``work`` in this process and a forked helper; report all of it to ``sink``.
+def share(db: Database, work: list, sink: Sink, runner: Callable, *, threads: int) -> bool:
+    """Bring back ``work`` in this process and a forked helper; report all of it to
+    ``sink``.  False, having done nothing, when the system refuses the fork.
 
     ``runner`` is retrieve._Runner: ``runner(db, conn, work, take, threads, sink,
     foreign=..., sources=...)`` with ``run()`` and ``post(event)``."""
     tokens = forks.Tokens(range(len(work)))
     r_fd, w_fd = os.pipe()
     parent = os.getpid()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:  # out of processes or memory: this process does it alone
+        for fd in (r_fd, w_fd):
+            os.close(fd)
+        tokens.close()
+        return False
     if pid == 0:  # the helper: never returns
         os.close(r_fd)
         _helper(parent, db, work, tokens, w_fd, runner, threads)
@@ -97,6 +104,7 @@ def share(db: Database, work: list, sink: Sink, runner: Callable, *, threads: in
     finally:
         helper.close()
         tokens.close()
+    return True
 
 
 class _Helper(forks.Child):

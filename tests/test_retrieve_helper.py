@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 from pathlib import Path
 
-from cr_queue import discover, retrieve_helper
+from cr_queue import discover, retrieve, retrieve_helper, store
+from cr_queue.db import Database
 
 from .conftest import run, script
 from .faults import alive, wait_for
@@ -82,3 +84,17 @@ def test_kill9_of_the_helper_reports_what_it_had_taken_and_a_rerun_brings_it_bac
     assert not again["problems"]
     _retrieved(tomodirs)
     assert lab.sql("SELECT count(*) FROM inversions WHERE downloaded") == [(N,)]
+
+
+def test_a_refused_fork_leaves_the_work_to_this_process(lab, monkeypatch):
+    tomodirs, _ids = _finished_tree(lab, N)
+
+    def refuse() -> int:
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(os, "fork", refuse)
+    monkeypatch.setattr(retrieve_helper, "wanted", lambda tomodirs, processes: True)  # pytest's own threads aside
+    db = Database(url=lab.env["CRH_DATABASE_URL"], source="test", embedded=False, store=store.DATABASE)
+    report = retrieve.retrieve(db, [lab.tree], processes=2)
+    assert [item.path for item in report.retrieved] == tomodirs and not report.problems
+    _retrieved(tomodirs)
