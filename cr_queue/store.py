@@ -522,10 +522,7 @@ class DirectoryStore:
     def fetch(self, conn: psycopg.Connection, sha256: str, dst: BinaryIO, *, row: tuple | None = None) -> int:
         # The row decides, as for the database store: what the caller may not see there
         # (row-level security) it does not get here either.
-        if row is None:
-            row = conn.execute(_LOOKUP, (sha256,)).fetchone()
-        if row is None:
-            raise BlobMissing(f"archive {sha256[:12]} is not in the store")
+        row = _blob_row(conn, sha256, row)
         if row[3] == "db":
             return DATABASE.fetch(conn, sha256, dst, row=row)
         return self.fetch_file(sha256, dst)
@@ -629,13 +626,19 @@ def exists(conn: psycopg.Connection, sha256: str) -> bool:
     return bool(conn.execute(_HAS, (sha256,)).fetchone()[0])
 
 
-def chunks(conn: psycopg.Connection, sha256: str, *, row: tuple | None = None) -> Iterator[bytes]:
-    """Yield a database blob's chunks in order, a few at a time, in short statements
-    (``row``: its ``_LOOKUP`` row, if the caller has looked it up already)."""
+def _blob_row(conn: psycopg.Connection, sha256: str, row: tuple | None) -> tuple:
+    """The archive's ``_LOOKUP`` row: the caller's, or looked up now; BlobMissing without one."""
     if row is None:
         row = conn.execute(_LOOKUP, (sha256,)).fetchone()
     if row is None:
         raise BlobMissing(f"archive {sha256[:12]} is not in the store")
+    return row
+
+
+def chunks(conn: psycopg.Connection, sha256: str, *, row: tuple | None = None) -> Iterator[bytes]:
+    """Yield a database blob's chunks in order, a few at a time, in short statements
+    (``row``: its ``_LOOKUP`` row, if the caller has looked it up already)."""
+    row = _blob_row(conn, sha256, row)
     blob_id, n_chunks, _size, location = row
     if location != "db":
         raise BlobMissing(f"archive {sha256[:12]} is kept in a directory store, not in the database")
@@ -668,10 +671,7 @@ def fetch(conn: psycopg.Connection, sha256: str, dst: BinaryIO, *, row: tuple | 
     chosen = of(conn)
     if isinstance(chosen, DirectoryStore):
         return chosen.fetch(conn, sha256, dst, row=row)
-    if row is None:
-        row = conn.execute(_LOOKUP, (sha256,)).fetchone()
-    if row is None:
-        raise BlobMissing(f"archive {sha256[:12]} is not in the store")
+    row = _blob_row(conn, sha256, row)
     if row[3] == "dir":
         raise StoreUnavailable(
             errno.ENOENT,
