@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cr_queue import migrate  # noqa: E402
-from cr_queue.embedded import Cluster  # noqa: E402
+from cr_queue.db import migrate  # noqa: E402
+from cr_queue.db.embedded import Cluster  # noqa: E402
 
 
 # ----------------------------------------------------------------- results
@@ -113,7 +113,7 @@ def bytecode_env(env: dict[str, str], scratch: Path) -> dict[str, str]:
 
 # What the commands import, compiled before any timing; the standard library's
 # modules are compiled by a run of each command, which imports them.
-BYTECODE_PACKAGES = ("cr_queue", "cr_queue.migrations", "psycopg", "psycopg_binary", "click", "zstandard", "platformdirs")
+BYTECODE_PACKAGES = ("cr_queue", "cr_queue.db.migrations", "psycopg", "psycopg_binary", "click", "zstandard", "platformdirs")
 
 
 def compile_bytecode(env: dict[str, str], commands: Iterable[str]) -> None:
@@ -241,7 +241,7 @@ class BenchCluster:
 
 def _has_library(name: str) -> bool:
     """Whether the server cr_queue would start can load this contrib module."""
-    from cr_queue.embedded import EmbeddedError, find_bindir
+    from cr_queue.db.embedded import EmbeddedError, find_bindir
 
     try:
         bindir = find_bindir()
@@ -259,7 +259,7 @@ def _has_library(name: str) -> bool:
 
 
 def pgbench_path() -> str | None:
-    from cr_queue.embedded import EmbeddedError, find_bindir
+    from cr_queue.db.embedded import EmbeddedError, find_bindir
 
     try:
         beside = find_bindir() / "pgbench"

@@ -51,8 +51,11 @@ import benchlib as bl  # noqa: E402
 import psycopg  # noqa: E402
 
 from cr_queue import add as add_service  # noqa: E402
-from cr_queue import archive, queue, store, synth  # noqa: E402
-from cr_queue.db import Database  # noqa: E402
+from cr_queue.tomodir import archive
+from cr_queue.queries import jobs
+from cr_queue import store
+from cr_queue.tomodir import synth  # noqa: E402
+from cr_queue.db.connection import Database  # noqa: E402
 
 ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim", "status", "rss", "many")
 
@@ -335,17 +338,17 @@ def copy_results(ctx: Context, url: str, store_path: Path | None, tree_copy: Pat
     input and eight files per tomodir (the smallest results; an INFO row)."""
     db = ctx.database(url, store_path)
     with db.connect("bench") as conn:
-        wid = queue.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
-        actor = queue.Actor(worker_id=wid)
+        wid = jobs.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
+        actor = jobs.Actor(worker_id=wid)
         scratch = ctx.work / "copied-result"
-        while (job := queue.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=3600)) is not None:
+        while (job := jobs.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=3600)) is not None:
             bl.rmtree(scratch)
             (scratch / "inv").mkdir(parents=True)
             for f in sorted(Path(job.source_path).rglob("*")):
                 if f.is_file():
                     shutil.copy2(f, scratch / "inv" / f"{f.parent.name}_{f.name}")
             sha = store.put_tree(conn, scratch).sha256
-            assert queue.complete(conn, job, result_sha256=sha, exit_code=0, actor=actor)
+            assert jobs.complete(conn, job, result_sha256=sha, exit_code=0, actor=actor)
         bl.rmtree(scratch)
 
 
@@ -670,7 +673,7 @@ CLAIM_SQL_PARAMS = {"can_mod": True, "can_inv": True, "groups": [], "lease_s": 6
 
 
 class _Recorder:
-    """Stands in for a connection to capture the statement and parameters queue.claim sends."""
+    """Stands in for a connection to capture the statement and parameters jobs.claim sends."""
 
     def cursor(self, **_kw):
         return self
@@ -690,10 +693,10 @@ class _Recorder:
 
 
 def claim_sql_for_pgbench(url: str, worker_id: int) -> str:
-    """The exact statement queue.claim sends, parameters bound client-side, for pgbench."""
-    actor = queue.Actor(worker_id=worker_id, host="pgbench", os_user="pgbench", pid=1)
+    """The exact statement jobs.claim sends, parameters bound client-side, for pgbench."""
+    actor = jobs.Actor(worker_id=worker_id, host="pgbench", os_user="pgbench", pid=1)
     rec = _Recorder()
-    queue.claim(rec, actor=actor, **CLAIM_SQL_PARAMS)
+    jobs.claim(rec, actor=actor, **CLAIM_SQL_PARAMS)
     with psycopg.connect(url, autocommit=True) as conn:
         text = psycopg.ClientCursor(conn).mogrify(rec.query, rec.params)
     return " ".join(text.split()) + ";\n"
@@ -704,7 +707,7 @@ def pgbench_claim(ctx: Context, url: str, clients: int, seconds: int) -> float |
     if pgbench is None:
         return None
     with psycopg.connect(url, autocommit=True) as conn:
-        wid = queue.register_worker(conn, name="pgbench", host="pgbench", pid=1, version="bench", jobs=clients, threads=1, groups=(), solvers={})
+        wid = jobs.register_worker(conn, name="pgbench", host="pgbench", pid=1, version="bench", jobs=clients, threads=1, groups=(), solvers={})
     script = ctx.work / "claim.sql"
     script.write_text(claim_sql_for_pgbench(url, wid))
     proc = subprocess.run(
@@ -775,8 +778,8 @@ def bench_claim(ctx: Context) -> None:
             {"n": n_queue},
         )
         conn.execute("VACUUM ANALYZE inversions")
-        wid = queue.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
-        actor = queue.Actor(worker_id=wid)
+        wid = jobs.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
+        actor = jobs.Actor(worker_id=wid)
         plan = "\n".join(
             r[0]
             for r in conn.execute(
@@ -787,7 +790,7 @@ def bench_claim(ctx: Context) -> None:
         times, floor = [], []
         for _ in range(ctx.sizes.claim_n):
             start = time.perf_counter()
-            job = queue.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60)
+            job = jobs.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60)
             times.append(time.perf_counter() - start)
             assert job is not None
             # The reference: the smallest durable write (one heartbeat), whose commit waits

@@ -43,8 +43,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import benchlib  # noqa: E402
-from cr_queue import migrate, synth  # noqa: E402
-from cr_queue.embedded import Cluster  # noqa: E402
+from cr_queue.db import migrate
+from cr_queue.tomodir import synth  # noqa: E402
+from cr_queue.db.embedded import Cluster  # noqa: E402
 
 
 def script(name: str) -> str:

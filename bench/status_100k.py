@@ -38,9 +38,9 @@ if str(REPO) not in sys.path:
 
 import psycopg  # noqa: E402
 
-from cr_queue import migrate  # noqa: E402
+from cr_queue.db import migrate  # noqa: E402
 from cr_queue import status as status_service  # noqa: E402
-from cr_queue.embedded import Cluster  # noqa: E402
+from cr_queue.db.embedded import Cluster  # noqa: E402
 
 TARGET_MS = 1000.0
 

@@ -27,8 +27,10 @@ import benchlib as bl  # noqa: E402
 import crqbench  # noqa: E402
 import psycopg  # noqa: E402
 
-from cr_queue import add, retrieve, store, synth  # noqa: E402
-from cr_queue.db import Database  # noqa: E402
+from cr_queue import add, retrieve
+from cr_queue import store
+from cr_queue.tomodir import synth  # noqa: E402
+from cr_queue.db.connection import Database  # noqa: E402
 
 
 class Null:

@@ -25,9 +25,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import archive, control, discover, forks, packers, queue, store
-from .db import Database
-from .pause import pause_point
+from cr_queue import packers
+from cr_queue.tomodir import archive
+from cr_queue.tomodir import control
+from cr_queue.tomodir import discover
+from cr_queue.util import forks
+from cr_queue.queries import jobs
+from cr_queue import store
+from cr_queue.db.connection import Database
+from cr_queue.util.pause import pause_point
 
 
 class Duplicate(Exception):
@@ -98,7 +104,7 @@ def add(
             else:
                 report.added.append(Added(td.path.resolve(), None, td.sim_type, td.steps))
         return report
-    actor = queue.Actor()
+    actor = jobs.Actor()
     if helpers is not None or (len(found.todo) > 1 and ADD_THREADS > 1 and not os.environ.get("CRH_PAUSE_AT")):
         return _add_parallel(db, list(found.todo), options, actor, report, progress, helpers)
     conn = db.connect("crh_add")
@@ -130,7 +136,7 @@ STORE_BATCH = 16
 
 
 def _add_parallel(
-    db: Database, todo, options: AddOptions, actor: queue.Actor, report: AddReport, progress, helpers: packers.Packers | None
+    db: Database, todo, options: AddOptions, actor: jobs.Actor, report: AddReport, progress, helpers: packers.Packers | None
 ) -> AddReport:
     """Like the loop in :func:`add`, but packing and uploading in threads, and in
     helper processes (``helpers``, see packers.py) where there are any.
@@ -206,7 +212,7 @@ def _add_parallel(
                 paths = {d.index: todo[d.index].path.resolve() for d in unsettled}
                 store.put_many(conn, [d.packed() for d in unsettled])
                 job_ids = {d.index: ids.result()[todo[d.index].path] for d in unsettled}
-                duplicates = queue.find_duplicates(
+                duplicates = jobs.find_duplicates(
                     conn, actor.host, [(job_ids[d.index], str(paths[d.index]), d.result.sha256) for d in unsettled]
                 )
             except BaseException as exc:  # handed to whoever reads the futures
@@ -335,19 +341,19 @@ def _fail(future: Future, error: BaseException) -> None:
 _SETTLING = threading.Lock()
 
 
-def _register_all(main, fresh: list[discover.Tomodir], options: AddOptions, actor: queue.Actor, ids: Future) -> None:
+def _register_all(main, fresh: list[discover.Tomodir], options: AddOptions, actor: jobs.Actor, ids: Future) -> None:
     """The job rows of every tomodir without a .crh, in one (durable) commit; then every
     thread that waits for its job id gets it."""
     news = [_new_job(td, td.path.resolve(), control.control_path(td.path.resolve()), options, actor) for td in fresh]
     try:
-        registered = dict(zip((td.path for td in fresh), queue.begin_registrations(main, news, actor)))
+        registered = dict(zip((td.path for td in fresh), jobs.begin_registrations(main, news, actor)))
     except BaseException as exc:
         ids.set_exception(exc)
         raise
     ids.set_result(registered)
 
 
-def _queue_in_order(main, futures: list[Future], actor: queue.Actor, report: AddReport, progress) -> None:
+def _queue_in_order(main, futures: list[Future], actor: jobs.Actor, report: AddReport, progress) -> None:
     """Collect each tomodir's outcome in the order found, making finished uploads claimable
     in batches: one statement for what is ready once the next outcome keeps us waiting,
     and there are QUEUE_BATCH of them or the first has waited QUEUE_DELAY_S."""
@@ -357,7 +363,7 @@ def _queue_in_order(main, futures: list[Future], actor: queue.Actor, report: Add
         if ready and not future.done():
             left = since + QUEUE_DELAY_S - time.monotonic()
             if len(ready) >= QUEUE_BATCH or left <= 0 or not wait([future], timeout=left).done:
-                queue.finish_registrations(main, ready, actor)
+                jobs.finish_registrations(main, ready, actor)
                 ready.clear()
         item, deferred, problems, skipped = future.result()
         if deferred and not ready:
@@ -369,7 +375,7 @@ def _queue_in_order(main, futures: list[Future], actor: queue.Actor, report: Add
             report.added.append(item)
             if progress is not None:
                 progress(item)
-    queue.finish_registrations(main, ready, actor)
+    jobs.finish_registrations(main, ready, actor)
 
 
 # Jobs made claimable by one statement.  A statement per job that happened to be
@@ -383,13 +389,13 @@ def _add_one(
     conn,
     td: discover.Tomodir,
     options: AddOptions,
-    actor: queue.Actor,
+    actor: jobs.Actor,
     report: AddReport,
     finish=None,
     registered: Callable[[], int] | None = None,
     put: Callable | None = None,
 ) -> Added | None:
-    """``registered``: the job row is made elsewhere (by :func:`queue.begin_registrations`);
+    """``registered``: the job row is made elsewhere (by :func:`jobs.begin_registrations`);
     ``put(conn)``: stores the archive packed elsewhere (by a helper process)."""
     path = td.path.resolve()
     crh = control.control_path(path)
@@ -401,7 +407,7 @@ def _add_one(
         except control.ControlFileError as exc:
             report.problems.append(str(exc))
             return None
-        job = queue.get_job(conn, existing.job_id)
+        job = jobs.get_job(conn, existing.job_id)
         if job is not None and job.status == "registering":
             return _register_reporting(conn, td, path, crh, options, actor, report, resume_id=job.id, finish=finish)
         state = job.status if job is not None else "unknown to this database"
@@ -430,7 +436,7 @@ def _register(
     path: Path,
     crh: Path | None,
     options: AddOptions,
-    actor: queue.Actor,
+    actor: jobs.Actor,
     report: AddReport,
     *,
     resume_id: int | None = None,
@@ -448,28 +454,28 @@ def _register(
     packed (default: pack ``path`` here)."""
     job_id: int | None = resume_id
     if job_id is None and registered is None:
-        job_id = queue.begin_registration(conn, _new_job(td, path, crh, options, actor), actor)
+        job_id = jobs.begin_registration(conn, _new_job(td, path, crh, options, actor), actor)
     pause_point("add:registered")
     packed = put(conn) if put is not None else store.put_tree(conn, path)
     pause_point("add:uploaded")
     if job_id is None:
         job_id = registered()
-    duplicate = queue.find_duplicate(conn, actor.host, str(path), packed.sha256, job_id)
+    duplicate = jobs.find_duplicate(conn, actor.host, str(path), packed.sha256, job_id)
     return _stored(conn, td, path, crh, job_id, packed, actor, report, duplicate=duplicate, finish=finish, resumed=resume_id is not None)
 
 
 def _stored(
     conn, td: discover.Tomodir, path: Path, crh: Path | None, job_id: int, packed: archive.PackResult,
-    actor: queue.Actor, report: AddReport, *, duplicate: int | None, finish=None, resumed: bool = False,
+    actor: jobs.Actor, report: AddReport, *, duplicate: int | None, finish=None, resumed: bool = False,
 ) -> Added:
     """The rest of a registration once the archive is stored and ``duplicate`` looked up."""
     if duplicate is not None:
-        queue.drop_registration(conn, job_id)
+        jobs.drop_registration(conn, job_id)
         raise Duplicate(duplicate)
     if crh is not None:
         _write_control(crh, job_id, td, path, actor, packed.sha256, packed.manifest)
     pause_point("add:control_written")
-    (finish or queue.finish_registration)(conn, job_id, packed.sha256, actor)
+    (finish or jobs.finish_registration)(conn, job_id, packed.sha256, actor)
     for rel in packed.skipped:
         report.problems.append(
             f"{path / rel}: a symlink pointing outside the tomodir was not sent with job {job_id}; "
@@ -478,8 +484,8 @@ def _stored(
     return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resumed)
 
 
-def _new_job(td: discover.Tomodir, path: Path, crh: Path | None, options: AddOptions, actor: queue.Actor) -> queue.NewJob:
-    return queue.NewJob(
+def _new_job(td: discover.Tomodir, path: Path, crh: Path | None, options: AddOptions, actor: jobs.Actor) -> jobs.NewJob:
+    return jobs.NewJob(
         sim_type=td.sim_type,
         model_first=td.needs_mod and td.needs_inv,
         source_path=str(path),
@@ -495,7 +501,7 @@ def _new_job(td: discover.Tomodir, path: Path, crh: Path | None, options: AddOpt
     )
 
 
-def register_unlinked(conn, td: discover.Tomodir, options: AddOptions, actor: queue.Actor) -> Added:
+def register_unlinked(conn, td: discover.Tomodir, options: AddOptions, actor: jobs.Actor) -> Added:
     """Register a tomodir that lives only for the upload (no .crh beside it)."""
     report = AddReport()
     added = _register(conn, td, td.path.resolve(), None, options, actor, report)
@@ -504,7 +510,7 @@ def register_unlinked(conn, td: discover.Tomodir, options: AddOptions, actor: qu
     return added
 
 
-def _write_control(crh: Path, job_id: int, td: discover.Tomodir, path: Path, actor: queue.Actor, sha256: str, manifest) -> None:
+def _write_control(crh: Path, job_id: int, td: discover.Tomodir, path: Path, actor: jobs.Actor, sha256: str, manifest) -> None:
     control.write(
         control.ControlFile(
             job_id=job_id,

@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from . import admin_queries as aq
-from .status import jsonable
+from cr_queue.queries import admin as aq
+from cr_queue.status import jsonable
 
 REQUESTS = ("drain", "stop")
 

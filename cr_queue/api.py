@@ -21,8 +21,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import add, archive, config, discover, queue, retrieve, store
-from .db import Database, open_database
+from cr_queue import add, config, retrieve
+from cr_queue.tomodir import archive
+from cr_queue.tomodir import discover
+from cr_queue.queries import jobs
+from cr_queue import store
+from cr_queue.db.connection import Database, open_database
 
 FINAL = ("finished", "failed", "cancelled")
 TOMODIR_SUBDIRS = ("exe", "config", "rho", "mod", "inv", "grid")
@@ -49,7 +53,7 @@ class Queue:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._conn = database.connect("cr_queue api")
-        self._actor = queue.Actor()
+        self._actor = jobs.Actor()
 
     @classmethod
     def open(cls, db: str | None = None) -> Queue:
@@ -107,14 +111,14 @@ class Queue:
     # ------------------------------------------------------------ watching
 
     def jobs(self, ids: Sequence[int]) -> list[JobInfo]:
-        found = queue.get_jobs(self._conn, ids)
+        found = jobs.get_jobs(self._conn, ids)
         return [
             JobInfo(j.id, j.status, j.sim_type, j.source_path, j.attempt, j.failure_reason, j.downloaded)
             for j in (found[i] for i in ids if i in found)
         ]
 
     def status(self, job_id: int) -> str:
-        job = queue.get_job(self._conn, job_id)
+        job = jobs.get_job(self._conn, job_id)
         if job is None:
             raise JobError(f"job {job_id} is not in the database {self.database.redacted}")
         return job.status
@@ -135,7 +139,7 @@ class Queue:
             time.sleep(poll)
 
     def cancel(self, ids: Iterable[int]) -> list[int]:
-        return queue.cancel(self._conn, list(ids), self._actor)
+        return jobs.cancel(self._conn, list(ids), self._actor)
 
     # ------------------------------------------------------------- results
 
@@ -145,7 +149,7 @@ class Queue:
         For a failed job that is exe/error.dat and the solver log; JobError
         says why it failed after they are written.
         """
-        job = queue.get_job(self._conn, job_id)
+        job = jobs.get_job(self._conn, job_id)
         if job is None:
             raise JobError(f"job {job_id} is not in the database {self.database.redacted}")
         if job.status not in ("finished", "failed"):
@@ -157,7 +161,7 @@ class Queue:
                 store.fetch(self._conn, job.result_sha256, packed)
                 packed.seek(0)
                 archive.unpack(packed, dest)
-        queue.mark_downloaded(self._conn, job_id, self._actor)
+        jobs.mark_downloaded(self._conn, job_id, self._actor)
         if job.status == "failed":
             raise JobError(f"job {job_id} failed ({job.failure_category}): {job.failure_reason}")
         return dest

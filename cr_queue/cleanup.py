@@ -36,9 +36,10 @@ from typing import Any
 
 import psycopg
 
-from . import admin_queries as aq
-from . import control, store
-from .status import jsonable
+from cr_queue.queries import admin as aq
+from cr_queue.tomodir import control
+from cr_queue import store
+from cr_queue.status import jsonable
 
 KINDS = ("stuck_registering", "expired", "crh_missing", "blobs")
 DEFAULT_RETENTION_DAYS = 30.0

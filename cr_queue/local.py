@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import add, retrieve, solvers, worker
-from .db import Database
+from cr_queue import add, retrieve
+from cr_queue.solvers import solvers
+from cr_queue import worker
+from cr_queue.db.connection import Database
 
 
 @dataclass

@@ -32,7 +32,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import archive, control, forks
+from cr_queue.tomodir import archive
+from cr_queue.tomodir import control
+from cr_queue.util import forks
 
 _FRAME = struct.Struct("=BIQ")  # kind, tomodir index, payload length
 _TAKEN, _DATA, _DONE, _FAILED = 1, 2, 3, 4

@@ -29,10 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from . import archive, control, forks, queue, retrieve_helper, store, swap
-from .db import Database
-from .pause import pause_point
-from .spool import Spool
+from cr_queue import retrieve_helper
+from cr_queue.tomodir import archive
+from cr_queue.tomodir import control
+from cr_queue.util import forks
+from cr_queue.queries import jobs
+from cr_queue import store
+from cr_queue.tomodir import swap
+from cr_queue.db.connection import Database
+from cr_queue.util.pause import pause_point
+from cr_queue.util.spool import Spool
 
 CONFLICT_SUFFIX = ".crh-result"
 # Left inside a retrieved tomodir between the exchange and the end, so a rerun knows.
@@ -122,7 +128,7 @@ def retrieve(
 class Work:
     """One tomodir to bring back, as its ``.crh`` and the database describe it."""
 
-    job: queue.Job
+    job: jobs.Job
     cf: control.ControlFile
     crh: Path
     tomodir: Path
@@ -132,12 +138,12 @@ class Work:
 
 def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) -> list[Work]:
     """The tomodirs to bring back; the others go into the report (pending, cancelled, unknown)."""
-    jobs = queue.get_jobs(conn, [cf.job_id for _, cf in controls])
-    blobs = store.look_up(conn, [job.result_sha256 for job in jobs.values() if job.result_sha256])
+    by_id = jobs.get_jobs(conn, [cf.job_id for _, cf in controls])
+    blobs = store.look_up(conn, [job.result_sha256 for job in by_id.values() if job.result_sha256])
     work: list[Work] = []
     for crh, cf in controls:
         tomodir = crh.with_suffix("")
-        job = jobs.get(cf.job_id)
+        job = by_id.get(cf.job_id)
         if job is None:
             report.problems.append(
                 f"{crh}: job {cf.job_id} is not in the database {db.redacted}, or belongs to another "
@@ -224,7 +230,7 @@ class _Runner:
         self._events: _queue.SimpleQueue[tuple] = _queue.SimpleQueue()
         self._done: list[int] = []
         self._stop = False
-        self._actor = queue.Actor()
+        self._actor = jobs.Actor()
 
     def post(self, event: tuple) -> None:
         self._events.put(event)
@@ -294,7 +300,7 @@ class _Runner:
         if not self._done:
             return
         done = [self._work[i] for i in self._done]
-        queue.mark_downloaded_many(self._conn, [w.item.job_id for w in done], self._actor)
+        jobs.mark_downloaded_many(self._conn, [w.item.job_id for w in done], self._actor)
         for index, w in zip(self._done, done):
             _finish(w.tomodir, w.item.job_id)
             control.remove(w.crh)

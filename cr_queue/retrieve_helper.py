@@ -33,9 +33,9 @@ import traceback
 from collections.abc import Callable
 from typing import Protocol
 
-from . import forks
-from .db import Database, DatabaseError
-from .pause import pause_point
+from cr_queue.util import forks
+from cr_queue.db.connection import Database, DatabaseError
+from cr_queue.util.pause import pause_point
 
 _FRAME = struct.Struct("=BII")  # kind, work index, payload length
 _TAKEN, _ITEM, _PROBLEM = 1, 2, 3

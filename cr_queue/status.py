@@ -26,8 +26,8 @@ from typing import Any
 
 import psycopg
 
-from . import admin_queries as aq
-from . import control
+from cr_queue.queries import admin as aq
+from cr_queue.tomodir import control
 
 # The states of schema.JOB_STATES, repeated so that status does not import SQLAlchemy
 # (startup time is most of what `crh status` costs; tests/test_status.py checks they agree).

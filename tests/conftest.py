@@ -19,8 +19,8 @@ import psycopg
 import pytest
 from psycopg import conninfo, sql
 
-from cr_queue import migrate
-from cr_queue.embedded import PORT, Cluster
+from cr_queue.db import migrate
+from cr_queue.db.embedded import PORT, Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLES = REPO.parent / "shared" / "examples" / "tomodirs.tar.gz"

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg.rows import dict_row
 
-from cr_queue import synth
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 

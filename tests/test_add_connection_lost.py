@@ -7,7 +7,7 @@ import time
 
 import psycopg
 
-from cr_queue import synth
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cr_queue import discover, synth
+from cr_queue.tomodir import discover
+from cr_queue.tomodir import synth
 from cr_queue.api import JobError, Queue
 
 from .conftest import run, script

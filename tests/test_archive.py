@@ -18,8 +18,8 @@ import zstandard
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cr_queue import archive
-from cr_queue.archive import (
+from cr_queue.tomodir import archive
+from cr_queue.tomodir.archive import (
     ArchiveError,
     ChecksumMismatch,
     HashingReader,

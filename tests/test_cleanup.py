@@ -21,7 +21,11 @@ import pytest
 
 from psycopg import conninfo
 
-from cr_queue import cleanup, queue, roles, store, synth
+from cr_queue import cleanup
+from cr_queue.queries import jobs
+from cr_queue.queries import roles
+from cr_queue import store
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 
@@ -97,8 +101,8 @@ def _partial_upload(conn, payload: bytes) -> int:
 @pytest.fixture
 def garbage(tmp_path, cli_env, db_url):
     """One of each kind, plus what must survive; returns the ids by role."""
-    jobs = _added(tmp_path, cli_env, n=9)
-    ids = sorted(jobs.values())
+    added = _added(tmp_path, cli_env, n=9)
+    ids = sorted(added.values())
     (
         expired,
         expiring_soon,
@@ -110,7 +114,7 @@ def garbage(tmp_path, cli_env, db_url):
         shares_blob,
         fresh,
     ) = ids
-    paths = {v: k for k, v in jobs.items()}
+    paths = {v: k for k, v in added.items()}
 
     def crh(job_id):
         return paths[job_id] + ".crh"
@@ -134,11 +138,11 @@ def garbage(tmp_path, cli_env, db_url):
             saved[job_id] = fh.read()
         os.unlink(crh(job_id))
     # A stuck registration with its interrupted upload, as a killed crh_add leaves them.
-    actor = queue.Actor()
+    actor = jobs.Actor()
     with psycopg.connect(db_url, autocommit=True) as conn:
-        stuck = queue.begin_registration(
+        stuck = jobs.begin_registration(
             conn,
-            queue.NewJob(sim_type="mod", model_first=False, source_path=str(tmp_path / "dead"),
+            jobs.NewJob(sim_type="mod", model_first=False, source_path=str(tmp_path / "dead"),
                          crh_file=str(tmp_path / "dead.crh"), username=actor.os_user, source_computer=HOST),
             actor,
         )
@@ -288,8 +292,8 @@ def test_retention_and_only(garbage, cli_env, db_url):
 
 
 def test_crh_naming_another_job_counts_as_gone(tmp_path, cli_env, db_url):
-    jobs = _added(tmp_path, cli_env, n=1)
-    (path, old), = jobs.items()
+    added = _added(tmp_path, cli_env, n=1)
+    (path, old), = added.items()
     _finish(db_url, old)
     report = json.loads(run([script("crh_add"), "--json", "--force"], cli_env, cwd=tmp_path / "tree0").stdout)
     new = report["added"][0]["job_id"]
@@ -302,8 +306,8 @@ def test_a_crh_that_cannot_be_checked_keeps_its_job(tmp_path, cli_env, db_url):
     """Only a .crh certainly gone counts: an error other than "no such file" keeps the job.
 
     (A symlink loop in the path gives ELOOP even to root; an unreadable directory gives EACCES.)"""
-    jobs = _added(tmp_path, cli_env, n=1)
-    (path, job_id), = jobs.items()
+    added = _added(tmp_path, cli_env, n=1)
+    (path, job_id), = added.items()
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     _sql(db_url, "UPDATE inversions SET crh_file = %s WHERE id = %s", (str(loop / "td.crh"), job_id))

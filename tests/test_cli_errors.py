@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from cr_queue import synth
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 

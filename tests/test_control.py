@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import control
-from cr_queue.control import ControlFile, ControlFileError
+from cr_queue.tomodir import control
+from cr_queue.tomodir.control import ControlFile, ControlFileError
 
 
 def sample(tomodir: str = "/data/site/td_01") -> ControlFile:
@@ -188,7 +188,7 @@ def test_cr_hydra_control_file_is_recognised(tmp_path):
 
     import pytest
 
-    from cr_queue import control
+    from cr_queue.tomodir import control
 
     old = tmp_path / "td.crh"
     old.write_text(json.dumps({"sim_id": 17, "sim_type": "inv", "crh_file": str(old)}))

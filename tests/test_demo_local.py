@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import discover, synth
+from cr_queue.tomodir import discover
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import synth
-from cr_queue.discover import Discovery, Done, Incomplete, Tomodir, classify, discover
+from cr_queue.tomodir import synth
+from cr_queue.tomodir.discover import Discovery, Done, Incomplete, Tomodir, classify, discover
 
 
 

@@ -6,7 +6,7 @@ import re
 import shlex
 import subprocess
 
-from cr_queue import synth
+from cr_queue.tomodir import synth
 
 from .conftest import REPO, run, script
 

@@ -20,8 +20,8 @@ import psycopg
 import pytest
 
 import cr_queue
-from cr_queue import embedded
-from cr_queue.embedded import Cluster, EmbeddedError, default_cluster, find_bindir, server_version
+from cr_queue.db import embedded
+from cr_queue.db.embedded import Cluster, EmbeddedError, default_cluster, find_bindir, server_version
 
 FAST = {"fsync": "off", "full_page_writes": "off"}
 TEST_USER = "crh-test"
@@ -212,7 +212,7 @@ def test_concurrent_starts_do_not_race(scratch: Path) -> None:
     datadir = scratch / "pg"
     script = textwrap.dedent(
         f"""
-        from cr_queue.embedded import Cluster
+        from cr_queue.db.embedded import Cluster
         Cluster({str(datadir)!r}, extra_conf={FAST!r}).start()
         """
     )
@@ -361,7 +361,7 @@ def _other_user() -> pwd.struct_passwd:
 NON_ROOT_SCRIPT = """
 import json, os
 import psycopg
-from cr_queue.embedded import default_cluster
+from cr_queue.db.embedded import default_cluster
 
 cluster = default_cluster()
 cluster.start()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import discover
+from cr_queue.tomodir import discover
 
 from .conftest import run, script
 from .faults import alive, wait_for

@@ -6,8 +6,8 @@ import psycopg
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from cr_queue import migrate
-from cr_queue.schema import metadata
+from cr_queue.db import migrate
+from cr_queue.db.schema import metadata
 
 
 def _tables(url: str) -> set[str]:
@@ -53,7 +53,7 @@ def test_alembic_command_line_works_from_checkout(empty_db_url):
     url = f"postgresql+psycopg://{dsn['user']}@/{dsn['dbname']}?host={dsn['host']}&port={dsn.get('port', 5432)}"
     for args in (["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"]):
         subprocess.run(
-            [sys.executable, "-m", "alembic", "-c", str(repo / "migrations" / "alembic.ini"), "-x", f"url={url}", *args],
+            [sys.executable, "-m", "alembic", "-c", str(repo / "cr_queue" / "db" / "migrations" / "alembic.ini"), "-x", f"url={url}", *args],
             check=True,
             capture_output=True,
             cwd=repo,

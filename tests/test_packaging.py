@@ -413,7 +413,7 @@ def test_every_console_script_has_a_current_man_page():
             continue
         th = re.search(r'^\.TH \S+ "1" "[^"]*" "(\S+) (\S+)"', page, re.M)
         assert th and th.group(2) == version(), f"debian/man/{name}.1 is for version {th and th.group(2)}: run scripts/update-manpages"
-        if target.startswith("cr_queue.standin:"):
+        if target.startswith("cr_queue.solvers.standin:"):
             continue  # hand-written: the stand-ins take no options
         result = run_entry_point(target, ["--help"], name)
         assert result.returncode == 0, result.stderr
@@ -807,7 +807,7 @@ def test_doc_inline_commands_exist(doc, tmp_path):
             continue  # a name (a role such as crh_user, a program), not a command line
         if words[0] in CR_HYDRA_ONLY:
             assert doc == "migrating-from-cr_hydra.md", f"docs/{doc}: `{span}` is cr_hydra's, not cr_queue's"
-        elif pyproject()["project"]["scripts"].get(words[0], "").startswith("cr_queue.standin:"):
+        elif pyproject()["project"]["scripts"].get(words[0], "").startswith("cr_queue.solvers.standin:"):
             assert len(words) == 1, f"docs/{doc}: `{span}`: the stand-in solvers take no arguments"
         elif words[0] in ("crh",) or words[0].startswith("crh_"):
             command = command_for(words[0])

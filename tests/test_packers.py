@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import archive, discover, forks, packers, synth
+from cr_queue import packers
+from cr_queue.tomodir import archive
+from cr_queue.tomodir import discover
+from cr_queue.util import forks
+from cr_queue.tomodir import synth
 
 
 def _tomodirs(root: Path, n: int) -> list[Path]:

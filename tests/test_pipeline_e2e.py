@@ -12,7 +12,8 @@ from pathlib import Path
 
 import psycopg
 
-from cr_queue import discover, synth
+from cr_queue.tomodir import discover
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 

@@ -9,12 +9,13 @@ import os
 import psycopg
 import pytest
 
-from cr_queue import queue, store
+from cr_queue.queries import jobs
+from cr_queue import store
 
-ACTOR = queue.Actor(os_user="tester", host="testhost", pid=1)
+ACTOR = jobs.Actor(os_user="tester", host="testhost", pid=1)
 
 
-def _new(path: str = "/data/td", **kw) -> queue.NewJob:
+def _new(path: str = "/data/td", **kw) -> jobs.NewJob:
     base = dict(
         sim_type="inv",
         model_first=False,
@@ -24,13 +25,13 @@ def _new(path: str = "/data/td", **kw) -> queue.NewJob:
         source_computer="ws1",
     )
     base.update(kw)
-    return queue.NewJob(**base)
+    return jobs.NewJob(**base)
 
 
 def _queued(conn, path="/data/td", **kw) -> int:
-    job_id = queue.begin_registration(conn, _new(path, **kw), ACTOR)
+    job_id = jobs.begin_registration(conn, _new(path, **kw), ACTOR)
     sha = _blob(conn, path.encode())
-    assert queue.finish_registration(conn, job_id, sha, ACTOR)
+    assert jobs.finish_registration(conn, job_id, sha, ACTOR)
     return job_id
 
 
@@ -40,11 +41,11 @@ def _blob(conn, payload: bytes) -> str:
     return writer.seal(hashlib.sha256(payload).hexdigest(), len(payload))
 
 
-def _worker(conn, name="w") -> queue.Actor:
-    wid = queue.register_worker(
+def _worker(conn, name="w") -> jobs.Actor:
+    wid = jobs.register_worker(
         conn, name=name, host="node1", pid=2, version="t", jobs=1, threads=1, groups=[], solvers={}
     )
-    return queue.Actor(os_user="worker", host="node1", pid=2, worker_id=wid)
+    return jobs.Actor(os_user="worker", host="node1", pid=2, worker_id=wid)
 
 
 def _drop(observer, victim) -> None:
@@ -66,41 +67,41 @@ def _drop(observer, victim) -> None:
 def _claim(conn, actor, **kw):
     params = dict(actor=actor, can_mod=True, can_inv=True, lease_s=30)
     params.update(kw)
-    return queue.claim(conn, **params)
+    return jobs.claim(conn, **params)
 
 
 def test_registering_job_is_invisible_until_finished(conn):
-    job_id = queue.begin_registration(conn, _new(), ACTOR)
+    job_id = jobs.begin_registration(conn, _new(), ACTOR)
     actor = _worker(conn)
     assert _claim(conn, actor) is None
     # An interrupted crh_add for the same directory takes the row over: no duplicate.
-    assert queue.begin_registration(conn, _new(), ACTOR) == job_id
+    assert jobs.begin_registration(conn, _new(), ACTOR) == job_id
     sha = _blob(conn, b"x")
-    assert queue.finish_registration(conn, job_id, sha, ACTOR)
-    assert not queue.finish_registration(conn, job_id, sha, ACTOR)
+    assert jobs.finish_registration(conn, job_id, sha, ACTOR)
+    assert not jobs.finish_registration(conn, job_id, sha, ACTOR)
     job = _claim(conn, actor)
     assert job.id == job_id and job.attempt == 1 and job.status == "running"
     assert conn.execute("SELECT count(*) FROM inversions").fetchone()[0] == 1
 
 
 def test_batch_registration_takes_over_interrupted_rows_and_records_events(conn):
-    interrupted = queue.begin_registration(conn, _new("/data/b"), ACTOR)
-    ids = queue.begin_registrations(conn, [_new("/data/a"), _new("/data/b", priority=5), _new("/data/c")], ACTOR)
+    interrupted = jobs.begin_registration(conn, _new("/data/b"), ACTOR)
+    ids = jobs.begin_registrations(conn, [_new("/data/a"), _new("/data/b", priority=5), _new("/data/c")], ACTOR)
     assert len(set(ids)) == 3 and ids[1] == interrupted
     rows = conn.execute("SELECT id, source_path, status, priority FROM inversions ORDER BY source_path").fetchall()
     assert rows == [(ids[0], "/data/a", "registering", 0), (ids[1], "/data/b", "registering", 5), (ids[2], "/data/c", "registering", 0)]
     events = conn.execute("SELECT job_id FROM events WHERE event = 'registering' ORDER BY id").fetchall()
     assert [e[0] for e in events] == [interrupted, ids[0], ids[2]]
-    assert queue.begin_registrations(conn, [], ACTOR) == []
+    assert jobs.begin_registrations(conn, [], ACTOR) == []
 
 
 def test_batch_finish_queues_in_order_with_the_ranks_and_events_of_single_finishes(conn):
-    other = queue.begin_registration(conn, _new("/data/other", username="bob"), ACTOR)
-    queue.finish_registration(conn, other, _blob(conn, b"o"), ACTOR)
-    ids = queue.begin_registrations(conn, [_new(f"/data/{n}") for n in "abc"], ACTOR)
+    other = jobs.begin_registration(conn, _new("/data/other", username="bob"), ACTOR)
+    jobs.finish_registration(conn, other, _blob(conn, b"o"), ACTOR)
+    ids = jobs.begin_registrations(conn, [_new(f"/data/{n}") for n in "abc"], ACTOR)
     shas = [_blob(conn, n.encode()) for n in "abc"]
-    assert queue.finish_registrations(conn, list(zip(ids, shas)), ACTOR) == set(ids)
-    assert queue.finish_registrations(conn, list(zip(ids, shas)), ACTOR) == set(), "only registering jobs"
+    assert jobs.finish_registrations(conn, list(zip(ids, shas)), ACTOR) == set(ids)
+    assert jobs.finish_registrations(conn, list(zip(ids, shas)), ACTOR) == set(), "only registering jobs"
     rows = conn.execute("SELECT id, status, input_sha256, fair_rank FROM inversions WHERE id = ANY(%s) ORDER BY id", (ids,)).fetchall()
     assert [(r[0], r[1], r[2]) for r in rows] == [(i, "queued", sha) for i, sha in zip(ids, shas)]
     assert [r[3] for r in rows] == [1, 2, 3], "consecutive ranks from the front, in the batch's order"
@@ -149,7 +150,7 @@ def _alive_worker(db_url, conn, name="w"):
     """A worker as the daemon runs one: registered, holding its liveness lock on its own connection."""
     actor = _worker(conn, name)
     heartbeat = psycopg.connect(db_url, autocommit=True)
-    assert queue.hold_worker_lock(heartbeat, actor.worker_id)
+    assert jobs.hold_worker_lock(heartbeat, actor.worker_id)
     return actor, heartbeat
 
 
@@ -159,23 +160,23 @@ def test_completion_is_fenced_on_the_attempt(db_url):
         dying, heartbeat = _alive_worker(db_url, conn, "dying")
         first = _claim(conn, dying)
         # While the worker's lock is held nothing is rescued, whatever its heartbeat says.
-        assert queue.rescue(conn, ACTOR, grace_s=0) == []
+        assert jobs.rescue(conn, ACTOR, grace_s=0) == []
         _drop(conn, heartbeat)  # the worker dies: its lock goes with its connection
-        assert queue.rescue(conn, ACTOR, grace_s=0) == [(job_id, "queued")]
+        assert jobs.rescue(conn, ACTOR, grace_s=0) == [(job_id, "queued")]
         actor, _hb = _alive_worker(db_url, conn, "other")
         second = _claim(conn, actor)
         assert second.attempt == first.attempt + 1
         sha = _blob(conn, b"result")
         # The late first attempt is refused, the current one accepted, exactly once.
-        assert not queue.complete(conn, first, result_sha256=sha, exit_code=0, actor=dying)
-        assert not queue.fail(conn, first, category="x", reason="y", exit_code=1, result_sha256=None, actor=dying)
-        assert queue.renew(conn, dying.worker_id, [(job_id, first.attempt)], 30) == set()
-        assert queue.renew(conn, actor.worker_id, [(job_id, second.attempt)], 30) == {job_id}
-        assert queue.complete(conn, second, result_sha256=sha, exit_code=0, actor=actor)
+        assert not jobs.complete(conn, first, result_sha256=sha, exit_code=0, actor=dying)
+        assert not jobs.fail(conn, first, category="x", reason="y", exit_code=1, result_sha256=None, actor=dying)
+        assert jobs.renew(conn, dying.worker_id, [(job_id, first.attempt)], 30) == set()
+        assert jobs.renew(conn, actor.worker_id, [(job_id, second.attempt)], 30) == {job_id}
+        assert jobs.complete(conn, second, result_sha256=sha, exit_code=0, actor=actor)
         # A retry of that completion (its answer was lost) is recognised, not refused; still one event.
-        assert queue.complete(conn, second, result_sha256=sha, exit_code=0, actor=actor)
-        assert not queue.fail(conn, second, category="x", reason="y", exit_code=1, result_sha256=None, actor=actor)
-        events = [e["event"] for e in queue.events_of(conn, job_id)]
+        assert jobs.complete(conn, second, result_sha256=sha, exit_code=0, actor=actor)
+        assert not jobs.fail(conn, second, category="x", reason="y", exit_code=1, result_sha256=None, actor=actor)
+        events = [e["event"] for e in jobs.events_of(conn, job_id)]
         assert events == ["registering", "queued", "claimed", "rescued", "claimed", "finished"]
 
 
@@ -186,9 +187,9 @@ def test_a_fresh_heartbeat_protects_a_worker_that_lost_its_lock(db_url):
         actor, heartbeat = _alive_worker(db_url, conn)
         _claim(conn, actor)
         _drop(conn, heartbeat)
-        assert queue.renew(conn, actor.worker_id, [], 30) == set()
-        assert queue.rescue(conn, ACTOR, grace_s=60) == []
-        assert queue.rescue(conn, ACTOR, grace_s=0) == [(job_id, "queued")]
+        assert jobs.renew(conn, actor.worker_id, [], 30) == set()
+        assert jobs.rescue(conn, ACTOR, grace_s=60) == []
+        assert jobs.rescue(conn, ACTOR, grace_s=0) == [(job_id, "queued")]
 
 
 def test_rescue_leaves_live_workers_alone_and_fails_after_max_attempts(db_url):
@@ -201,10 +202,10 @@ def test_rescue_leaves_live_workers_alone_and_fails_after_max_attempts(db_url):
             actor, heartbeat = _alive_worker(db_url, conn)
             assert _claim(conn, actor).id == job_id
             _drop(conn, heartbeat)
-            assert queue.rescue(conn, ACTOR, grace_s=0) == [(job_id, expected)]
-        job = queue.get_job(conn, job_id)
+            assert jobs.rescue(conn, ACTOR, grace_s=0) == [(job_id, expected)]
+        job = jobs.get_job(conn, job_id)
         assert job.status == "failed" and job.failure_category == "lost_worker"
-        assert queue.get_job(conn, live_id).status == "running"
+        assert jobs.get_job(conn, live_id).status == "running"
 
 
 def test_expired_lease_is_rescued_even_while_the_lock_is_held(db_url):
@@ -214,33 +215,33 @@ def test_expired_lease_is_rescued_even_while_the_lock_is_held(db_url):
         job = _claim(conn, actor, lease_s=0.01)
         assert job.id == job_id
         conn.execute("SELECT pg_sleep(0.05)")
-        assert queue.rescue(conn, ACTOR) == [(job_id, "queued")]
+        assert jobs.rescue(conn, ACTOR) == [(job_id, "queued")]
 
 
 def test_cancel_and_requeue(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn, psycopg.connect(db_url, autocommit=True) as listener:
-        queue.listen(listener)
+        jobs.listen(listener)
         queued_id = _queued(conn, "/q")
         running_id = _queued(conn, "/r")
         actor, _hb = _alive_worker(db_url, conn)
         running = _claim(conn, actor)
         assert running.id == queued_id
-        assert sorted(queue.cancel(conn, [queued_id, running_id], ACTOR)) == [queued_id, running_id]
-        notes = [n for n in listener.notifies(timeout=2) if n.channel == queue.CANCEL_CHANNEL]
+        assert sorted(jobs.cancel(conn, [queued_id, running_id], ACTOR)) == [queued_id, running_id]
+        notes = [n for n in listener.notifies(timeout=2) if n.channel == jobs.CANCEL_CHANNEL]
         assert {int(n.payload) for n in notes} == {queued_id, running_id}
         # The worker's late report about a cancelled job is refused.
-        assert not queue.complete(conn, running, result_sha256=None, exit_code=0, actor=actor)
-        assert queue.cancel(conn, [queued_id], ACTOR) == []
-        assert sorted(queue.requeue(conn, [queued_id, running_id], ACTOR)) == [queued_id, running_id]
-        assert {j.status for j in queue.get_jobs(conn, [queued_id, running_id]).values()} == {"queued"}
+        assert not jobs.complete(conn, running, result_sha256=None, exit_code=0, actor=actor)
+        assert jobs.cancel(conn, [queued_id], ACTOR) == []
+        assert sorted(jobs.requeue(conn, [queued_id, running_id], ACTOR)) == [queued_id, running_id]
+        assert {j.status for j in jobs.get_jobs(conn, [queued_id, running_id]).values()} == {"queued"}
 
 
 def test_release_gives_back_without_burning_a_try(conn):
     job_id = _queued(conn, max_attempts=1)
     actor = _worker(conn)
     job = _claim(conn, actor)
-    assert queue.release(conn, job, reason="shutdown", actor=actor)
-    again = queue.get_job(conn, job_id)
+    assert jobs.release(conn, job, reason="shutdown", actor=actor)
+    again = jobs.get_job(conn, job_id)
     assert again.status == "queued" and again.tries == 0 and again.attempt == 1
 
 
@@ -263,7 +264,7 @@ def test_store_round_trip_and_dedup(conn):
 
 def test_notify_on_queued(db_url):
     with psycopg.connect(db_url, autocommit=True) as listener, psycopg.connect(db_url, autocommit=True) as conn:
-        queue.listen(listener)
+        jobs.listen(listener)
         _queued(conn)
         got = list(listener.notifies(timeout=5, stop_after=1))
-        assert got and got[0].channel == queue.CHANNEL
+        assert got and got[0].channel == jobs.CHANNEL

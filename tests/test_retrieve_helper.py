@@ -8,8 +8,10 @@ import os
 import signal
 from pathlib import Path
 
-from cr_queue import discover, retrieve, retrieve_helper, store
-from cr_queue.db import Database
+from cr_queue import retrieve, retrieve_helper
+from cr_queue.tomodir import discover
+from cr_queue import store
+from cr_queue.db.connection import Database
 
 from .conftest import run, script
 from .faults import alive, wait_for

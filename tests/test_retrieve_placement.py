@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import add, queue, retrieve, store, swap, synth
-from cr_queue.db import Database
+from cr_queue import add, retrieve
+from cr_queue.queries import jobs
+from cr_queue import store
+from cr_queue.tomodir import swap
+from cr_queue.tomodir import synth
+from cr_queue.db.connection import Database
 
 
 def _tree_state(root: Path) -> dict[str, str]:
@@ -31,11 +35,11 @@ def _tree_state(root: Path) -> dict[str, str]:
 
 def _finish_with(conn, result: Path) -> int:
     """Claim the one queued job and complete it with the tree ``result`` as its result."""
-    wid = queue.register_worker(conn, name="t", host="h", pid=os.getpid(), version="t", jobs=1, threads=1, groups=(), solvers={})
-    actor = queue.Actor(worker_id=wid)
-    job = queue.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60)
+    wid = jobs.register_worker(conn, name="t", host="h", pid=os.getpid(), version="t", jobs=1, threads=1, groups=(), solvers={})
+    actor = jobs.Actor(worker_id=wid)
+    job = jobs.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60)
     sha = store.put_tree(conn, result).sha256
-    assert queue.complete(conn, job, result_sha256=sha, exit_code=0, actor=actor)
+    assert jobs.complete(conn, job, result_sha256=sha, exit_code=0, actor=actor)
     return job.id
 
 

@@ -6,19 +6,21 @@ import json
 
 import psycopg
 
-from cr_queue import queue, store, synth
+from cr_queue.queries import jobs
+from cr_queue import store
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 from .test_queue import ACTOR, _blob, _claim, _worker
 
 
 def _queued_as(conn, user: str, path: str, **kw) -> int:
-    new = queue.NewJob(
+    new = jobs.NewJob(
         sim_type="inv", model_first=False, source_path=path, crh_file=path + ".crh",
         username=user, source_computer="ws", **kw,
     )
-    job_id = queue.begin_registration(conn, new, ACTOR)
-    assert queue.finish_registration(conn, job_id, _blob(conn, path.encode()), ACTOR)
+    job_id = jobs.begin_registration(conn, new, ACTOR)
+    assert jobs.finish_registration(conn, job_id, _blob(conn, path.encode()), ACTOR)
     return job_id
 
 

@@ -24,7 +24,9 @@ import psycopg
 import pytest
 import zstandard
 
-from cr_queue import queue, store, synth
+from cr_queue.queries import jobs
+from cr_queue import store
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 from .test_security_roles import ALICE, NODE, connect_as, logins, url_as  # noqa: F401  (fixture)
@@ -74,12 +76,12 @@ def _upload(conn: psycopg.Connection, payload: bytes) -> str:
 
 
 def _register(conn: psycopg.Connection, path: str, sha: str) -> int:
-    new = queue.NewJob(
+    new = jobs.NewJob(
         sim_type="mod", model_first=False, source_path=path, crh_file=path + ".crh", username="alice", source_computer="ws1"
     )
-    actor = queue.Actor(os_user="alice", host="ws1", pid=1)
-    job_id = queue.begin_registration(conn, new, actor)
-    assert queue.finish_registration(conn, job_id, sha, actor)
+    actor = jobs.Actor(os_user="alice", host="ws1", pid=1)
+    job_id = jobs.begin_registration(conn, new, actor)
+    assert jobs.finish_registration(conn, job_id, sha, actor)
     return job_id
 
 
@@ -130,12 +132,12 @@ def _finished_with_result(db_url: str, tmp_path: Path, cli_env: dict, result: by
     alice_env = {**cli_env, "CRH_DATABASE_URL": url_as(db_url, ALICE)}
     (added,) = json.loads(run([script("crh_add"), "--json"], alice_env, cwd=tree).stdout)["added"]
     with connect_as(db_url, NODE) as node:
-        wid = queue.register_worker(node, name="n", host="node01", pid=9, version="t", jobs=1, threads=1, groups=[], solvers={})
-        actor = queue.Actor(os_user="crh", host="node01", pid=9, worker_id=wid)
-        job = queue.claim(node, actor=actor, can_mod=True, can_inv=True, lease_s=60)
+        wid = jobs.register_worker(node, name="n", host="node01", pid=9, version="t", jobs=1, threads=1, groups=[], solvers={})
+        actor = jobs.Actor(os_user="crh", host="node01", pid=9, worker_id=wid)
+        job = jobs.claim(node, actor=actor, can_mod=True, can_inv=True, lease_s=60)
         assert job is not None and job.id == added["job_id"]
         sha = _upload(node, result)
-        assert queue.complete(node, job, result_sha256=sha, exit_code=0, actor=actor)
+        assert jobs.complete(node, job, result_sha256=sha, exit_code=0, actor=actor)
     return Path(added["path"]), job.id, sha
 
 

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 from psycopg import conninfo, sql
 
-from cr_queue import roles, synth
+from cr_queue.queries import roles
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 from .test_security_roles import ALICE, BOB, NODE, logins, url_as  # noqa: F401  (fixture)

@@ -24,8 +24,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cr_queue import synth
-from cr_queue.embedded import PORT, Cluster
+from cr_queue.tomodir import synth
+from cr_queue.db.embedded import PORT, Cluster
 
 from .conftest import script
 

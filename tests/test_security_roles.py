@@ -18,13 +18,18 @@ import psycopg
 import pytest
 from psycopg import conninfo, errors
 
-from cr_queue import add, archive, queue, roles, store, synth
-from cr_queue.db import Database
+from cr_queue import add
+from cr_queue.tomodir import archive
+from cr_queue.queries import jobs
+from cr_queue.queries import roles
+from cr_queue import store
+from cr_queue.tomodir import synth
+from cr_queue.db.connection import Database
 
 from .conftest import run, script
 
 ALICE, BOB, NODE, OTHER_NODE, BOSS = "sec_alice", "sec_bob", "sec_node", "sec_node2", "sec_boss"
-ACTOR = queue.Actor(os_user="tester", host="ws1", pid=1)
+ACTOR = jobs.Actor(os_user="tester", host="ws1", pid=1)
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +70,10 @@ def _blob(conn, payload: bytes) -> str:
 
 
 def _own_job(conn, path: str) -> int:
-    new = queue.NewJob(
+    new = jobs.NewJob(
         sim_type="inv", model_first=False, source_path=path, crh_file=path + ".crh", username="bob", source_computer="ws2"
     )
-    return queue.begin_registration(conn, new, ACTOR)
+    return jobs.begin_registration(conn, new, ACTOR)
 
 
 @pytest.fixture
@@ -84,11 +89,11 @@ def test_a_user_sees_only_own_jobs_and_others_as_anonymous_counts(db_url, two_us
     with connect_as(db_url, BOB) as bob:
         assert roles.access(bob) == "user"
         assert bob.execute("SELECT count(*) FROM inversions").fetchone()[0] == 1
-        assert queue.get_jobs(bob, alice_jobs) == {}
-        assert set(queue.get_jobs(bob, bob_jobs)) == set(bob_jobs)
-        assert queue.events_of(bob, alice_jobs[0]) == []
-        assert queue.events_of(bob, bob_jobs[0]) != []
-        assert bob.execute("SELECT count(*) FROM events").fetchone()[0] == len(queue.events_of(bob, bob_jobs[0]))
+        assert jobs.get_jobs(bob, alice_jobs) == {}
+        assert set(jobs.get_jobs(bob, bob_jobs)) == set(bob_jobs)
+        assert jobs.events_of(bob, alice_jobs[0]) == []
+        assert jobs.events_of(bob, bob_jobs[0]) != []
+        assert bob.execute("SELECT count(*) FROM events").fetchone()[0] == len(jobs.events_of(bob, bob_jobs[0]))
         counts = roles.queue_counts(bob)
     assert counts == [{"status": "queued", "job_group": None, "jobs": 3}]
     with connect_as(db_url, ALICE) as alice:
@@ -97,12 +102,12 @@ def test_a_user_sees_only_own_jobs_and_others_as_anonymous_counts(db_url, two_us
 
 def test_a_user_cannot_cancel_requeue_reprioritise_or_delete_others_jobs(db_url, two_users):
     alice_jobs, _ = two_users
-    actor = queue.Actor(os_user="bob", host="ws2", pid=2)
+    actor = jobs.Actor(os_user="bob", host="ws2", pid=2)
     with connect_as(db_url, BOB) as bob:
-        assert queue.cancel(bob, alice_jobs, actor) == []
-        assert queue.set_priority(bob, alice_jobs, 1000, actor) == []
-        assert queue.requeue(bob, alice_jobs, actor) == []
-        assert not queue.mark_downloaded(bob, alice_jobs[0], actor)
+        assert jobs.cancel(bob, alice_jobs, actor) == []
+        assert jobs.set_priority(bob, alice_jobs, 1000, actor) == []
+        assert jobs.requeue(bob, alice_jobs, actor) == []
+        assert not jobs.mark_downloaded(bob, alice_jobs[0], actor)
         # psql by hand: nothing to see, so nothing changes
         assert bob.execute("UPDATE inversions SET priority = 99 WHERE id = ANY(%s)", (alice_jobs,)).rowcount == 0
         assert bob.execute("DELETE FROM inversions WHERE id = ANY(%s)", (alice_jobs,)).rowcount == 0
@@ -144,7 +149,7 @@ def test_knowing_the_hash_of_another_users_archive_gives_no_access(db_url, two_u
     with connect_as(db_url, BOB) as bob:
         job = _own_job(bob, "/home/bob/steal")
         with pytest.raises(errors.InsufficientPrivilege, match="was not uploaded by"):
-            queue.finish_registration(bob, job, sha, ACTOR)
+            jobs.finish_registration(bob, job, sha, ACTOR)
         with pytest.raises(errors.InsufficientPrivilege, match="was not uploaded by"):
             bob.execute(
                 "INSERT INTO inversions (status, sim_type, username, source_computer, source_path, crh_file, input_sha256)"
@@ -158,7 +163,7 @@ def test_knowing_the_hash_of_another_users_archive_gives_no_access(db_url, two_u
         assert bob.execute("SELECT count(*) FROM blob_owners").fetchone()[0] == 0
         assert bob.execute("SELECT crh_adopt_blob(0, %s)", (sha,)).fetchone()[0] is False
         with pytest.raises(errors.InsufficientPrivilege):
-            queue.finish_registration(bob, job, sha, ACTOR)
+            jobs.finish_registration(bob, job, sha, ACTOR)
         with pytest.raises(store.BlobMissing):
             store.fetch(bob, sha, io.BytesIO())
 
@@ -242,9 +247,9 @@ def test_a_user_cannot_forge_ownership_or_the_lifecycle_of_own_jobs(db_url, two_
         with pytest.raises(errors.InsufficientPrivilege, match="only a worker may set its result"):
             bob.execute("UPDATE inversions SET result_sha256 = %s WHERE id = %s", (alice_sha, mine))
         # what a user may do to its own job still works
-        assert queue.requeue(bob, [mine], ACTOR) == [mine]
-        assert queue.set_priority(bob, [mine], 5, ACTOR) == [mine]
-        assert queue.cancel(bob, [mine], ACTOR) == [mine]
+        assert jobs.requeue(bob, [mine], ACTOR) == [mine]
+        assert jobs.set_priority(bob, [mine], 5, ACTOR) == [mine]
+        assert jobs.cancel(bob, [mine], ACTOR) == [mine]
 
 
 def test_a_user_cannot_write_into_another_users_upload(db_url, logins):
@@ -263,11 +268,11 @@ def test_a_worker_claims_runs_and_completes_but_cannot_delete(db_url, two_users,
     alice_jobs, bob_jobs = two_users
     with connect_as(db_url, NODE) as node:
         assert roles.access(node) == "worker"
-        wid = queue.register_worker(
+        wid = jobs.register_worker(
             node, name="n1", host="node01", pid=3, version="t", jobs=1, threads=1, groups=[], solvers={}
         )
-        actor = queue.Actor(os_user="crh", host="node01", pid=3, worker_id=wid)
-        job = queue.claim(node, actor=actor, can_mod=True, can_inv=True, lease_s=30)
+        actor = jobs.Actor(os_user="crh", host="node01", pid=3, worker_id=wid)
+        job = jobs.claim(node, actor=actor, can_mod=True, can_inv=True, lease_s=30)
         assert job is not None
         # its input it may read; the inputs of jobs it does not hold it may not
         assert store.fetch(node, job.input_sha256, io.BytesIO()) > 0
@@ -278,12 +283,12 @@ def test_a_worker_claims_runs_and_completes_but_cannot_delete(db_url, two_users,
         for (sha,) in others:
             with pytest.raises(store.BlobMissing):
                 store.fetch(node, sha, io.BytesIO())
-        assert queue.renew(node, wid, [(job.id, job.attempt)], 30) == {job.id}
+        assert jobs.renew(node, wid, [(job.id, job.attempt)], 30) == {job.id}
         result_dir = tmp_path / "result"
         (result_dir / "inv").mkdir(parents=True)
         (result_dir / "inv" / "inv.ctr").write_text("***finished***\n")
         result = store.put_tree(node, result_dir)
-        assert queue.complete(node, job, result_sha256=result.sha256, exit_code=0, actor=actor)
+        assert jobs.complete(node, job, result_sha256=result.sha256, exit_code=0, actor=actor)
         # no deleting, no editing what users registered, no touching ended jobs
         with pytest.raises(errors.InsufficientPrivilege):
             node.execute("DELETE FROM inversions WHERE id = %s", (job.id,))
@@ -321,7 +326,7 @@ def test_the_admin_sees_and_may_change_everything(db_url, two_users):
         sha = boss.execute("SELECT input_sha256 FROM inversions WHERE id = %s", (alice_jobs[0],)).fetchone()[0]
         assert store.fetch(boss, sha, io.BytesIO()) > 0
         assert boss.execute("SELECT count(*) FROM binary_data").fetchone()[0] > 0
-        assert queue.cancel(boss, bob_jobs, ACTOR) == bob_jobs
+        assert jobs.cancel(boss, bob_jobs, ACTOR) == bob_jobs
         assert boss.execute("DELETE FROM inversions WHERE id = %s", (bob_jobs[0],)).rowcount == 1
 
 

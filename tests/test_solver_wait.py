@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import solvers
+from cr_queue.solvers import solvers
 
 
 def _solver(tmp_path: Path, body: str) -> tuple[solvers.Solver, Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from cr_queue.spool import Spool
+from cr_queue.util.spool import Spool
 
 
 def test_bytes_come_back_from_memory(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import synth
+from cr_queue.tomodir import synth
 
 from .conftest import REPO, run, script
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import cr_queue
-from cr_queue import synth
-from cr_queue.discover import Done, Tomodir, classify
+from cr_queue.tomodir import synth
+from cr_queue.tomodir.discover import Done, Tomodir, classify
 
 PACKAGE_ROOT = Path(cr_queue.__file__).resolve().parent.parent
 PID_LINE = re.compile(r"^\s*CRTomo PID\s+(\d+)\s+exited abnormally\s*$")
@@ -30,7 +30,7 @@ def solver_env(**extra: str) -> dict[str, str]:
 
 def start(solver: str, tomodir: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cr_queue.standin", solver],
+        [sys.executable, "-m", "cr_queue.solvers.standin", solver],
         cwd=tomodir / "exe",
         env=solver_env(**env),
         stdout=subprocess.PIPE,
@@ -308,7 +308,7 @@ def test_bad_settings_exit_2_with_a_message(inv_dir: Path) -> None:
 
 def test_usage_without_a_solver_name(inv_dir: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cr_queue.standin"], cwd=inv_dir / "exe", env=solver_env(), capture_output=True
+        [sys.executable, "-m", "cr_queue.solvers.standin"], cwd=inv_dir / "exe", env=solver_env(), capture_output=True
     )
     assert proc.returncode == 2
 

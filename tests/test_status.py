@@ -20,7 +20,9 @@ import pytest
 
 from psycopg import conninfo
 
-from cr_queue import queue, roles, synth
+from cr_queue.queries import jobs
+from cr_queue.queries import roles
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 
@@ -70,10 +72,10 @@ def _sql(db_url, query, params=None):
         return cur.fetchall() if cur.description else None
 
 
-def _live_worker(db_url, name="node-a", host="node07", jobs=2, threads=1) -> int:
+def _live_worker(db_url, name="node-a", host="node07", slots=2, threads=1) -> int:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        return queue.register_worker(
-            conn, name=name, host=host, pid=4242, version="9.9", jobs=jobs, threads=threads, groups=["g1"],
+        return jobs.register_worker(
+            conn, name=name, host=host, pid=4242, version="9.9", jobs=slots, threads=threads, groups=["g1"],
             solvers={"crtomo": {"path": "/opt/CRTomo", "sha256": "ab" * 32, "size": 10, "version": "CRTomo 1.2"}},
         )
 
@@ -110,7 +112,8 @@ def busy(tmp_path, cli_env, db_url):
 
 
 def test_status_knows_every_job_state():
-    from cr_queue import schema, status as status_service
+    from cr_queue import status as status_service
+    from cr_queue.db import schema
 
     assert status_service.JOB_STATES == schema.JOB_STATES
 

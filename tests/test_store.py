@@ -15,8 +15,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cr_queue import archive, config, queue, store, synth
-from cr_queue.db import Database, DatabaseError, open_database
+from cr_queue import config
+from cr_queue.tomodir import archive
+from cr_queue.queries import jobs
+from cr_queue import store
+from cr_queue.tomodir import synth
+from cr_queue.db.connection import Database, DatabaseError, open_database
 
 from .conftest import run, script
 from .test_queue import ACTOR, _queued, _worker
@@ -272,10 +276,10 @@ def test_garbage_collection_keeps_what_jobs_use(db_url: str, tmp_path: Path) -> 
         used = store.put_tree(conn, synth.make_tomodir(tmp_path / "a", "inv")).sha256
         unused = store.put_tree(conn, synth.make_tomodir(tmp_path / "b", "inv", seed=1)).sha256
         in_db = store.DATABASE.put_tree(conn, synth.make_tomodir(tmp_path / "c", "inv", seed=2)).sha256
-        job_id = queue.begin_registration(
-            conn, queue.NewJob("inv", False, "/a", "/a.crh", "u", "h"), ACTOR
+        job_id = jobs.begin_registration(
+            conn, jobs.NewJob("inv", False, "/a", "/a.crh", "u", "h"), ACTOR
         )
-        queue.finish_registration(conn, job_id, used, ACTOR)
+        jobs.finish_registration(conn, job_id, used, ACTOR)
         orphan = root / "ab" / ("ab" + "0" * 62 + ".tar.zst")
         orphan.parent.mkdir(exist_ok=True)
         orphan.write_bytes(b"x")
@@ -349,6 +353,6 @@ def test_prepared_statements_on_the_hot_path(conn) -> None:
         _queued(conn, f"/p{i}")
     actor = _worker(conn)
     for _ in range(7):
-        assert queue.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60) is not None
+        assert jobs.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60) is not None
     prepared = conn.execute("SELECT statement FROM pg_prepared_statements").fetchall()
     assert any("SKIP LOCKED" in row[0] for row in prepared)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from cr_queue import swap
+from cr_queue.tomodir import swap
 
 
 def test_link_copy_exchange_reconcile(tmp_path):

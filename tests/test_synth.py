@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cr_queue import synth
+from cr_queue.tomodir import synth
 
 
 def parse_elem(path: Path) -> dict:

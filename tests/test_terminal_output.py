@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from cr_queue import synth
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 

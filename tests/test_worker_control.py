@@ -10,7 +10,7 @@ import time
 
 import psycopg
 
-from cr_queue import synth
+from cr_queue.tomodir import synth
 
 from .conftest import run, script
 from .faults import wait_for

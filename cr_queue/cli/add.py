@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .. import discover, packers
-from .common import (
+from cr_queue import packers
+from cr_queue.tomodir import discover
+from cr_queue.cli.common import (
     DURATION,
     GROUP,
     Output,
@@ -20,10 +21,10 @@ from .common import (
     output_options,
     setup_logging,
 )
-from .entry import command_process, load_module
+from cr_queue.cli.entry import command_process, load_module
 
 if TYPE_CHECKING:
-    from .. import add as add_service
+    from cr_queue import add as add_service
 
 
 @click.command("add")
@@ -149,7 +150,8 @@ def _print(out: Output, report: add_service.AddReport, dry_run: bool) -> None:
 
 def _run_local(out: Output, paths, options, found, local_jobs, threads, crtomo, crmod, db_url) -> None:
     # Only --local runs a worker here: its modules are not loaded for a plain crh_add.
-    from .. import local, solvers
+    from cr_queue import local
+    from cr_queue.solvers import solvers
 
     settings, database = open_db(db_url, crtomo=crtomo, crmod=crmod)
     solver_map = solvers.resolve(

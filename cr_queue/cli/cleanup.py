@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from .. import cleanup
-from . import fmt
-from .common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
+from cr_queue import cleanup
+from cr_queue.cli import fmt
+from cr_queue.cli.common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
 
 SHOWN = 20  # jobs listed per kind in the text report (all of them are in --json)
 

@@ -20,19 +20,21 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import archive, config
+from cr_queue import config
+from cr_queue.tomodir import archive
 
 if TYPE_CHECKING:
-    from .. import db, jobs
+    from cr_queue.db import connection as db
+    from cr_queue.targets import Selection
 
 # Errors whose message is the whole story, besides config's: (module, class).
 # Those modules are imported only by the commands that use them (crh_add forks
 # its helpers before it imports the database driver; crh_add and crh_retrieve
 # need no solvers), and none of their errors can occur before they are.
 _LAZY_ERRORS = (
-    ("cr_queue.db", "DatabaseError"),
-    ("cr_queue.solvers", "SolverError"),
-    ("cr_queue.embedded", "EmbeddedError"),
+    ("cr_queue.db.connection", "DatabaseError"),
+    ("cr_queue.solvers.solvers", "SolverError"),
+    ("cr_queue.db.embedded", "EmbeddedError"),
 )
 
 
@@ -154,7 +156,7 @@ def setup_logging(level: str) -> None:
 
 
 def open_db(db_url: str | None, **settings_kw: Any) -> tuple[config.Settings, db.Database]:
-    from .. import db
+    from cr_queue.db import connection as db
 
     settings = config.load(db=db_url, **settings_kw)
     # The caps of safe extraction this installation chose ([archive] in the config).
@@ -236,11 +238,11 @@ GROUP = GroupName()
 LABEL = Label()
 
 
-def select_jobs(targets) -> jobs.Selection:
+def select_jobs(targets) -> Selection:
     """Job ids from ids, tomodirs and .crh files; a usage error when none of them names a job."""
-    from .. import jobs
+    from cr_queue.targets import select
 
-    selection = jobs.select(list(targets))
+    selection = select(list(targets))
     if not selection.ids and selection.problems:
         fail("; ".join(selection.problems))
     return selection

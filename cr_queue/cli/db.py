@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from .. import config, migrate
-from ..db import Database, DatabaseError, open_database
-from .common import Output, db_option, fail, handle_errors, output_options, setup_logging
+from cr_queue import config
+from cr_queue.db import migrate
+from cr_queue.db.connection import Database, DatabaseError, open_database
+from cr_queue.cli.common import Output, db_option, fail, handle_errors, output_options, setup_logging
 
 
 @click.group("db")
@@ -68,7 +69,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _cluster():
-    from .. import embedded
+    from cr_queue.db import embedded
 
     return embedded.default_cluster()
 
@@ -146,7 +147,7 @@ _GRANTED = {
 
 
 def _grant(name: str, group: str, db_url, as_json, quiet, log_level) -> None:
-    from .. import roles
+    from cr_queue.queries import roles
 
     setup_logging(log_level)
     out = Output(json=as_json, quiet=quiet)

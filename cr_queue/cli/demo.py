@@ -9,8 +9,11 @@ from pathlib import Path
 
 import click
 
-from .. import add, config, db, local, solvers, synth
-from .common import Output, handle_errors, output_options, setup_logging
+from cr_queue import add, config, local
+from cr_queue.db import connection as db
+from cr_queue.solvers import solvers
+from cr_queue.tomodir import synth
+from cr_queue.cli.common import Output, handle_errors, output_options, setup_logging
 
 
 def _standin(name: str) -> str:

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from .. import __version__
-from .entry import crh_add, crh_cancel, crh_cleanup, crh_retrieve, crh_status, crh_wait_retrieve, crh_worker, load
+from cr_queue import __version__
+from cr_queue.cli.entry import crh_add, crh_cancel, crh_cleanup, crh_retrieve, crh_status, crh_wait_retrieve, crh_worker, load
 
 __all__ = [
     "crh",

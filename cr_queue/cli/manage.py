@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .. import jobs, queue
-from .common import (
+from cr_queue.targets import Selection, select
+from cr_queue.queries import jobs
+from cr_queue.cli.common import (
     Output,
     db_option,
     fail,
@@ -33,8 +34,8 @@ def cancel_command(targets, db_url, as_json, quiet, log_level):
     selection = select_jobs(targets)
     _settings, database = open_db(db_url)
     with database.connect("crh_cancel") as conn:
-        cancelled = queue.cancel(conn, selection.ids, queue.Actor())
-        known = queue.get_jobs(conn, selection.ids)
+        cancelled = jobs.cancel(conn, selection.ids, jobs.Actor())
+        known = jobs.get_jobs(conn, selection.ids)
     not_cancelled = [i for i in selection.ids if i not in cancelled]
     problems = list(selection.problems)
     for job_id in not_cancelled:
@@ -67,16 +68,16 @@ def requeue_command(targets, all_failed, db_url, as_json, quiet, log_level):
     out = Output(json=as_json, quiet=quiet)
     if not targets and not all_failed:
         fail("name the jobs to requeue (job id, tomodir or .crh file), or use --failed")
-    selection = jobs.select(list(targets)) if targets else jobs.Selection()
+    selection = select(list(targets)) if targets else Selection()
     _settings, database = open_db(db_url)
-    actor = queue.Actor()
+    actor = jobs.Actor()
     with database.connect("crh_requeue") as conn:
         ids = selection.ids
         if all_failed:
-            mine = queue.failed_of(conn, actor.os_user, actor.host)
+            mine = jobs.failed_of(conn, actor.os_user, actor.host)
             ids = [i for i in mine if not targets or i in set(selection.ids)]
-        requeued = queue.requeue(conn, ids, actor)
-        known = queue.get_jobs(conn, ids)
+        requeued = jobs.requeue(conn, ids, actor)
+        known = jobs.get_jobs(conn, ids)
     problems = list(selection.problems)
     for job_id in ids:
         if job_id not in requeued:
@@ -109,7 +110,7 @@ def priority_command(priority, targets, db_url, as_json, quiet, log_level):
     selection = select_jobs(targets)
     _settings, database = open_db(db_url)
     with database.connect("crh_priority") as conn:
-        changed = queue.set_priority(conn, selection.ids, priority, queue.Actor())
+        changed = jobs.set_priority(conn, selection.ids, priority, jobs.Actor())
     problems = selection.problems + [
         f"job {i}: not waiting or running (or not in {database.redacted}); its priority was not changed"
         for i in selection.ids

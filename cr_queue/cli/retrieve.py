@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
-from .. import control, retrieve_helper
-from .. import retrieve as retrieve_service
-from .common import Output, db_option, handle_errors, open_db, output_options, setup_logging
-from .entry import command_process
+from cr_queue import retrieve_helper
+from cr_queue.tomodir import control
+from cr_queue import retrieve as retrieve_service
+from cr_queue.cli.common import Output, db_option, handle_errors, open_db, output_options, setup_logging
+from cr_queue.cli.entry import command_process
 
 
 def _item(item: retrieve_service.Item) -> dict:

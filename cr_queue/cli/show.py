@@ -7,17 +7,9 @@ from typing import Any
 
 import click
 
-from .. import admin
-from . import fmt
-from .common import (
-    Output,
-    db_option,
-    handle_errors,
-    open_db,
-    output_options,
-    select_jobs,
-    setup_logging,
-)
+from cr_queue import admin
+from cr_queue.cli import fmt
+from cr_queue.cli.common import Output, db_option, handle_errors, open_db, output_options, select_jobs, setup_logging
 
 
 @click.command("show")

@@ -12,10 +12,10 @@ from typing import Any
 import click
 import psycopg
 
-from .. import db
-from .. import status as status_service
-from . import fmt
-from .common import Output, db_option, handle_errors, open_db, output_options, setup_logging
+from cr_queue.db import connection as db
+from cr_queue import status as status_service
+from cr_queue.cli import fmt
+from cr_queue.cli.common import Output, db_option, handle_errors, open_db, output_options, setup_logging
 
 _STATE_COLOURS = {"failed": "red", "running": "cyan", "finished": "green", "lost": "yellow", "unknown": "yellow", "unreadable": "red"}
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from .. import solvers
-from .. import worker as worker_service
-from .common import DURATION, GROUP, LABEL, Output, db_option, handle_errors, open_db, output_options, setup_logging
+from cr_queue.solvers import solvers
+from cr_queue import worker as worker_service
+from cr_queue.cli.common import DURATION, GROUP, LABEL, Output, db_option, handle_errors, open_db, output_options, setup_logging
 
 
 @click.command("worker")

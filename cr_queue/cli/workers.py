@@ -14,10 +14,10 @@ import inspect
 import click
 import psycopg
 
-from .. import admin
-from . import fmt
-from .common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
-from .status import worker_table
+from cr_queue import admin
+from cr_queue.cli import fmt
+from cr_queue.cli.common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
+from cr_queue.cli.status import worker_table
 
 
 def admin_only(what: str):

@@ -37,9 +37,13 @@ from typing import TypeVar
 
 import psycopg
 
-from . import __version__, archive, queue, solvers, store
-from .db import Database, DatabaseError
-from .spool import Spool
+from cr_queue import __version__
+from cr_queue.tomodir import archive
+from cr_queue.queries import jobs
+from cr_queue.solvers import solvers
+from cr_queue import store
+from cr_queue.db.connection import Database, DatabaseError
+from cr_queue.util.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ class WorkerOptions:
 
 @dataclass
 class _Running:
-    job: queue.Job
+    job: jobs.Job
     abort: threading.Event = field(default_factory=threading.Event)
     # Why the solver was stopped: "lost" (attempt taken away), "cancelled", or "release".
     why: str | None = None
@@ -135,12 +139,12 @@ class Worker:
         self._held: dict[int, _Running] = {}
         self._claim_lock = threading.Lock()
         self._cpus_used = 0
-        self._orders = queue.Orders()
+        self._orders = jobs.Orders()
         self._last_renewal = time.monotonic()
         self._drain_deadline: float | None = None
         self._started = time.monotonic()
         self.worker_id: int | None = None
-        self.actor = queue.Actor()
+        self.actor = jobs.Actor()
         # Which binaries computed the results: recorded with every outcome.
         self._solver_info = {name: s.describe() for name, s in self.solvers.items()}
 
@@ -148,8 +152,8 @@ class Worker:
 
     def run(self) -> int:
         control = self.db.connect(f"crh_worker {self.name} control", keepalive=True)
-        queue.bound_idle_transactions(control, self._idle_transaction_limit)
-        self.worker_id = queue.register_worker(
+        jobs.bound_idle_transactions(control, self._idle_transaction_limit)
+        self.worker_id = jobs.register_worker(
             control,
             name=self.name,
             host=self.host,
@@ -160,8 +164,8 @@ class Worker:
             groups=self.options.groups,
             solvers=self._solver_info,
         )
-        self.actor = queue.Actor(worker_id=self.worker_id)
-        self._obey(queue.beat(control, self.worker_id, draining=False))
+        self.actor = jobs.Actor(worker_id=self.worker_id)
+        self._obey(jobs.beat(control, self.worker_id, draining=False))
         self.on_event(
             f"worker {self.name} (id {self.worker_id}) started: {self.options.jobs} job(s) at a time, "
             f"{self.options.threads} thread(s) each, solvers: "
@@ -187,7 +191,7 @@ class Worker:
             self._finished.set()
             beat.join(timeout=10)
             self._discard(None)
-        self._run_db(lambda conn: queue.stop_worker(conn, self.worker_id, self.stop_reason), control)
+        self._run_db(lambda conn: jobs.stop_worker(conn, self.worker_id, self.stop_reason), control)
         self.on_event(
             f"worker {self.name} stopped ({self.stop_reason}): {self.tally.finished} finished, "
             f"{self.tally.failed} failed"
@@ -237,7 +241,7 @@ class Worker:
                     control = self._connect("control")
                     backoff = 0.5
                     next_rescue = 0.0
-                queue.listen(control, jobs=False)
+                jobs.listen(control, jobs=False)
                 self._token = False  # a new session holds no lock
                 while any(t.is_alive() for t in slots):
                     for note in control.notifies(timeout=0.25, stop_after=1):
@@ -257,7 +261,7 @@ class Worker:
         return control
 
     def _on_notify(self, note) -> None:
-        if note.channel == queue.CANCEL_CHANNEL:
+        if note.channel == jobs.CANCEL_CHANNEL:
             with self._lock:
                 running = self._held.get(int(note.payload or 0))
             if running is not None:
@@ -270,15 +274,15 @@ class Worker:
 
     def _follow_token(self, conn: psycopg.Connection, n_slots: int) -> None:
         """Hold the wake token (and LISTEN for new jobs) while a slot is idle, pass it on when
-        none is: then a new job wakes one worker, not every idle one (queue.take_wake_token)."""
+        none is: then a new job wakes one worker, not every idle one (jobs.take_wake_token)."""
         with self._lock:
             idle = self._busy < n_slots and not self._stopping.is_set()
         if idle and not self._token:
-            if queue.take_wake_token(conn, self._token_key):
+            if jobs.take_wake_token(conn, self._token_key):
                 self._token = True
                 self._kick(one=True)  # a job may have come while nobody was listening
         elif self._token and not idle:
-            queue.give_wake_token(conn, self._token_key)
+            jobs.give_wake_token(conn, self._token_key)
             self._token = False
 
     @property
@@ -341,7 +345,7 @@ class Worker:
                 running.stop(why)
 
     def _rescue(self, conn: psycopg.Connection) -> None:
-        for job_id, status in queue.rescue(conn, self.actor):
+        for job_id, status in jobs.rescue(conn, self.actor):
             self.on_event(f"job {job_id}: its worker was lost; now {status}")
             if status == "queued":
                 self._kick()
@@ -406,7 +410,7 @@ class Worker:
             conn = self.db.connect(f"crh_worker {self.name} {role}", keepalive=True)
         except DatabaseError as exc:
             raise psycopg.OperationalError(str(exc)) from None
-        queue.bound_idle_transactions(conn, self._idle_transaction_limit)
+        jobs.bound_idle_transactions(conn, self._idle_transaction_limit)
         return conn
 
     @property
@@ -455,7 +459,7 @@ class Worker:
         with self._wake:
             seen = self._generation
         if not self._orders.active:
-            # An inactive node waits for its admin; it is not an empty queue.
+            # An inactive node waits for its admin; it is not an empty jobs.
             self._stopping.wait(self.options.poll_s)
             return True
         claimed = self._claim(conn)
@@ -497,18 +501,18 @@ class Worker:
     def _threads(self) -> int:
         return self._orders.threads or self.options.threads
 
-    def _cost(self, job: queue.Job) -> int:
+    def _cost(self, job: jobs.Job) -> int:
         """CPUs a job occupies: what it asked for, at least the node's thread setting."""
         return max(job.threads, self._threads())
 
-    def _claim(self, conn: psycopg.Connection) -> tuple[queue.Job, int] | None:
+    def _claim(self, conn: psycopg.Connection) -> tuple[jobs.Job, int] | None:
         """Claim a job that fits the CPU budget; claims are serialised so two slots cannot overbook it."""
         with self._claim_lock:
             budget = self._orders.cpus or self.options.cpus
             free = None if budget is None else budget - self._cpus_used
             if free is not None and free < self._threads():
                 return None
-            job = queue.claim(
+            job = jobs.claim(
                 conn,
                 actor=self.actor,
                 can_mod="crmod" in self.solvers,
@@ -531,7 +535,7 @@ class Worker:
         """
         job = running.job
         self.on_event(f"job {job.id}: database connection lost before the solver ran ({_first_line(exc)}); giving it back")
-        if self._persist(conn, running, lambda c: queue.release(c, job, reason="database connection lost", actor=self.actor)):
+        if self._persist(conn, running, lambda c: jobs.release(c, job, reason="database connection lost", actor=self.actor)):
             self.tally.released += 1
 
     def _node_trouble(self, conn: psycopg.Connection, running: _Running, reason: str) -> None:
@@ -539,7 +543,7 @@ class Worker:
         job = running.job
         self._node_failures += 1
         self.on_event(f"job {job.id}: this node could not run it ({reason}); giving it back to the queue")
-        if self._persist(conn, running, lambda c: queue.release(c, job, reason=f"node failure: {reason}", actor=self.actor)):
+        if self._persist(conn, running, lambda c: jobs.release(c, job, reason=f"node failure: {reason}", actor=self.actor)):
             self.tally.released += 1
         if self._node_failures >= self.options.max_node_failures and not self._stopping.is_set():
             self.exit_code = EXIT_NODE_BROKEN
@@ -560,16 +564,16 @@ class Worker:
             try:
                 if conn is None or conn.closed:
                     conn = self._connect("heartbeat")
-                    if not queue.hold_worker_lock(conn, self.worker_id):
+                    if not jobs.hold_worker_lock(conn, self.worker_id):
                         log.warning("worker lock %s already held by an old session", self.worker_id)
                     backoff = 0.5
-                self._obey(queue.beat(conn, self.worker_id, draining=self._stopping.is_set()))
+                self._obey(jobs.beat(conn, self.worker_id, draining=self._stopping.is_set()))
                 with self._lock:
                     held = [(r.job.id, r.job.attempt) for r in self._held.values()]
                 # The lease runs from when the statement reached the server, not from
                 # when its answer came back (which a stalled network can delay).
                 sent = time.monotonic()
-                still_ours = queue.renew(conn, self.worker_id, held, self.options.lease_s)
+                still_ours = jobs.renew(conn, self.worker_id, held, self.options.lease_s)
                 self._last_renewal = sent
                 with self._lock:
                     for job_id, attempt in held:
@@ -587,7 +591,7 @@ class Worker:
         if conn is not None:
             conn.close()
 
-    def _obey(self, orders: queue.Orders) -> None:
+    def _obey(self, orders: jobs.Orders) -> None:
         """Apply what an admin set in the database: a drain/stop request, node settings."""
         previous, self._orders = self._orders, orders
         if orders.requested == "stop" and previous.requested != "stop":
@@ -629,7 +633,7 @@ class Worker:
                 ok = self._persist(
                     conn,
                     running,
-                    lambda c: queue.complete(
+                    lambda c: jobs.complete(
                         c,
                         job,
                         result_sha256=result_sha,
@@ -663,13 +667,13 @@ class Worker:
             self.on_event(f"job {job.id}: solver stopped, job cancelled")
             return True
         if running.why == "release":
-            if self._persist(conn, running, lambda c: queue.release(c, job, reason=self.stop_reason, actor=self.actor)):
+            if self._persist(conn, running, lambda c: jobs.release(c, job, reason=self.stop_reason, actor=self.actor)):
                 self.tally.released += 1
                 self.on_event(f"job {job.id}: given back to the queue")
             return True
         return False
 
-    def _refused(self, job: queue.Job, *, by_database: bool) -> None:
+    def _refused(self, job: jobs.Job, *, by_database: bool) -> None:
         """Count a result that will never be used; the log says whether the fence or the worker decided."""
         self.tally.refused += 1
         if by_database:
@@ -717,7 +721,7 @@ class Worker:
 
         return self._persist(conn, running, put)
 
-    def _unpack_input(self, conn: psycopg.Connection, job: queue.Job, tmp: Path, tomodir: Path) -> None:
+    def _unpack_input(self, conn: psycopg.Connection, job: jobs.Job, tmp: Path, tomodir: Path) -> None:
         # Typical inputs stay in memory between download and unpacking (a file
         # written, read back and removed was a tenth of a tiny job's overhead).
         with Spool(INPUT_SPOOL_BYTES, tmp, "input.tar.zst") as fh:
@@ -725,7 +729,7 @@ class Worker:
             tomodir.mkdir()
             archive.unpack(fh.source(), tomodir, size=size)
 
-    def _run_solvers(self, job: queue.Job, tomodir: Path, running: _Running) -> solvers.Verdict:
+    def _run_solvers(self, job: jobs.Job, tomodir: Path, running: _Running) -> solvers.Verdict:
         timeout = job.timeout_s if job.timeout_s is not None else self.options.timeout_s
         verdict = solvers.Verdict(True)
         with open(tomodir / LOG_NAME, "wb") as log_file:
@@ -770,7 +774,7 @@ class Worker:
         ok = self._persist(
             conn,
             running,
-            lambda c: queue.fail(
+            lambda c: jobs.fail(
                 c,
                 job,
                 category=category,

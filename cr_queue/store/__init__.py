@@ -46,7 +46,7 @@ from typing import BinaryIO, Protocol
 import psycopg
 from psycopg import errors, pq
 
-from . import archive
+from cr_queue.tomodir import archive
 
 # Measured with bench/tune_store.py (docs/performance.md): 1 MiB chunks, 4 MiB
 # per COPY transaction, and two batches in flight between packing and COPY.

@@ -15,7 +15,8 @@ from importlib import resources
 
 import psycopg
 
-from . import config, store
+from cr_queue import config
+from cr_queue import store
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def _store_of(settings: config.Settings) -> store.Store:
 
 def _open(settings: config.Settings, *, start_embedded: bool, check_schema: bool) -> Database:
     if settings.database_url is None:
-        from . import embedded
+        from cr_queue.db import embedded
 
         cluster = embedded.default_cluster()
         if start_embedded:
@@ -145,7 +146,7 @@ def ensure_schema(db: Database, *, upgrade: bool) -> None:
     # SQLAlchemy, whose import was a third of every command's start-up.
     if _quick_revision_check(db):
         return
-    from . import migrate
+    from cr_queue.db import migrate
 
     expected = migrate.head()
     try:
@@ -173,7 +174,7 @@ def _head_revision() -> str | None:
     revisions: set[str] = set()
     parents: set[str] = set()
     try:
-        for entry in resources.files("cr_queue.migrations").joinpath("versions").iterdir():
+        for entry in resources.files("cr_queue.db.migrations").joinpath("versions").iterdir():
             if not entry.name.endswith(".py") or entry.name.startswith("__"):
                 continue
             text = entry.read_text(encoding="utf-8")

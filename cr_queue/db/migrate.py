@@ -21,7 +21,7 @@ def _config() -> Config:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(resources.files("cr_queue.migrations")))
+    cfg.set_main_option("script_location", str(resources.files("cr_queue.db.migrations")))
     return cfg
 
 

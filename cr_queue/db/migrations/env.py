@@ -9,7 +9,7 @@ everywhere else.  Running ``alembic`` by hand needs ``-x url=...``.
 from alembic import context
 from sqlalchemy import create_engine
 
-from cr_queue.schema import metadata
+from cr_queue.db.schema import metadata
 
 
 def _run(connection) -> None:

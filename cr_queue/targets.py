@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import control
+from cr_queue.tomodir import control
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from . import discover
+from cr_queue.tomodir import discover
 
 STEP_SOLVER = {"mod": "crmod", "inv": "crtomo"}
 DISPLAY = {"crmod": "CRMod", "crtomo": "CRTomo"}
