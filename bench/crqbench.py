@@ -172,13 +172,8 @@ class Context:
 
 
 def _database(url: str, store_path: Path | None) -> Database:
-    try:
-        chosen = store.DirectoryStore(store_path) if store_path else store.DatabaseStore()
-        return Database(url=url, source="bench", embedded=False, store=chosen)
-    except (AttributeError, TypeError):  # before the second store existed
-        if store_path:
-            raise
-        return Database(url=url, source="bench", embedded=False)
+    chosen = store.DirectoryStore(store_path) if store_path else store.DATABASE
+    return Database(url=url, source="bench", embedded=False, store=chosen)
 
 
 def crh(name: str) -> str:
@@ -273,8 +268,9 @@ def idle_workers(url: str, n: int, timeout: float = 120) -> None:
 def queue_tiny_jobs(ctx: Context, url: str, n: int, prefix: str) -> list[int]:
     """n queued jobs sharing one tiny input archive: registration is not what is measured here."""
     src = tiny_tomodir(ctx.work / f"{prefix}-input", prefix)
-    with ctx.database(url).connect("bench") as conn:
-        sha = store.put_tree(conn, src).sha256
+    db = ctx.database(url)
+    with db.connect("bench") as conn:
+        sha = store.put_tree(conn, db.store, src).sha256
         rows = conn.execute(
             """
             INSERT INTO inversions (status, sim_type, username, source_computer, source_path, crh_file,
@@ -347,7 +343,7 @@ def copy_results(ctx: Context, url: str, store_path: Path | None, tree_copy: Pat
             for f in sorted(Path(job.source_path).rglob("*")):
                 if f.is_file():
                     shutil.copy2(f, scratch / "inv" / f"{f.parent.name}_{f.name}")
-            sha = store.put_tree(conn, scratch).sha256
+            sha = store.put_tree(conn, db.store, scratch).sha256
             assert jobs.complete(conn, job, result_sha256=sha, exit_code=0, actor=actor)
         bl.rmtree(scratch)
 
@@ -361,7 +357,7 @@ def results_reference(ctx: Context, url: str, store_path: Path | None, tree_copy
     with db.connect("bench") as conn:
         for job_id, source, sha in conn.execute("SELECT id, source_path, result_sha256 FROM inversions ORDER BY id").fetchall():
             buf = io.BytesIO()
-            store.fetch(conn, sha, buf)
+            store.fetch(conn, db.store, sha, buf)
             buf.seek(0)
             archive.unpack(buf, results / Path(source).relative_to(tree_copy))
     files = sum(1 for p in results.rglob("*") if p.is_file())

@@ -7,9 +7,9 @@
 Each variant runs in turn with the others, several times, against one
 throwaway cluster; the medians are printed.  What is varied:
 
-* store.CHUNK_SIZE / BATCH_BYTES / PIPELINE_DEPTH: upload of one large
+* store/upload.py CHUNK_SIZE / BATCH_BYTES / PIPELINE_DEPTH: upload of one large
   tomodir (depth 0 = COPY in the packing thread, no pipelining);
-* store.READ_BATCH: chunks per statement when fetching that archive;
+* store/read.py READ_BATCH: chunks per statement when fetching that archive;
 * add.ADD_THREADS and retrieve.RETRIEVE_THREADS: crh_add and crh_retrieve
   (in-process) of a tree of 1 MB tomodirs.
 """
@@ -28,7 +28,8 @@ import crqbench  # noqa: E402
 import psycopg  # noqa: E402
 
 from cr_queue import add, retrieve
-from cr_queue import store
+from cr_queue import store  # noqa: E402
+from cr_queue.store import read, upload  # noqa: E402
 from cr_queue.tomodir import synth  # noqa: E402
 from cr_queue.db.connection import Database  # noqa: E402
 
@@ -61,24 +62,26 @@ def main() -> int:
                 for chunk, batch, depth in variants:
                     with psycopg.connect(url, autocommit=True) as conn:
                         conn.execute("TRUNCATE blobs CASCADE")
-                        store.BATCH_BYTES, store.PIPELINE_DEPTH = batch, depth
-                        times[(chunk, batch, depth)].append(bl.timed(lambda: store.put_tree(conn, big, chunk_size=chunk)))
+                        upload.BATCH_BYTES, upload.PIPELINE_DEPTH = batch, depth
+                        times[(chunk, batch, depth)].append(
+                            bl.timed(lambda: store.put_tree(conn, store.DATABASE, big, chunk_size=chunk))
+                        )
             for (chunk, batch, depth), ts in sorted(times.items(), key=lambda kv: bl.median(kv[1])):
                 print(f"chunk {chunk >> 10:5d} KiB  batch {batch >> 20:3d} MiB  depth {depth}  {bl.median(ts):6.2f} s")
-            store.BATCH_BYTES, store.PIPELINE_DEPTH = 4 << 20, 2
+            upload.BATCH_BYTES, upload.PIPELINE_DEPTH = 4 << 20, 2
 
             print(f"# fetch of that archive (1 MiB chunks): seconds, median of {reps}")
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("TRUNCATE blobs CASCADE")
-                sha = store.put_tree(conn, big).sha256
+                sha = store.put_tree(conn, store.DATABASE, big).sha256
                 reads = {n: [] for n in (1, 4, 8, 32)}
                 for _ in range(reps):
                     for n in reads:
-                        store.READ_BATCH = n
-                        reads[n].append(bl.timed(lambda: store.fetch(conn, sha, Null())))
+                        read.READ_BATCH = n
+                        reads[n].append(bl.timed(lambda: store.fetch(conn, store.DATABASE, sha, Null())))
             for n, ts in reads.items():
                 print(f"read batch {n:3d}  {bl.median(ts):6.2f} s")
-            store.READ_BATCH = 8
+            read.READ_BATCH = 8
             cluster.drop_database(url)
 
             tree = work / "tree"
@@ -90,7 +93,7 @@ def main() -> int:
             for _ in range(reps):
                 for n in adds:
                     url = cluster.new_database()
-                    db = Database(url=url, source="tune", embedded=False)
+                    db = Database(url=url, source="tune", embedded=False, store=store.DATABASE)
                     copy = work / "copy"
                     bl.rmtree(copy)
                     bl.sh(f"cp -a {tree} {copy}")

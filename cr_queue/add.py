@@ -110,7 +110,7 @@ def add(
     conn = db.connect("crh_add")
     try:
         for td in found.todo:
-            item = _add_one(conn, td, options, actor, report)
+            item = _add_one(conn, db.store, td, options, actor, report)
             if item is not None:
                 report.added.append(item)
                 if progress is not None:
@@ -177,7 +177,7 @@ def _add_parallel(
         deferred: list[tuple[int, str]] = []
         own = AddReport()
         item = _add_one(
-            conn_of(), td, options, actor, own,
+            conn_of(), db.store, td, options, actor, own,
             finish=lambda _c, job_id, sha, _a: deferred.append((job_id, sha)),
             registered=(lambda: ids.result()[td.path]) if td.path in fresh else None,
             put=put,
@@ -198,7 +198,7 @@ def _add_parallel(
 
     def from_helper(delivery: packers.Delivery) -> None:
         """Register a tomodir whose archive a helper packed, storing what it sent."""
-        _settle(futures[delivery.index], functools.partial(one, delivery.index, functools.partial(_put_delivered, delivery)))
+        _settle(futures[delivery.index], functools.partial(one, delivery.index, functools.partial(_put_delivered, db.store, delivery)))
 
     def store_batch(batch: list[packers.Delivery]) -> None:
         """Register tomodirs whose archives a helper sent whole: stored together, their
@@ -210,7 +210,7 @@ def _add_parallel(
             conn = conn_of()
             try:
                 paths = {d.index: todo[d.index].path.resolve() for d in unsettled}
-                store.put_many(conn, [d.packed() for d in unsettled])
+                store.put_many(conn, db.store, [d.packed() for d in unsettled])
                 job_ids = {d.index: ids.result()[todo[d.index].path] for d in unsettled}
                 duplicates = jobs.find_duplicates(
                     conn, actor.host, [(job_ids[d.index], str(paths[d.index]), d.result.sha256) for d in unsettled]
@@ -314,8 +314,8 @@ def _add_parallel(
     return report
 
 
-def _put_delivered(delivery: packers.Delivery, conn) -> archive.PackResult:
-    return store.put_stream(conn, delivery.write_to)
+def _put_delivered(where: store.Store, delivery: packers.Delivery, conn) -> archive.PackResult:
+    return store.put_stream(conn, where, delivery.write_to)
 
 
 def _settle(future: Future, fn: Callable[[], object]) -> None:
@@ -387,6 +387,7 @@ QUEUE_DELAY_S = 0.1
 
 def _add_one(
     conn,
+    where: store.Store,
     td: discover.Tomodir,
     options: AddOptions,
     actor: jobs.Actor,
@@ -400,7 +401,7 @@ def _add_one(
     path = td.path.resolve()
     crh = control.control_path(path)
     if registered is not None:
-        return _register_reporting(conn, td, path, crh, options, actor, report, registered=registered, finish=finish, put=put)
+        return _register_reporting(conn, where, td, path, crh, options, actor, report, registered=registered, finish=finish, put=put)
     if crh.exists() and not options.force:
         try:
             existing = control.read(crh)
@@ -409,16 +410,16 @@ def _add_one(
             return None
         job = jobs.get_job(conn, existing.job_id)
         if job is not None and job.status == "registering":
-            return _register_reporting(conn, td, path, crh, options, actor, report, resume_id=job.id, finish=finish)
+            return _register_reporting(conn, where, td, path, crh, options, actor, report, resume_id=job.id, finish=finish)
         state = job.status if job is not None else "unknown to this database"
         report.skipped.append((path, f"already registered as job {existing.job_id} ({state}); --force registers it again"))
         return None
-    return _register_reporting(conn, td, path, crh, options, actor, report, finish=finish)
+    return _register_reporting(conn, where, td, path, crh, options, actor, report, finish=finish)
 
 
-def _register_reporting(conn, td, path, crh, options, actor, report, *, resume_id=None, registered=None, finish=None, put=None) -> Added | None:
+def _register_reporting(conn, where, td, path, crh, options, actor, report, *, resume_id=None, registered=None, finish=None, put=None) -> Added | None:
     return _skipping_duplicates(
-        path, report, lambda: _register(conn, td, path, crh, options, actor, report, resume_id=resume_id, registered=registered, finish=finish, put=put)
+        path, report, lambda: _register(conn, where, td, path, crh, options, actor, report, resume_id=resume_id, registered=registered, finish=finish, put=put)
     )
 
 
@@ -432,6 +433,7 @@ def _skipping_duplicates(path: Path, report: AddReport, register: Callable[[], A
 
 def _register(
     conn,
+    where: store.Store,
     td: discover.Tomodir,
     path: Path,
     crh: Path | None,
@@ -451,12 +453,12 @@ def _register(
     archive needs no job).  ``finish(conn, job_id, sha256, actor)`` makes
     the job claimable (default: at once); crh_add with threads defers it to
     keep the queue order.  ``put(conn)`` stores an archive a helper process
-    packed (default: pack ``path`` here)."""
+    packed (default: pack ``path`` here, into the store ``where``)."""
     job_id: int | None = resume_id
     if job_id is None and registered is None:
         job_id = jobs.begin_registration(conn, _new_job(td, path, crh, options, actor), actor)
     pause_point("add:registered")
-    packed = put(conn) if put is not None else store.put_tree(conn, path)
+    packed = put(conn) if put is not None else store.put_tree(conn, where, path)
     pause_point("add:uploaded")
     if job_id is None:
         job_id = registered()
@@ -501,10 +503,10 @@ def _new_job(td: discover.Tomodir, path: Path, crh: Path | None, options: AddOpt
     )
 
 
-def register_unlinked(conn, td: discover.Tomodir, options: AddOptions, actor: jobs.Actor) -> Added:
+def register_unlinked(conn, where: store.Store, td: discover.Tomodir, options: AddOptions, actor: jobs.Actor) -> Added:
     """Register a tomodir that lives only for the upload (no .crh beside it)."""
     report = AddReport()
-    added = _register(conn, td, td.path.resolve(), None, options, actor, report)
+    added = _register(conn, where, td, td.path.resolve(), None, options, actor, report)
     if report.problems:
         raise ValueError("; ".join(report.problems))
     return added

@@ -26,7 +26,7 @@ from cr_queue.tomodir import archive
 from cr_queue.tomodir import discover
 from cr_queue.queries import jobs
 from cr_queue import store
-from cr_queue.db.connection import Database, open_database
+from cr_queue.db.connection import Database
 
 FINAL = ("finished", "failed", "cancelled")
 TOMODIR_SUBDIRS = ("exe", "config", "rho", "mod", "inv", "grid")
@@ -58,7 +58,7 @@ class Queue:
     @classmethod
     def open(cls, db: str | None = None) -> Queue:
         """Open the queue the commands would use (``db`` overrides, as ``--db`` does)."""
-        return cls(open_database(config.load(db=db)))
+        return cls(store.open_database(config.load(db=db)))
 
     def close(self) -> None:
         self._conn.close()
@@ -106,7 +106,7 @@ class Queue:
             if not isinstance(state, discover.Tomodir):
                 raise JobError("the tomodir given in memory needs no modelling or inversion")
             options = add.AddOptions(priority=priority, group=group, threads=threads, timeout_s=timeout_s)
-            return add.register_unlinked(self._conn, state, options, self._actor).job_id
+            return add.register_unlinked(self._conn, self.database.store, state, options, self._actor).job_id
 
     # ------------------------------------------------------------ watching
 
@@ -158,7 +158,7 @@ class Queue:
         dest.mkdir(parents=True, exist_ok=True)
         if job.result_sha256:
             with tempfile.TemporaryFile() as packed:
-                store.fetch(self._conn, job.result_sha256, packed)
+                store.fetch(self._conn, self.database.store, job.result_sha256, packed)
                 packed.seek(0)
                 archive.unpack(packed, dest)
         jobs.mark_downloaded(self._conn, job_id, self._actor)

@@ -179,8 +179,9 @@ def _crh_missing(candidates: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     return gone, problems
 
 
-def apply(conn: psycopg.Connection, planned: Plan) -> Result:
-    """Delete what ``planned`` lists and is still garbage; report what was freed."""
+def apply(conn: psycopg.Connection, planned: Plan, where: store.Store) -> Result:
+    """Delete what ``planned`` lists and is still garbage; report what was freed
+    (``where``: the installation's store, whose directory, if it is one, is swept too)."""
     options = planned.options
     result = Result(store_size_before=aq.store_size(conn))
     # A .crh restored while the user read the plan saves its job: look once more.
@@ -210,6 +211,7 @@ def apply(conn: psycopg.Connection, planned: Plan) -> Result:
         try:
             report = store.collect_garbage(
                 conn,
+                where,
                 min_age_s=options.blob_grace_s,
                 stale_upload_s=options.blob_grace_s,
                 batch=max(1000, 2 * len(ids)),

@@ -133,7 +133,7 @@ class Work:
     crh: Path
     tomodir: Path
     item: Item
-    blob: tuple | None  # the result's row from store.look_up, if it has one
+    blob: store.BlobRow | None  # the result's row from store.look_up, if it has one
 
 
 def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) -> list[Work]:
@@ -239,7 +239,7 @@ class _Runner:
         if self._threads <= 1 and not self._sources:
             # One at a time in this thread: one tomodir, or a pause point that must be reached in order.
             while (index := self._take()) is not None:
-                self._finished(index, _retrieve_one(self._conn, self._work[index]))
+                self._finished(index, _retrieve_one(self._conn, self._db.store, self._work[index]))
                 if len(self._done) >= SETTLE_BATCH:
                     self._settle()
             self._settle()
@@ -281,7 +281,7 @@ class _Runner:
         try:
             conn = self._db.connect("crh_retrieve")
             while not self._stop and (index := self._take()) is not None:
-                self._events.put(("done", index, _retrieve_one(conn, self._work[index])))
+                self._events.put(("done", index, _retrieve_one(conn, self._db.store, self._work[index])))
         except BaseException as exc:  # noqa: BLE001 - raised again by the settling thread
             self._events.put(("error", exc))
         finally:
@@ -308,16 +308,16 @@ class _Runner:
         self._done.clear()
 
 
-def _retrieve_one(conn, w: Work) -> str | None:
+def _retrieve_one(conn, where: store.Store, w: Work) -> str | None:
     """Bring one job's result into its tomodir; a problem to report, or None."""
     try:
-        _bring_back(conn, w)
+        _bring_back(conn, where, w)
     except (archive.ArchiveError, store.BlobMissing) as exc:
         return f"{w.crh}: job {w.job.id}'s result cannot be used: {exc}"
     return None
 
 
-def _bring_back(conn, w: Work) -> None:
+def _bring_back(conn, where: store.Store, w: Work) -> None:
     job, cf, tomodir, item = w.job, w.cf, w.tomodir, w.item
     parent = tomodir.parent
     marker = tomodir / f"{MARKER_PREFIX}{job.id}"
@@ -336,7 +336,7 @@ def _bring_back(conn, w: Work) -> None:
         return
     # Typical results stay in memory; large ones spill to a file beside the tomodir.
     with Spool(SPOOL_BYTES, parent, packed.name) as download:
-        size = store.fetch(conn, job.result_sha256, download, row=w.blob)
+        size = store.fetch(conn, where, job.result_sha256, download, row=w.blob)
         pause_point("retrieve:downloaded")
         try:
             swap.link_copy(tomodir, new)

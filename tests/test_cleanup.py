@@ -85,7 +85,7 @@ def _finish(db_url, job_id, days_ago=0.0, downloaded=False, result_sha=None):
 
 def _blob(db_url, payload: bytes) -> str:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        writer = store.BlobWriter(conn, chunk_size=16)
+        writer = store.Upload(conn, store.DATABASE, chunk_size=16)
         writer.write(payload)
         return writer.seal(hashlib.sha256(payload).hexdigest(), len(payload))
 
@@ -334,7 +334,7 @@ def test_apply_keeps_what_changed_since_the_plan(garbage, db_url):
         restored = garbage["crh_gone_queued"]
         with open(garbage["paths"][restored] + ".crh", "wb") as fh:
             fh.write(garbage["crh_bytes"][restored])
-        result = cleanup.apply(conn, planned)
+        result = cleanup.apply(conn, planned, store.DATABASE)
     assert expired in result.kept_jobs and expired in _ids(db_url)
     assert restored in result.kept_jobs and restored in _ids(db_url)
     assert garbage["crh_gone_finished"] in result.deleted_jobs

@@ -36,7 +36,7 @@ def _queued(conn, path="/data/td", **kw) -> int:
 
 
 def _blob(conn, payload: bytes) -> str:
-    writer = store.BlobWriter(conn, chunk_size=4)
+    writer = store.Upload(conn, store.DATABASE, chunk_size=4)
     writer.write(payload)
     return writer.seal(hashlib.sha256(payload).hexdigest(), len(payload))
 
@@ -249,17 +249,17 @@ def test_store_round_trip_and_dedup(conn):
     payload = os.urandom(3 * store.CHUNK_SIZE + 17)
     sha = hashlib.sha256(payload).hexdigest()
     for _ in range(2):
-        writer = store.BlobWriter(conn)
+        writer = store.Upload(conn, store.DATABASE)
         for i in range(0, len(payload), 100_000):
             writer.write(payload[i : i + 100_000])
         assert writer.seal(sha, len(payload)) == sha
     assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
     assert conn.execute("SELECT max(length(data)) FROM binary_data").fetchone()[0] <= store.CHUNK_SIZE
     out = io.BytesIO()
-    assert store.fetch(conn, sha, out) == len(payload)
+    assert store.fetch(conn, store.DATABASE, sha, out) == len(payload)
     assert out.getvalue() == payload
     with pytest.raises(store.BlobMissing):
-        store.fetch(conn, "0" * 64, io.BytesIO())
+        store.fetch(conn, store.DATABASE, "0" * 64, io.BytesIO())
 
 
 def test_notify_on_queued(db_url):

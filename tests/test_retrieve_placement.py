@@ -38,14 +38,14 @@ def _finish_with(conn, result: Path) -> int:
     wid = jobs.register_worker(conn, name="t", host="h", pid=os.getpid(), version="t", jobs=1, threads=1, groups=(), solvers={})
     actor = jobs.Actor(worker_id=wid)
     job = jobs.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60)
-    sha = store.put_tree(conn, result).sha256
+    sha = store.put_tree(conn, store.DATABASE, result).sha256
     assert jobs.complete(conn, job, result_sha256=sha, exit_code=0, actor=actor)
     return job.id
 
 
 def _scenario(tmp_path: Path, db_url: str) -> tuple[Database, Path, Path]:
     """A registered tomodir, then the user's changes, and a finished job whose result touches each case."""
-    db = Database(url=db_url, source="test", embedded=False)
+    db = Database(url=db_url, source="test", embedded=False, store=store.DATABASE)
     td = synth.make_tree(tmp_path / "tree", n_inv=1)[0]
     report = add.add(db, [td], add.AddOptions())
     assert len(report.added) == 1, report.problems

@@ -70,7 +70,7 @@ HOSTILE = {
 
 
 def _upload(conn: psycopg.Connection, payload: bytes) -> str:
-    writer = store.BlobWriter(conn)
+    writer = store.Upload(conn, store.DATABASE)
     writer.write(payload)
     return writer.seal(hashlib.sha256(payload).hexdigest(), len(payload))
 

@@ -53,7 +53,7 @@ def connect_as(db_url: str, name: str) -> psycopg.Connection:
 
 
 def database_as(db_url: str, name: str) -> Database:
-    return Database(url=url_as(db_url, name), source="test", embedded=False)
+    return Database(url=url_as(db_url, name), source="test", embedded=False, store=store.DATABASE)
 
 
 def _add_tree(db_url: str, name: str, root: Path, **kw) -> list[int]:
@@ -64,7 +64,7 @@ def _add_tree(db_url: str, name: str, root: Path, **kw) -> list[int]:
 
 
 def _blob(conn, payload: bytes) -> str:
-    writer = store.BlobWriter(conn, chunk_size=4)
+    writer = store.Upload(conn, store.DATABASE, chunk_size=4)
     writer.write(payload)
     return writer.seal(hashlib.sha256(payload).hexdigest(), len(payload))
 
@@ -131,14 +131,14 @@ def test_a_user_cannot_read_others_archives(db_url, two_users):
         ).fetchone()
     with connect_as(db_url, BOB) as bob:
         with pytest.raises(store.BlobMissing):
-            store.fetch(bob, sha, io.BytesIO())
+            store.fetch(bob, store.DATABASE, sha, io.BytesIO())
         assert bob.execute("SELECT count(*) FROM blobs WHERE sha256 = %s", (sha,)).fetchone()[0] == 0
         assert bob.execute("SELECT count(*) FROM blob_chunks WHERE blob_id = %s", (blob_id,)).fetchone()[0] == 0
         with pytest.raises(errors.InsufficientPrivilege):
             bob.execute("SELECT count(*) FROM binary_data")
     with connect_as(db_url, ALICE) as alice:
         # her own upload she may read back
-        assert store.fetch(alice, sha, io.BytesIO()) > 0
+        assert store.fetch(alice, store.DATABASE, sha, io.BytesIO()) > 0
 
 
 def test_knowing_the_hash_of_another_users_archive_gives_no_access(db_url, two_users, tmp_path):
@@ -157,7 +157,7 @@ def test_knowing_the_hash_of_another_users_archive_gives_no_access(db_url, two_u
                 (sha,),
             )
         # Claiming the hash for other bytes: the database compares, shares nothing.
-        forged = store.BlobWriter(bob, chunk_size=4)
+        forged = store.Upload(bob, store.DATABASE, chunk_size=4)
         forged.write(b"not alice's archive")
         forged.seal(sha)
         assert bob.execute("SELECT count(*) FROM blob_owners").fetchone()[0] == 0
@@ -165,7 +165,7 @@ def test_knowing_the_hash_of_another_users_archive_gives_no_access(db_url, two_u
         with pytest.raises(errors.InsufficientPrivilege):
             jobs.finish_registration(bob, job, sha, ACTOR)
         with pytest.raises(store.BlobMissing):
-            store.fetch(bob, sha, io.BytesIO())
+            store.fetch(bob, store.DATABASE, sha, io.BytesIO())
 
 
 def test_archives_stored_together_share_what_another_user_stored_after_comparison(db_url, logins, tmp_path):
@@ -176,7 +176,7 @@ def test_archives_stored_together_share_what_another_user_stored_after_compariso
     shared = synth.make_tomodir(tmp_path / "alice" / "td", "inv", seed=1)
     own = synth.make_tomodir(tmp_path / "bob" / "td", "inv", seed=2)
     with connect_as(db_url, ALICE) as alice:
-        sha = store.put_tree(alice, shared).sha256
+        sha = store.put_tree(alice, store.DATABASE, shared).sha256
     packed = []
     for tree in (shared, own):
         buf = io.BytesIO()
@@ -184,10 +184,10 @@ def test_archives_stored_together_share_what_another_user_stored_after_compariso
         packed.append(([buf.getvalue()], result))
     assert packed[0][1].sha256 == sha
     with connect_as(db_url, BOB) as bob:
-        store.put_many(bob, packed)
+        store.put_many(bob, store.DATABASE, packed)
         for pieces, result in packed:
             out = io.BytesIO()
-            store.fetch(bob, result.sha256, out)
+            store.fetch(bob, store.DATABASE, result.sha256, out)
             assert out.getvalue() == pieces[0]
     with psycopg.connect(db_url) as owner:
         assert owner.execute("SELECT count(*) FROM blobs WHERE sha256 = %s", (sha,)).fetchone()[0] == 1
@@ -208,7 +208,7 @@ def test_identical_archives_of_two_users_are_stored_once_and_shared_after_compar
         assert owner.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
         assert owner.execute("SELECT db_role FROM blob_owners").fetchall() == [(BOB,)]
     with connect_as(db_url, BOB) as bob:
-        assert store.fetch(bob, shas[0][0], io.BytesIO()) > 0
+        assert store.fetch(bob, store.DATABASE, shas[0][0], io.BytesIO()) > 0
     assert alice_report.added[0].job_id != bob_report.added[0].job_id
 
 
@@ -275,19 +275,19 @@ def test_a_worker_claims_runs_and_completes_but_cannot_delete(db_url, two_users,
         job = jobs.claim(node, actor=actor, can_mod=True, can_inv=True, lease_s=30)
         assert job is not None
         # its input it may read; the inputs of jobs it does not hold it may not
-        assert store.fetch(node, job.input_sha256, io.BytesIO()) > 0
+        assert store.fetch(node, store.DATABASE, job.input_sha256, io.BytesIO()) > 0
         with psycopg.connect(db_url) as owner:
             others = owner.execute(
                 "SELECT input_sha256 FROM inversions WHERE id <> %s AND status = 'queued'", (job.id,)
             ).fetchall()
         for (sha,) in others:
             with pytest.raises(store.BlobMissing):
-                store.fetch(node, sha, io.BytesIO())
+                store.fetch(node, store.DATABASE, sha, io.BytesIO())
         assert jobs.renew(node, wid, [(job.id, job.attempt)], 30) == {job.id}
         result_dir = tmp_path / "result"
         (result_dir / "inv").mkdir(parents=True)
         (result_dir / "inv" / "inv.ctr").write_text("***finished***\n")
-        result = store.put_tree(node, result_dir)
+        result = store.put_tree(node, store.DATABASE, result_dir)
         assert jobs.complete(node, job, result_sha256=result.sha256, exit_code=0, actor=actor)
         # no deleting, no editing what users registered, no touching ended jobs
         with pytest.raises(errors.InsufficientPrivilege):
@@ -312,10 +312,10 @@ def test_a_worker_claims_runs_and_completes_but_cannot_delete(db_url, two_users,
             node2.execute("DELETE FROM workers")
     # the owner retrieves the result; the other user cannot
     with connect_as(db_url, ALICE) as alice:
-        assert store.fetch(alice, result.sha256, io.BytesIO()) > 0
+        assert store.fetch(alice, store.DATABASE, result.sha256, io.BytesIO()) > 0
     with connect_as(db_url, BOB) as bob:
         with pytest.raises(store.BlobMissing):
-            store.fetch(bob, result.sha256, io.BytesIO())
+            store.fetch(bob, store.DATABASE, result.sha256, io.BytesIO())
 
 
 def test_the_admin_sees_and_may_change_everything(db_url, two_users):
@@ -324,7 +324,7 @@ def test_the_admin_sees_and_may_change_everything(db_url, two_users):
         assert roles.access(boss) == "admin"
         assert boss.execute("SELECT count(*) FROM inversions").fetchone()[0] == len(alice_jobs) + len(bob_jobs)
         sha = boss.execute("SELECT input_sha256 FROM inversions WHERE id = %s", (alice_jobs[0],)).fetchone()[0]
-        assert store.fetch(boss, sha, io.BytesIO()) > 0
+        assert store.fetch(boss, store.DATABASE, sha, io.BytesIO()) > 0
         assert boss.execute("SELECT count(*) FROM binary_data").fetchone()[0] > 0
         assert jobs.cancel(boss, bob_jobs, ACTOR) == bob_jobs
         assert boss.execute("DELETE FROM inversions WHERE id = %s", (bob_jobs[0],)).rowcount == 1

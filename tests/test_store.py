@@ -20,7 +20,8 @@ from cr_queue.tomodir import archive
 from cr_queue.queries import jobs
 from cr_queue import store
 from cr_queue.tomodir import synth
-from cr_queue.db.connection import Database, DatabaseError, open_database
+from cr_queue.db.connection import Database, DatabaseError
+from cr_queue.store import upload
 
 from .conftest import run, script
 from .test_queue import ACTOR, _queued, _worker
@@ -31,9 +32,9 @@ def _db(url: str, path: Path | None = None) -> Database:
     return Database(url=url, source="test", embedded=False, store=chosen)
 
 
-def _fetch(conn, sha: str) -> bytes:
+def _fetch(conn, where: store.Store, sha: str) -> bytes:
     out = io.BytesIO()
-    store.fetch(conn, sha, out)
+    store.fetch(conn, where, sha, out)
     return out.getvalue()
 
 
@@ -42,26 +43,26 @@ def _fetch(conn, sha: str) -> bytes:
 
 def test_pipelined_upload_of_many_batches_round_trips(conn) -> None:
     payload = os.urandom(40 * 1000 + 17)
-    writer = store.BlobWriter(conn, chunk_size=1000, batch_bytes=4000, depth=2)
+    writer = store.Upload(conn, store.DATABASE, chunk_size=1000, batch_bytes=4000, depth=2)
     for i in range(0, len(payload), 777):
         writer.write(payload[i : i + 777])
     sha = hashlib.sha256(payload).hexdigest()
     writer.seal(sha, len(payload))
-    assert _fetch(conn, sha) == payload
+    assert _fetch(conn, store.DATABASE, sha) == payload
     n_chunks, location = conn.execute("SELECT n_chunks, location FROM blobs WHERE sha256 = %s", (sha,)).fetchone()
     assert (n_chunks, location) == (41, "db")
 
 
 def test_same_content_is_stored_once(conn, tmp_path: Path) -> None:
     tree = synth.make_tomodir(tmp_path / "td", "inv")
-    first = store.put_tree(conn, tree)
-    second = store.put_tree(conn, tree)
+    first = store.put_tree(conn, store.DATABASE, tree)
+    second = store.put_tree(conn, store.DATABASE, tree)
     assert first.sha256 == second.sha256
     assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
 
 
 def test_failed_upload_leaves_no_blob(conn, tmp_path: Path) -> None:
-    writer = store.BlobWriter(conn, chunk_size=100, batch_bytes=300)
+    writer = store.Upload(conn, store.DATABASE, chunk_size=100, batch_bytes=300)
     writer.write(os.urandom(1000))  # three batches went to the COPY thread
     writer.abort()
     assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 0
@@ -88,14 +89,14 @@ def test_archives_in_memory_are_stored_together_once_each(kind: str, db_url: str
     os.system(f"cp -a {trees[0]} {twin}")
     packed = [_in_memory(t) for t in [*trees, twin]]
     assert packed[0][1].sha256 == packed[3][1].sha256
-    chosen = store.DirectoryStore(root) if kind == "dir" else store.DatabaseStore()
-    with _db(db_url, root if kind == "dir" else None).connect("test") as conn:
-        store.put_tree(conn, trees[2])
-        chosen.put_many(conn, packed, chunk_size=1000)
+    db = _db(db_url, root if kind == "dir" else None)
+    with db.connect("test") as conn:
+        store.put_tree(conn, db.store, trees[2])
+        store.put_many(conn, db.store, packed, chunk_size=1000)
         rows = conn.execute("SELECT sha256, location, complete, size, n_chunks FROM blobs ORDER BY id").fetchall()
         assert len(rows) == 3 and all(r[1:3] == (kind, True) for r in rows)
         for pieces, result in packed:
-            assert _fetch(conn, result.sha256) == b"".join(pieces)
+            assert _fetch(conn, db.store, result.sha256) == b"".join(pieces)
             size, n_chunks = conn.execute("SELECT size, n_chunks FROM blobs WHERE sha256 = %s", (result.sha256,)).fetchone()
             assert size == result.size
             stored_before = result.sha256 == packed[2][1].sha256  # one 1 MiB chunk, by put_tree
@@ -109,7 +110,7 @@ def test_rechunk_cuts_pieces_at_the_chunk_size() -> None:
     data = os.urandom(10_000)
     for piece in (1, 999, 1000, 1001, 4096, 10_000):
         pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
-        chunks = list(store._rechunk(pieces, 1000))
+        chunks = list(upload._rechunk(pieces, 1000))
         assert b"".join(chunks) == data
         assert [len(c) for c in chunks] == [1000] * 10
 
@@ -123,7 +124,7 @@ def test_directory_store_writes_content_addressed_files(db_url: str, tmp_path: P
     tree = synth.make_tomodir(tmp_path / "td", "inv")
     db = _db(db_url, root)
     with db.connect("test") as conn:
-        packed = store.put_tree(conn, tree)
+        packed = store.put_tree(conn, db.store, tree)
         path = root / packed.sha256[:2] / f"{packed.sha256}.tar.zst"
         assert path.is_file() and path.stat().st_size == packed.size
         assert archive.sha256_file(path) == packed.sha256
@@ -131,12 +132,12 @@ def test_directory_store_writes_content_addressed_files(db_url: str, tmp_path: P
         row = conn.execute("SELECT location, complete, n_chunks, size FROM blobs WHERE sha256 = %s", (packed.sha256,)).fetchone()
         assert row == ("dir", True, 0, packed.size)
         assert conn.execute("SELECT count(*) FROM binary_data").fetchone()[0] == 0
-        again = store.put_tree(conn, tree)
+        again = store.put_tree(conn, db.store, tree)
         assert again.sha256 == packed.sha256
         assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
         out = tmp_path / "out.tar.zst"
         with open(out, "wb") as fh:
-            store.fetch(conn, packed.sha256, fh)
+            store.fetch(conn, db.store, packed.sha256, fh)
         with open(out, "rb") as fh:
             archive.unpack(fh, tmp_path / "back")
     assert (tmp_path / "back" / "grid" / "elem.dat").read_bytes() == (tree / "grid" / "elem.dat").read_bytes()
@@ -149,14 +150,15 @@ def test_rows_looked_up_together_serve_each_fetch(kind: str, db_url: str, tmp_pa
     root = tmp_path / "crq"
     root.mkdir()
     trees = [synth.make_tomodir(tmp_path / f"td{i}", "mod", nx=8, nz=4, seed=i) for i in range(2)]
-    with _db(db_url, root if kind == "dir" else None).connect("test") as conn:
-        shas = [store.put_tree(conn, t).sha256 for t in trees]
+    db = _db(db_url, root if kind == "dir" else None)
+    with db.connect("test") as conn:
+        shas = [store.put_tree(conn, db.store, t).sha256 for t in trees]
         rows = store.look_up(conn, [*shas, shas[0], "0" * 64])
         assert sorted(rows) == sorted(shas), "unknown archives are left out, repeated ones looked up once"
         for sha in shas:
             out = io.BytesIO()
-            assert store.fetch(conn, sha, out, row=rows[sha]) == len(out.getvalue()) > 0
-            assert out.getvalue() == _fetch(conn, sha)
+            assert store.fetch(conn, db.store, sha, out, row=rows[sha]) == len(out.getvalue()) > 0
+            assert out.getvalue() == _fetch(conn, db.store, sha)
             assert rows[sha][3] == kind
 
 
@@ -164,47 +166,51 @@ def test_directory_store_reads_archives_kept_in_the_database(db_url: str, tmp_pa
     """Switching an installation to a directory store keeps the older archives readable."""
     tree = synth.make_tomodir(tmp_path / "td", "mod")
     with _db(db_url).connect("test") as conn:
-        sha = store.put_tree(conn, tree).sha256
+        sha = store.put_tree(conn, store.DATABASE, tree).sha256
     (tmp_path / "crq").mkdir()
-    with _db(db_url, tmp_path / "crq").connect("test") as conn:
-        assert len(_fetch(conn, sha)) > 0
+    db = _db(db_url, tmp_path / "crq")
+    with db.connect("test") as conn:
+        assert len(_fetch(conn, db.store, sha)) > 0
 
 
 def test_corrupted_file_is_a_checksum_mismatch(db_url: str, tmp_path: Path) -> None:
     root = tmp_path / "crq"
     root.mkdir()
-    with _db(db_url, root).connect("test") as conn:
-        sha = store.put_tree(conn, synth.make_tomodir(tmp_path / "td", "inv")).sha256
+    db = _db(db_url, root)
+    with db.connect("test") as conn:
+        sha = store.put_tree(conn, db.store, synth.make_tomodir(tmp_path / "td", "inv")).sha256
         path = root / sha[:2] / f"{sha}.tar.zst"
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
         with pytest.raises(archive.ChecksumMismatch):
-            _fetch(conn, sha)
+            _fetch(conn, db.store, sha)
         path.unlink()
         with pytest.raises(store.BlobMissing, match=str(path)):
-            _fetch(conn, sha)
+            _fetch(conn, db.store, sha)
         root.rename(tmp_path / "unmounted")  # the mount goes away while the store is in use
         with pytest.raises(store.StoreUnavailable, match="not mounted"):
-            _fetch(conn, sha)
+            _fetch(conn, db.store, sha)
 
 
 def test_unreachable_directory_names_path_host_and_remedy(db_url: str, tmp_path: Path) -> None:
     missing = tmp_path / "not-mounted"
-    with _db(db_url, missing).connect("test") as conn:
+    db = _db(db_url, missing)
+    with db.connect("test") as conn:
         with pytest.raises(store.StoreUnavailable) as err:
-            store.put_tree(conn, synth.make_tomodir(tmp_path / "td", "inv"))
+            store.put_tree(conn, db.store, synth.make_tomodir(tmp_path / "td", "inv"))
     message = str(err.value)
     assert str(missing) in message and socket.gethostname() in message and "Mount" in message
 
 
 def test_a_host_without_the_store_configured_is_told_so(db_url: str, tmp_path: Path) -> None:
     (tmp_path / "crq").mkdir()
-    with _db(db_url, tmp_path / "crq").connect("test") as conn:
-        sha = store.put_tree(conn, synth.make_tomodir(tmp_path / "td", "inv")).sha256
+    db = _db(db_url, tmp_path / "crq")
+    with db.connect("test") as conn:
+        sha = store.put_tree(conn, db.store, synth.make_tomodir(tmp_path / "td", "inv")).sha256
     with _db(db_url).connect("test") as conn:
         with pytest.raises(store.StoreUnavailable, match=r"\[store\] path"):
-            _fetch(conn, sha)
+            _fetch(conn, store.DATABASE, sha)
 
 
 def test_store_path_from_the_config_is_checked_when_opening(tmp_path: Path, db_url: str) -> None:
@@ -212,9 +218,9 @@ def test_store_path_from_the_config_is_checked_when_opening(tmp_path: Path, db_u
     cfg.write_text(f'[database]\nurl = "{db_url}"\n[store]\npath = "{tmp_path / "nowhere"}"\n')
     settings = config.load(env={"CRH_CONFIG": str(cfg), "HOME": str(tmp_path)})
     with pytest.raises(DatabaseError, match="nowhere"):
-        open_database(settings)
+        store.open_database(settings)
     (tmp_path / "nowhere").mkdir()
-    db = open_database(settings)
+    db = store.open_database(settings)
     assert isinstance(db.store, store.DirectoryStore) and db.store.path == tmp_path / "nowhere"
 
 
@@ -260,7 +266,7 @@ def test_crh_add_with_helper_processes_stores_and_queues_every_tomodir_in_order(
                 assert (source, status) == (str(td), "queued")
                 assert json.loads(td.with_suffix(".crh").read_text())["archive_sha256"] == sha
                 out = io.BytesIO()
-                store.fetch(reader, sha, out)  # verifies the hash
+                store.fetch(reader, db.store, sha, out)  # verifies the hash
                 assert sha == archive.pack(td, io.BytesIO()).sha256, "the same bytes as packing here"
     assert len(jobs) == 12 and locations == {kind}
 
@@ -273,9 +279,9 @@ def test_garbage_collection_keeps_what_jobs_use(db_url: str, tmp_path: Path) -> 
     root.mkdir()
     db = _db(db_url, root)
     with db.connect("test") as conn:
-        used = store.put_tree(conn, synth.make_tomodir(tmp_path / "a", "inv")).sha256
-        unused = store.put_tree(conn, synth.make_tomodir(tmp_path / "b", "inv", seed=1)).sha256
-        in_db = store.DATABASE.put_tree(conn, synth.make_tomodir(tmp_path / "c", "inv", seed=2)).sha256
+        used = store.put_tree(conn, db.store, synth.make_tomodir(tmp_path / "a", "inv")).sha256
+        unused = store.put_tree(conn, db.store, synth.make_tomodir(tmp_path / "b", "inv", seed=1)).sha256
+        in_db = store.put_tree(conn, store.DATABASE, synth.make_tomodir(tmp_path / "c", "inv", seed=2)).sha256
         job_id = jobs.begin_registration(
             conn, jobs.NewJob("inv", False, "/a", "/a.crh", "u", "h"), ACTOR
         )
@@ -289,15 +295,15 @@ def test_garbage_collection_keeps_what_jobs_use(db_url: str, tmp_path: Path) -> 
         for p in (orphan, part):
             os.utime(p, (old, old))
 
-        young = store.collect_garbage(conn)  # everything is younger than an hour
+        young = store.collect_garbage(conn, db.store)  # everything is younger than an hour
         assert (young.blobs, young.orphan_files) == (0, 1)
         orphan.write_bytes(b"x")
         os.utime(orphan, (old, old))
 
-        dry = store.collect_garbage(conn, min_age_s=0, stale_upload_s=3600, dry_run=True)
+        dry = store.collect_garbage(conn, db.store, min_age_s=0, stale_upload_s=3600, dry_run=True)
         assert dry.blobs == 2 and orphan.exists() and part.exists()
 
-        report = store.collect_garbage(conn, min_age_s=0, stale_upload_s=3600)
+        report = store.collect_garbage(conn, db.store, min_age_s=0, stale_upload_s=3600)
         assert (report.blobs, report.orphan_files, report.temp_files) == (2, 1, 1)
         assert report.files == 3  # the unused archive's file, the orphan, the .part
         shas = {r[0] for r in conn.execute("SELECT sha256 FROM blobs")}
@@ -310,11 +316,11 @@ def test_garbage_collection_keeps_what_jobs_use(db_url: str, tmp_path: Path) -> 
 
 
 def test_abandoned_database_upload_is_collected(conn) -> None:
-    writer = store.BlobWriter(conn, chunk_size=10, batch_bytes=10)
+    writer = store.Upload(conn, store.DATABASE, chunk_size=10, batch_bytes=10)
     writer.write(b"0123456789abcdef")
-    writer._join()  # the first batch is in; the upload "dies" here
+    writer.flush()  # the first batch is in; the upload "dies" here
     conn.execute("UPDATE blobs SET datetime_created = now() - interval '2 days'")
-    report = store.collect_garbage(conn)
+    report = store.collect_garbage(conn, store.DATABASE)
     assert report.blobs == 1
     assert conn.execute("SELECT count(*) FROM binary_data").fetchone()[0] == 0
 

@@ -85,7 +85,7 @@ def cleanup_command(dry_run, yes, retention_days, kinds, db_url, as_json, quiet,
                 out.emit({"dry_run": False, "applied": False, "plan": plan.as_dict(), "result": None})
                 out.line("nothing deleted")
                 _finish(plan.problems, out)
-        result = cleanup.apply(conn, plan)
+        result = cleanup.apply(conn, plan, database.store)
     out.emit({"dry_run": False, "applied": True, "plan": plan.as_dict(), "result": result.as_dict()})
     _report_result(result, out)
     _finish(plan.problems + result.problems, out)

@@ -12,11 +12,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 import psycopg
 
 from cr_queue import config
-from cr_queue import store
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,10 @@ class Database:
     url: str
     source: str
     embedded: bool
-    # Where archives go: the database, or the [store] path directory (store.py).
-    store: store.Store = field(default=store.DATABASE, compare=False)
+    # Where archives go (a cr_queue.store.Store: the database, or the [store] path
+    # directory).  The store layer, above this one, chooses it when a command opens
+    # the database (store.open_database); this layer only carries it to the services.
+    store: Any = field(default=None, compare=False)
 
     @property
     def redacted(self) -> str:
@@ -49,10 +51,9 @@ class Database:
     def connect(
         self, application_name: str = "cr_queue", *, autocommit: bool = True, keepalive: bool = False
     ) -> psycopg.Connection:
-        conn = connect(
+        return connect(
             self.url, application_name=application_name, autocommit=autocommit, source=self.source, keepalive=keepalive
         )
-        return store.bind(conn, self.store)
 
 
 def connect(
@@ -102,25 +103,8 @@ def open_database(
 ) -> Database:
     """Resolve and, for the embedded default, start the database; check its schema.
 
-    The archive store comes from ``[store] path``; a directory this host
-    cannot read is reported here, before any job is touched."""
-    chosen = _store_of(settings)
-    db = _open(settings, start_embedded=start_embedded, check_schema=check_schema)
-    return Database(url=db.url, source=db.source, embedded=db.embedded, store=chosen)
-
-
-def _store_of(settings: config.Settings) -> store.Store:
-    where = str(settings.config_path) if settings.config_path else "the config"
-    try:
-        chosen = store.from_settings(settings.raw, source=where)
-        if isinstance(chosen, store.DirectoryStore):
-            chosen.check()
-    except (ValueError, store.StoreUnavailable) as exc:
-        raise DatabaseError(str(exc)) from None
-    return chosen
-
-
-def _open(settings: config.Settings, *, start_embedded: bool, check_schema: bool) -> Database:
+    Commands open it through ``store.open_database``, which adds the archive
+    store the installation chose (``[store] path``)."""
     if settings.database_url is None:
         from cr_queue.db import embedded
 

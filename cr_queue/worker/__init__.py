@@ -715,7 +715,7 @@ class Worker:
     def _upload(self, conn: psycopg.Connection, running: _Running, tomodir: Path, members: list[str]) -> str | None:
         def put(c: psycopg.Connection) -> str:
             try:
-                return store.put_tree(c, tomodir, members=members).sha256
+                return store.put_tree(c, self.db.store, tomodir, members=members).sha256
             except OSError as exc:
                 raise NodeFailure(f"cannot pack the results: {exc}") from exc
 
@@ -725,7 +725,7 @@ class Worker:
         # Typical inputs stay in memory between download and unpacking (a file
         # written, read back and removed was a tenth of a tiny job's overhead).
         with Spool(INPUT_SPOOL_BYTES, tmp, "input.tar.zst") as fh:
-            size = store.fetch(conn, job.input_sha256, fh)
+            size = store.fetch(conn, self.db.store, job.input_sha256, fh)
             tomodir.mkdir()
             archive.unpack(fh.source(), tomodir, size=size)
 

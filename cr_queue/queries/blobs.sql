@@ -1,0 +1,106 @@
+-- Archives: the blobs rows that name them by their sha256, and the chunks of
+-- those kept in the database (binary_data).  Run by cr_queue/store through the
+-- wrappers in cr_queue/queries/blobs.py.
+--
+-- An upload makes its row unsealed (sha256 NULL: the hash is known only once
+-- the last byte is packed), COPYs its chunks in (location 'db') or writes its
+-- file first (location 'dir', [store] path), then seals the row: hash, sizes,
+-- complete.  The unique sha256 stores each content once.
+
+-- name: begin
+-- Open an upload's transaction; it travels in one round trip with the statements that follow it (pipeline mode).
+BEGIN
+
+-- name: commit_without_waiting
+-- This transaction's commit does not wait for the disk (the WAL flush).  Nothing
+-- refers to an upload until a later synchronous commit of the caller names it
+-- (finish_registration, complete), and PostgreSQL's WAL is sequential: that
+-- commit makes the upload durable too.
+SET LOCAL synchronous_commit = off
+
+-- name: new_blob
+-- An unsealed row for an upload whose hash is not known yet: a large archive, streamed into binary_data in batches while it is packed.
+INSERT INTO blobs (location) VALUES (%(location)s) RETURNING id
+
+-- name: new_blobs_unless_stored
+-- An unsealed row for each archive whose content is not stored yet, with its id; an
+-- archive stored already (and visible to the caller) gets none: the duplicate is
+-- found in this one statement, for one archive or a batch.  The ids are taken from
+-- the sequence in a CTE, which runs once, so the INSERT and the result see the same ones.
+WITH want AS MATERIALIZED (
+    SELECT s.sha256, nextval(pg_get_serial_sequence('blobs', 'id')) AS id
+    FROM unnest(%(shas)s::text[]) WITH ORDINALITY AS s(sha256, ord)
+    WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.sha256 = s.sha256 AND b.complete)
+    ORDER BY s.ord
+), made AS (
+    INSERT INTO blobs (id, location) SELECT id, %(location)s FROM want
+)
+SELECT sha256, id FROM want
+
+-- name: copy_chunks
+-- Stream chunks into binary_data (binary rows: blob_id int8, chunk_no int4, data bytea); a trigger lets a user write only into its own unsealed blob.
+COPY binary_data (blob_id, chunk_no, data) FROM STDIN (FORMAT BINARY)
+
+-- name: seal
+-- Name uploads by their hash and mark them complete.  A unique violation means the
+-- same content was sealed meanwhile, or is stored by another user whose row is
+-- hidden from the caller by row security.
+UPDATE blobs b
+SET sha256 = u.sha256, size = u.size, raw_size = u.raw_size, n_chunks = u.n_chunks,
+    complete = true, datetime_completed = now()
+FROM unnest(%(ids)s::bigint[], %(shas)s::text[], %(sizes)s::bigint[], %(raw_sizes)s::bigint[], %(n_chunks)s::int[])
+     AS u(id, sha256, size, raw_size, n_chunks)
+WHERE b.id = u.id
+
+-- name: is_stored
+-- Whether this content is stored whole (among the archives the caller may see).
+SELECT EXISTS (SELECT 1 FROM blobs WHERE sha256 = %(sha256)s AND complete)
+
+-- name: adopt
+-- The caller's upload equals a stored copy it may not see: the database compares the bytes and, only if they are the same, makes the caller a co-owner of that copy.
+SELECT crh_adopt_blob(%(blob_id)s, %(sha256)s)
+
+-- name: drop
+-- Remove an upload that is not needed (abandoned, or its content stored already); its chunks go with it.
+DELETE FROM blobs WHERE id = %(blob_id)s
+
+-- name: look_up
+-- The rows of archives stored whole, for reading them (those the caller may see): one statement for one archive or for all of crh_retrieve's results.
+SELECT sha256, id, n_chunks, size, location
+FROM blobs
+WHERE sha256 = ANY(%(shas)s::text[]) AND complete
+
+-- name: read_chunks
+-- A few of a blob's chunks in order, through the view that shows only chunks of blobs the caller may see (row-level security).
+SELECT chunk_no, data
+FROM blob_chunks
+WHERE blob_id = %(blob_id)s AND chunk_no >= %(first)s
+ORDER BY chunk_no
+LIMIT %(n)s
+
+-- name: garbage
+-- Archives to collect, locked: whole ones no job refers to (input or result) and
+-- older than the grace (an archive is unreferenced for a moment between its upload
+-- and the statement that names it), and uploads that never completed, older than
+-- stale (an interrupted crh_add or worker).
+SELECT b.id, b.sha256, b.size, b.location
+FROM blobs b
+WHERE (b.complete AND b.datetime_completed < now() - make_interval(secs => %(age)s)
+       AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.input_sha256 = b.sha256)
+       AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.result_sha256 = b.sha256))
+   OR (NOT b.complete AND b.datetime_created < now() - make_interval(secs => %(stale)s))
+ORDER BY b.id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+
+-- name: delete_unreferenced
+-- Delete those of the chosen archives that still no job refers to; their chunks go with them.
+DELETE FROM blobs b
+WHERE b.id = ANY(%(ids)s::bigint[])
+  AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.input_sha256 = b.sha256)
+  AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.result_sha256 = b.sha256)
+RETURNING b.id, b.sha256, b.size, b.location
+
+-- name: known
+-- Which of these hashes a blobs row knows (the directory sweep removes files no row knows).
+SELECT sha256 FROM blobs WHERE sha256 = ANY(%(shas)s::text[])
