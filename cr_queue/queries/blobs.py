@@ -1,10 +1,11 @@
 """The statements about archives (``blobs.sql``), each behind one typed call.
 
 cr_queue/store decides when each runs (the upload protocol, reading, garbage
-collection); these wrappers only run them.  Statements that open, fill or
-close an upload's transaction are sent in pipeline mode where the store
-says so: a wrapper that reads a result waits for it, one that does not
-leaves it to the pipeline's next synchronisation.
+collection); these wrappers only run them.  An upload's transaction costs
+as few round trips as its statements: a wrapper called with ``begin=True``
+sends BEGIN and ``commit_without_waiting`` in one round trip with its own
+statement, one called with ``commit=True`` sends COMMIT with it (pipeline
+mode; the result is read once the round trip is over).
 """
 
 from __future__ import annotations
@@ -46,19 +47,41 @@ class Garbage(NamedTuple):
     location: str
 
 
-def begin_without_waiting(conn: psycopg.Connection) -> None:
-    """BEGIN, and a commit that will not wait for the disk (see ``commit_without_waiting``)."""
-    conn.execute(SQL.begin)
-    conn.execute(SQL.commit_without_waiting)
+def _run(conn: psycopg.Connection, statement: str, params: dict, *, begin: bool = False, commit: bool = False) -> psycopg.Cursor:
+    """Execute one statement, with the transaction's BEGIN before it or COMMIT after it in the same round trip."""
+    if not (begin or commit):
+        return conn.execute(statement, params)
+    with conn.pipeline():
+        if begin:
+            conn.execute(SQL.begin)
+            conn.execute(SQL.commit_without_waiting)
+        cursor = conn.execute(statement, params)
+        if commit:
+            conn.execute(SQL.commit)
+    return cursor
 
 
-def new_blob(conn: psycopg.Connection, location: str) -> int:
-    return conn.execute(SQL.new_blob, {"location": location}).fetchone()[0]
+def begin(conn: psycopg.Connection) -> None:
+    """BEGIN, and a commit that will not wait for the disk (``commit_without_waiting``), in one round trip."""
+    with conn.pipeline():
+        conn.execute(SQL.begin)
+        conn.execute(SQL.commit_without_waiting)
 
 
-def new_blobs_unless_stored(conn: psycopg.Connection, shas: Sequence[str], location: str) -> dict[str, int]:
+def commit(conn: psycopg.Connection) -> None:
+    conn.execute(SQL.commit)
+
+
+def new_blob(conn: psycopg.Connection, location: str, *, begin: bool = False) -> int:
+    return _run(conn, SQL.new_blob, {"location": location}, begin=begin).fetchone()[0]
+
+
+def new_blobs_unless_stored(conn: psycopg.Connection, shas: Sequence[str], location: str, *, begin: bool = False) -> dict[str, int]:
     """Unsealed rows for the hashes not stored yet: sha256 -> id (none for those stored)."""
-    return dict(conn.execute(SQL.new_blobs_unless_stored, {"shas": list(shas), "location": location}).fetchall())
+    if len(shas) == 1:
+        row = _run(conn, SQL.new_blob_unless_stored, {"sha256": shas[0], "location": location}, begin=begin).fetchone()
+        return {shas[0]: row[0]} if row is not None else {}
+    return dict(_run(conn, SQL.new_blobs_unless_stored, {"shas": list(shas), "location": location}, begin=begin).fetchall())
 
 
 @contextmanager
@@ -69,22 +92,23 @@ def copy_chunks(conn: psycopg.Connection) -> Iterator[Callable[[tuple[int, int, 
         yield copy.write_row
 
 
-def seal(conn: psycopg.Connection, seals: Sequence[Seal]) -> None:
-    """Seal uploads (no result is read: in pipeline mode the next synchronisation reports a unique violation)."""
-    conn.execute(
-        SQL.seal,
-        {
-            "ids": [s.blob_id for s in seals],
-            "shas": [s.sha256 for s in seals],
-            "sizes": [s.size for s in seals],
-            "raw_sizes": [s.raw_size for s in seals],
-            "n_chunks": [s.n_chunks for s in seals],
-        },
-    )
+def seal(conn: psycopg.Connection, seals: Sequence[Seal], *, commit: bool = False) -> None:
+    """Seal uploads; psycopg.errors.UniqueViolation if one's content is stored already."""
+    if len(seals) == 1:
+        _run(conn, SQL.seal, seals[0]._asdict(), commit=commit)
+        return
+    params = {
+        "ids": [s.blob_id for s in seals],
+        "shas": [s.sha256 for s in seals],
+        "sizes": [s.size for s in seals],
+        "raw_sizes": [s.raw_size for s in seals],
+        "n_chunks": [s.n_chunks for s in seals],
+    }
+    _run(conn, SQL.seal_many, params, commit=commit)
 
 
-def is_stored(conn: psycopg.Connection, sha256: str) -> bool:
-    return bool(conn.execute(SQL.is_stored, {"sha256": sha256}).fetchone()[0])
+def is_stored(conn: psycopg.Connection, sha256: str, *, begin: bool = False) -> bool:
+    return bool(_run(conn, SQL.is_stored, {"sha256": sha256}, begin=begin).fetchone()[0])
 
 
 def adopt(conn: psycopg.Connection, blob_id: int, sha256: str) -> bool:
@@ -96,7 +120,10 @@ def drop(conn: psycopg.Connection, blob_id: int) -> None:
 
 
 def look_up(conn: psycopg.Connection, shas: Sequence[str]) -> dict[str, BlobRow]:
-    rows = conn.execute(SQL.look_up, {"shas": list(shas)}).fetchall()
+    if len(shas) == 1:
+        rows = conn.execute(SQL.look_up, {"sha256": shas[0]}).fetchall()
+    else:
+        rows = conn.execute(SQL.look_up_many, {"shas": list(shas)}).fetchall()
     return {sha: BlobRow(*rest) for sha, *rest in rows}
 
 

@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import queue as _queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
 
 import psycopg
 from psycopg import errors, pq
 
 from cr_queue.queries import blobs
 from cr_queue.store.choice import Store
-from cr_queue.store.directory import DirectoryStore
+from cr_queue.store.directory import ArchiveFile, DirectoryStore
 from cr_queue.tomodir import archive
 
 # Measured with bench/tune.py (docs/performance.md): 1 MiB chunks, 4 MiB
@@ -52,8 +51,6 @@ PIPELINE_DEPTH = 2
 Produce = Callable[[archive.Writable], archive.PackResult]
 # An archive already in memory: its bytes (in pieces) and what packing it found.
 Packed = tuple[list[bytes], archive.PackResult]
-
-T = TypeVar("T")
 
 
 # ------------------------------------------------------------- call sites
@@ -97,8 +94,8 @@ def put_many(conn: psycopg.Connection, where: Store, packed: list[Packed], *, ch
                 raise
             file.place(result.sha256, result.size)
             pieces = []
-        written.append(_Written(result.sha256, result.size, result.raw_size, pieces, size))
-    _seal(conn, where.location, written)
+        written.append(_Written(result.sha256, result.size, result.raw_size, pieces))
+    _seal(conn, where.location, written, size)
 
 
 # ----------------------------------------------------------------- the bytes
@@ -119,18 +116,15 @@ class Upload:
     ) -> None:
         self._conn = conn
         self._location = where.location
+        self._chunk_size = chunk_size or CHUNK_SIZE
         self.size = 0
-        self._file = where.new_file() if isinstance(where, DirectoryStore) else None
-        self._chunks = (
-            None
-            if self._file is not None
-            else _Chunks(
-                conn,
-                chunk_size or CHUNK_SIZE,
-                BATCH_BYTES if batch_bytes is None else batch_bytes,
-                PIPELINE_DEPTH if depth is None else depth,
-            )
-        )
+        self._file: ArchiveFile | None = None
+        self._chunks: _Chunks | None = None
+        if isinstance(where, DirectoryStore):
+            self._file = where.new_file()
+        else:
+            batch_bytes = BATCH_BYTES if batch_bytes is None else batch_bytes
+            self._chunks = _Chunks(conn, self._chunk_size, batch_bytes, PIPELINE_DEPTH if depth is None else depth)
 
     def write(self, data) -> int:
         n = len(data)
@@ -153,7 +147,7 @@ class Upload:
             written = _Written(sha256, self.size, raw_size)
         else:
             written = self._chunks.finish(sha256, self.size, raw_size)
-        _seal(self._conn, self._location, [written])
+        _seal(self._conn, self._location, [written], self._chunk_size)
         return sha256
 
     def abort(self) -> None:
@@ -224,10 +218,10 @@ class _Chunks:
     def _copy(self, batch: list[bytes]) -> None:
         with _transaction(self._conn) as tx:
             if self.blob_id is None:
-                self.blob_id = tx.begin(lambda: blobs.new_blob(self._conn, "db"))
-            else:
-                tx.begin()
-            self.n_chunks = _copy_chunks(self._conn, [(self.blob_id, self.n_chunks, batch, self._chunk_size)])[0]
+                self.blob_id = blobs.new_blob(self._conn, "db", begin=tx.begin())
+            elif tx.begin():
+                blobs.begin(self._conn)
+            self.n_chunks = _copy_chunks(self._conn, [(self.blob_id, self.n_chunks, batch)], self._chunk_size)[0]
 
     def join(self) -> None:
         """Wait for the thread's batches; raise what went wrong in it."""
@@ -244,7 +238,7 @@ class _Chunks:
             self._pending.append(bytes(self._buf))
             self._buf.clear()
         rest, self._pending = self._pending, []
-        return _Written(sha256, size, raw_size, rest, self._chunk_size, self.blob_id, self.n_chunks)
+        return _Written(sha256, size, raw_size, rest, self.blob_id, self.n_chunks)
 
     def discard(self) -> None:
         try:
@@ -258,7 +252,7 @@ class _Chunks:
 # ------------------------------------------------------------------ the seal
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Written:
     """An archive whose bytes are where they go (but for chunks still in memory) and whose row is not sealed."""
 
@@ -266,41 +260,41 @@ class _Written:
     size: int
     raw_size: int | None
     pieces: Sequence[bytes] = ()  # bytes still to COPY into binary_data, in order (database store)
-    chunk_size: int = CHUNK_SIZE  # the chunks ``pieces`` are cut into
     blob_id: int | None = None  # its row, made when its first batch went in (a large upload)
     n_chunks: int = 0  # its chunks in binary_data already
 
 
-def _seal(conn: psycopg.Connection, location: str, written: list[_Written]) -> None:
-    """Seal uploads in one transaction; on a unique violation, one at a time, each the careful way."""
+def _seal(conn: psycopg.Connection, location: str, written: list[_Written], chunk_size: int) -> None:
+    """Seal uploads in one transaction; on a unique violation, one at a time, each the careful
+    way if need be (``chunk_size``: what chunks still in memory are cut into)."""
     if len(written) == 1 and written[0].blob_id is not None:
-        _seal_carefully(conn, location, written[0])
+        _seal_carefully(conn, location, written[0], chunk_size)
         return
     try:
-        _seal_together(conn, location, written)
+        _seal_together(conn, location, written, chunk_size)
     except errors.UniqueViolation:
         # Rolled back: the same content was sealed meanwhile, or is hidden from us.
         if len(written) == 1:
-            _seal_carefully(conn, location, written[0])
+            _seal_carefully(conn, location, written[0], chunk_size)
         else:
             for one in written:
-                _seal(conn, location, [one])
+                _seal(conn, location, [one], chunk_size)
 
 
-def _seal_together(conn: psycopg.Connection, location: str, written: list[_Written]) -> None:
+def _seal_together(conn: psycopg.Connection, location: str, written: list[_Written], chunk_size: int) -> None:
     """The usual case, nothing stored meanwhile: three round trips and a COPY for any
     number of archives whose rows do not exist yet."""
     with _transaction(conn) as tx:
-        ids = tx.begin(lambda: blobs.new_blobs_unless_stored(conn, [w.sha256 for w in written], location))
+        ids = blobs.new_blobs_unless_stored(conn, [w.sha256 for w in written], location, begin=tx.begin())
         new = [w for w in written if w.sha256 in ids]
         if not new:
             return  # every one is stored already
-        n_chunks = _copy_chunks(conn, [(ids[w.sha256], 0, w.pieces, w.chunk_size) for w in new])
+        n_chunks = _copy_chunks(conn, [(ids[w.sha256], 0, w.pieces) for w in new], chunk_size)
         seals = [blobs.Seal(ids[w.sha256], w.sha256, w.size, w.raw_size, n) for w, n in zip(new, n_chunks)]
-        tx.commit(lambda: blobs.seal(conn, seals))
+        blobs.seal(conn, seals, commit=tx.commit())
 
 
-def _seal_carefully(conn: psycopg.Connection, location: str, w: _Written) -> None:
+def _seal_carefully(conn: psycopg.Connection, location: str, w: _Written, chunk_size: int) -> None:
     """An upload whose row exists already, or whose first seal met a unique violation.
 
     Its seal runs in a savepoint, so a unique violation undoes only the seal:
@@ -310,14 +304,14 @@ def _seal_carefully(conn: psycopg.Connection, location: str, w: _Written) -> Non
     with _transaction(conn) as tx:
         blob_id = w.blob_id
         if blob_id is None:
-            ids = tx.begin(lambda: blobs.new_blobs_unless_stored(conn, [w.sha256], location))
+            ids = blobs.new_blobs_unless_stored(conn, [w.sha256], location, begin=tx.begin())
             if not ids:
                 return  # stored meanwhile
             blob_id = ids[w.sha256]
-        elif tx.begin(lambda: blobs.is_stored(conn, w.sha256)):
+        elif blobs.is_stored(conn, w.sha256, begin=tx.begin()):
             blobs.drop(conn, blob_id)
             return
-        n_chunks = _copy_chunks(conn, [(blob_id, w.n_chunks, w.pieces, w.chunk_size)])[0]
+        n_chunks = _copy_chunks(conn, [(blob_id, w.n_chunks, w.pieces)], chunk_size)[0]
         try:
             with conn.transaction():
                 blobs.seal(conn, [blobs.Seal(blob_id, w.sha256, w.size, w.raw_size, n_chunks)])
@@ -328,24 +322,27 @@ def _seal_carefully(conn: psycopg.Connection, location: str, w: _Written) -> Non
             blobs.drop(conn, blob_id)
 
 
-def _copy_chunks(conn: psycopg.Connection, uploads: list[tuple[int, int, Sequence[bytes], int]]) -> list[int]:
-    """One COPY of the chunks of ``(blob_id, first chunk_no, pieces, chunk size)`` each; each one's chunk count after it."""
-    counts = [first for _blob_id, first, _pieces, _size in uploads]
-    if not any(pieces for _blob_id, _first, pieces, _size in uploads):
+def _copy_chunks(conn: psycopg.Connection, uploads: list[tuple[int, int, Sequence[bytes]]], chunk_size: int) -> list[int]:
+    """One COPY of ``(blob_id, its first chunk's number, its bytes)`` each, cut into chunks; the
+    number of chunks each blob has after it."""
+    counts = [first for _blob_id, first, _pieces in uploads]
+    if not any(pieces for _blob_id, _first, pieces in uploads):
         return counts
     with blobs.copy_chunks(conn) as write_row:
-        for i, (blob_id, first, pieces, size) in enumerate(uploads):
-            for no, chunk in enumerate(_rechunk(pieces, size), first):
+        for i, (blob_id, first, pieces) in enumerate(uploads):
+            for no, chunk in enumerate(_rechunk(pieces, chunk_size), first):
                 write_row((blob_id, no, chunk))
                 counts[i] = no + 1
     return counts
 
 
-def _rechunk(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
-    """The bytes of ``pieces`` again, cut into ``size``-byte chunks (the last one shorter)."""
+def _rechunk(pieces: Sequence[bytes], size: int) -> Iterator[bytes]:
+    """The bytes of ``pieces`` again, cut into ``size``-byte chunks (the last one shorter);
+    pieces that are such chunks already are not copied."""
     buf = bytearray()
-    for piece in pieces:
-        if not buf and len(piece) == size:
+    last = len(pieces) - 1
+    for i, piece in enumerate(pieces):
+        if not buf and (len(piece) == size or (i == last and len(piece) < size)):
             yield piece
             continue
         buf += piece
@@ -371,33 +368,25 @@ class _Transaction:
     """An upload's transaction in as few round trips as its statements allow.
 
     BEGIN and "commit without waiting for the disk" travel with the first
-    statement, COMMIT with the last (pipeline mode; COPY, which cannot be
-    pipelined, runs between).  Inside a caller's transaction it is a
-    savepoint, and the caller's commit decides durability."""
+    statement (``begin=tx.begin()``), COMMIT with the last
+    (``commit=tx.commit()``); COPY, which cannot be pipelined, runs between.
+    Inside a caller's transaction it is a savepoint instead, and the
+    caller's commit decides durability."""
 
     def __init__(self, conn: psycopg.Connection, stack: ExitStack) -> None:
         self._conn = conn
         self._stack = stack
         self.outer = conn.info.transaction_status == pq.TransactionStatus.IDLE
-        self.begun = self.ended = False
 
-    def begin(self, first: Callable[[], T] | None = None) -> T | None:
-        self.begun = True
+    def begin(self) -> bool:
+        """Whether the first statement is to carry BEGIN (inside a caller's transaction: a savepoint opens now)."""
         if not self.outer:
             self._stack.enter_context(self._conn.transaction())
-            return first() if first is not None else None
-        with self._conn.pipeline():
-            blobs.begin_without_waiting(self._conn)
-            return first() if first is not None else None
+        return self.outer
 
-    def commit(self, last: Callable[[], None]) -> None:
-        if not self.outer:
-            last()
-            return
-        with self._conn.pipeline():
-            last()
-            self.ended = True
-            self._conn.commit()
+    def commit(self) -> bool:
+        """Whether the last statement is to carry COMMIT."""
+        return self.outer
 
 
 @contextmanager
@@ -410,5 +399,5 @@ def _transaction(conn: psycopg.Connection) -> Iterator[_Transaction]:
             if tx.outer and not conn.closed and conn.info.transaction_status != pq.TransactionStatus.IDLE:
                 conn.rollback()
             raise
-        if tx.outer and tx.begun and not tx.ended:
-            conn.commit()
+        if tx.outer and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            blobs.commit(conn)
