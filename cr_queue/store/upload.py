@@ -78,7 +78,7 @@ def put_stream(conn: psycopg.Connection, where: Store, produce: Produce, *, chun
 
 def put_many(conn: psycopg.Connection, where: Store, packed: list[Packed], *, chunk_size: int | None = None) -> None:
     """Store archives already in memory together (crh_add's helpers deliver them whole):
-    one sealing transaction of three round trips and a COPY for the whole batch
+    one sealing transaction of two round trips and a COPY for the whole batch
     instead of one each (measured: it halves the client's and the server's work
     per archive).  Two with the same content are stored once."""
     size = chunk_size or CHUNK_SIZE
@@ -282,7 +282,7 @@ def _seal(conn: psycopg.Connection, location: str, written: list[_Written], chun
 
 
 def _seal_together(conn: psycopg.Connection, location: str, written: list[_Written], chunk_size: int) -> None:
-    """The usual case, nothing stored meanwhile: three round trips and a COPY for any
+    """The usual case, nothing stored meanwhile: two round trips and a COPY for any
     number of archives whose rows do not exist yet."""
     with _transaction(conn) as tx:
         ids = blobs.new_blobs_unless_stored(conn, [w.sha256 for w in written], location, begin=tx.begin())
