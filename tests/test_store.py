@@ -224,6 +224,31 @@ def test_store_path_from_the_config_is_checked_when_opening(tmp_path: Path, db_u
     assert isinstance(db.store, store.DirectoryStore) and db.store.path == tmp_path / "nowhere"
 
 
+@pytest.mark.parametrize("command", ["crh_add", "crh_worker"])
+def test_an_unusable_store_directory_stops_a_command_before_any_job(
+    command: str, tmp_path: Path, cli_env: dict[str, str], db_url: str
+) -> None:
+    """The store is resolved and checked when the command opens the database
+    (store.open_database): exit 2, the path and the remedy, no traceback, no job
+    registered or claimed, no .crh written."""
+    missing = tmp_path / "not-mounted"
+    cfg = tmp_path / "crq.toml"
+    cfg.write_text(f'[store]\npath = "{missing}"\n')
+    env = {**cli_env, "CRH_CONFIG": str(cfg)}
+    work = tmp_path / "work"
+    synth.make_tree(work, n_mod=1, n_inv=1)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        if command == "crh_worker":
+            _queued(conn, "/data/waiting")
+        before = conn.execute("SELECT id, status, attempt FROM inversions ORDER BY id").fetchall()
+    proc = run([script(command), *(["-q"] if command == "crh_worker" else [])], env, cwd=work, check=2)
+    assert str(missing) in proc.stderr and "Mount the shared directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT id, status, attempt FROM inversions ORDER BY id").fetchall() == before
+    assert not list(work.rglob("*.crh"))
+
+
 def test_pipeline_through_the_commands_with_a_directory_store(tmp_path: Path, cli_env: dict[str, str], db_url: str) -> None:
     root = tmp_path / "shared"
     root.mkdir()

@@ -26,9 +26,6 @@ class DatabaseStore:
 
     location: ClassVar[str] = "db"
 
-    def describe(self) -> str:
-        return "the database (binary_data)"
-
 
 DATABASE = DatabaseStore()
 

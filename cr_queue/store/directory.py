@@ -34,9 +34,6 @@ class DirectoryStore:
     location: ClassVar[str] = "dir"
     _checked: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
-    def describe(self) -> str:
-        return f"the directory {self.path}"
-
     def file_of(self, sha256: str) -> Path:
         return self.path / sha256[:2] / f"{sha256}{SUFFIX}"
 
