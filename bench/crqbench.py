@@ -699,6 +699,8 @@ def claim_sql_for_pgbench(url: str, worker_id: int) -> str:
     jobs.claim(rec, actor=actor, **CLAIM_SQL_PARAMS)
     with psycopg.connect(url, autocommit=True) as conn:
         text = psycopg.ClientCursor(conn).mogrify(rec.query, rec.params)
+    # One line for pgbench: the comments of jobs.sql would swallow the rest of it.
+    text = re.sub(r"--[^\n]*", "", text)
     return " ".join(text.split()) + ";\n"
 
 
