@@ -39,10 +39,10 @@ def synchronous_commit(conn: psycopg.Connection, on: bool, *, local: bool = Fals
 
 
 def durable_commit(conn: psycopg.Connection) -> None:
-    """Make every earlier commit durable: waits for synchronous_commit on, then commits one transaction.
+    """Make every earlier commit durable: turn synchronous_commit on again, then commit one transaction.
 
-    Its commit waits for the WAL up to it, and with it the WAL of every
-    asynchronous commit before it, to reach disk.
+    That commit waits for the WAL up to it to reach disk, and with it the WAL
+    of every asynchronous commit before it.
     """
     synchronous_commit(conn, True)
     conn.execute(SQL.durable_commit)
