@@ -10,8 +10,10 @@
 --
 -- "--mine": the status statements take %(username)s and %(host)s; both NULL
 -- means everyone's jobs, else only that user's jobs added from that computer.
--- The planner folds the NULL test away when it plans with the values (as it
--- does for a statement run once), so each plan is the one without the filter.
+-- The planner folds the NULL test away when it plans with the values (a custom
+-- plan, as for a statement run once), so each plan is the one the statement
+-- would have without the filter; a prepared statement keeps custom plans while
+-- the generic one, which cannot fold it, costs more.
 
 -- name: now
 -- The database's clock, which every other time in the report is compared with.

@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 
 from cr_queue.job_states import JobStatus
 from cr_queue.queries import loader
-from cr_queue.queries.workers import LOCK_NAMESPACE
+from cr_queue.queries import workers
 
 SQL = loader.load("jobs")
 
@@ -233,16 +233,20 @@ def renew(
 ) -> set[int]:
     """Extend the leases of the jobs a worker holds (``(job_id, attempt)``); returns the ids still its own.
 
-    Only the leases: the worker's heartbeat is :func:`cr_queue.queries.workers.beat`."""
-    if not held:
-        return set()
-    params = {
-        "ids": [job_id for job_id, _ in held],
-        "attempts": [attempt for _, attempt in held],
-        "worker_id": worker_id,
-        "lease_s": lease_s,
-    }
-    return {row[0] for row in conn.execute(SQL.renew, params)}
+    The transaction also refreshes the worker's heartbeat, as beat does: the
+    heartbeat is written twice per beat, which branch ``worker`` (issue 17)
+    folds into one statement."""
+    with conn.transaction():
+        workers.heartbeat(conn, worker_id)
+        if not held:
+            return set()
+        params = {
+            "ids": [job_id for job_id, _ in held],
+            "attempts": [attempt for _, attempt in held],
+            "worker_id": worker_id,
+            "lease_s": lease_s,
+        }
+        return {row[0] for row in conn.execute(SQL.renew, params)}
 
 
 # ------------------------------------------------------------------- outcome
@@ -309,7 +313,7 @@ def release(conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor) ->
 
 def rescue(conn: psycopg.Connection, actor: Actor, grace_s: float = RESCUE_GRACE_S) -> list[tuple[int, str]]:
     """Return running jobs whose worker is gone to the queue (or fail them), in one statement."""
-    params = {"grace_s": grace_s, "lock_namespace": LOCK_NAMESPACE, **_actor(actor, {"reason": "worker lost"})}
+    params = {"grace_s": grace_s, "lock_namespace": workers.LOCK_NAMESPACE, **_actor(actor, {"reason": "worker lost"})}
     return [tuple(row) for row in conn.execute(SQL.rescue, params)]
 
 

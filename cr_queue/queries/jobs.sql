@@ -148,8 +148,7 @@ SELECT * FROM u;
 
 -- name: renew
 -- Extend the leases of the jobs a worker holds (parallel arrays ids, attempts); returns the ids still its own.
-UPDATE inversions j
-SET lease_expires = now() + make_interval(secs => %(lease_s)s)
+UPDATE inversions j SET lease_expires = now() + make_interval(secs => %(lease_s)s)
 FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS held(id, attempt)
 WHERE j.id = held.id AND j.attempt = held.attempt AND j.status = 'running' AND j.worker_id = %(worker_id)s
 RETURNING j.id;

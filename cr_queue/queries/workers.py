@@ -68,12 +68,17 @@ def register_worker(
 
 
 def beat(conn: psycopg.Connection, worker_id: int, *, draining: bool) -> Orders:
-    """The heartbeat: the one statement that keeps ``workers.last_heartbeat`` fresh."""
+    """The heartbeat, which also brings the worker its orders."""
     row = conn.execute(SQL.beat, {"id": worker_id, "draining": draining}).fetchone()
     if row is None:
         return Orders()
     requested, nice, cpus, threads, active = row
     return Orders(requested, nice, cpus, threads, True if active is None else active)
+
+
+def heartbeat(conn: psycopg.Connection, worker_id: int) -> None:
+    """Only the heartbeat, without the orders (what jobs.renew's transaction begins with)."""
+    conn.execute(SQL.heartbeat, {"id": worker_id})
 
 
 def stop_worker(conn: psycopg.Connection, worker_id: int, reason: str) -> None:
