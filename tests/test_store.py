@@ -20,6 +20,7 @@ from cr_queue.tomodir import archive
 from cr_queue.queries import jobs
 from cr_queue import store
 from cr_queue.tomodir import synth
+from cr_queue.database import open_database
 from cr_queue.db.connection import Database, DatabaseError
 from cr_queue.store import upload
 
@@ -218,9 +219,9 @@ def test_store_path_from_the_config_is_checked_when_opening(tmp_path: Path, db_u
     cfg.write_text(f'[database]\nurl = "{db_url}"\n[store]\npath = "{tmp_path / "nowhere"}"\n')
     settings = config.load(env={"CRH_CONFIG": str(cfg), "HOME": str(tmp_path)})
     with pytest.raises(DatabaseError, match="nowhere"):
-        store.open_database(settings)
+        open_database(settings)
     (tmp_path / "nowhere").mkdir()
-    db = store.open_database(settings)
+    db = open_database(settings)
     assert isinstance(db.store, store.DirectoryStore) and db.store.path == tmp_path / "nowhere"
 
 
@@ -229,7 +230,7 @@ def test_an_unusable_store_directory_stops_a_command_before_any_job(
     command: str, tmp_path: Path, cli_env: dict[str, str], db_url: str
 ) -> None:
     """The store is resolved and checked when the command opens the database
-    (store.open_database): exit 2, the path and the remedy, no traceback, no job
+    (cr_queue.database.open_database, store.configured): exit 2, the path and the remedy, no traceback, no job
     registered or claimed, no .crh written."""
     missing = tmp_path / "not-mounted"
     cfg = tmp_path / "crq.toml"

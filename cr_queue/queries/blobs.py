@@ -3,9 +3,10 @@
 cr_queue/store decides when each runs (the upload protocol, reading, garbage
 collection); these wrappers only run them.  An upload's transaction costs
 as few round trips as its statements: a wrapper called with ``begin=True``
-sends BEGIN and ``commit_without_waiting`` in one round trip with its own
-statement, one called with ``commit=True`` sends COMMIT with it (pipeline
-mode; the result is read once the round trip is over).
+sends BEGIN (and a commit that will not wait for the disk: ``begin`` in
+blobs.sql says why that is safe) in one round trip with its own statement,
+one called with ``commit=True`` sends COMMIT with it (pipeline mode; the
+result is read once the round trip is over).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import NamedTuple
 
 import psycopg
 
-from cr_queue.queries import loader
+from cr_queue.queries import loader, session
 
 SQL = loader.load("blobs")
 
@@ -53,8 +54,7 @@ def _run(conn: psycopg.Connection, statement: str, params: dict, *, begin: bool 
         return conn.execute(statement, params)
     with conn.pipeline():
         if begin:
-            conn.execute(SQL.begin)
-            conn.execute(SQL.commit_without_waiting)
+            _begin(conn)
         cursor = conn.execute(statement, params)
         if commit:
             conn.execute(SQL.commit)
@@ -62,10 +62,14 @@ def _run(conn: psycopg.Connection, statement: str, params: dict, *, begin: bool 
 
 
 def begin(conn: psycopg.Connection) -> None:
-    """BEGIN, and a commit that will not wait for the disk (``commit_without_waiting``), in one round trip."""
+    """BEGIN, and a commit that will not wait for the disk, in one round trip."""
     with conn.pipeline():
-        conn.execute(SQL.begin)
-        conn.execute(SQL.commit_without_waiting)
+        _begin(conn)
+
+
+def _begin(conn: psycopg.Connection) -> None:
+    conn.execute(SQL.begin)
+    session.synchronous_commit(conn, False, local=True)
 
 
 def commit(conn: psycopg.Connection) -> None:

@@ -9,18 +9,15 @@
 
 -- name: begin
 -- Open an upload's transaction; it travels in one round trip with the statements that follow it (pipeline mode).
+-- Its commit does not wait for the disk (session.sql's synchronous_commit, local): nothing
+-- refers to an upload until a later synchronous commit of the caller names it
+-- (finish_registration, complete), and PostgreSQL's WAL is sequential: that commit
+-- makes the upload durable too.
 BEGIN
 
 -- name: commit
 -- Close an upload's transaction; sent with its last statement where there is one (pipeline mode).
 COMMIT
-
--- name: commit_without_waiting
--- This transaction's commit does not wait for the disk (the WAL flush).  Nothing
--- refers to an upload until a later synchronous commit of the caller names it
--- (finish_registration, complete), and PostgreSQL's WAL is sequential: that
--- commit makes the upload durable too.
-SET LOCAL synchronous_commit = off
 
 -- name: new_blob
 -- An unsealed row for an upload whose hash is not known yet: a large archive, streamed into binary_data in batches while it is packed.

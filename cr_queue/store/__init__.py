@@ -6,10 +6,10 @@ directory** (``[store] path``: files ``<path>/<sha[:2]>/<sha>.tar.zst``,
 directory.py).  Either way every archive has a ``blobs`` row, so jobs keep
 their foreign keys and every admin query sees sizes.  There is no default
 store: the :class:`~cr_queue.db.connection.Database` a command opens
-(:func:`open_database`) carries the installation's, and whoever uploads or
-fetches is handed it::
+(``cr_queue.database.open_database``, which asks :func:`configured`) carries
+the installation's, and whoever uploads or fetches is handed it::
 
-    db = store.open_database(settings)
+    db = open_database(settings)
     packed = store.put_tree(conn, db.store, root)
     store.fetch(conn, db.store, packed.sha256, fileobj)
 
@@ -19,7 +19,7 @@ job needs.  Their statements are in cr_queue/queries/blobs.sql.
 """
 
 from cr_queue.queries.blobs import BlobRow
-from cr_queue.store.choice import DATABASE, DatabaseStore, Store, from_settings, open_database
+from cr_queue.store.choice import DATABASE, DatabaseStore, Store, configured, from_settings
 from cr_queue.store.directory import DirectoryStore
 from cr_queue.store.errors import BlobMissing, StoreUnavailable
 from cr_queue.store.garbage import GarbageReport, collect_garbage
@@ -41,10 +41,10 @@ __all__ = [
     "Upload",
     "chunks",
     "collect_garbage",
+    "configured",
     "fetch",
     "from_settings",
     "look_up",
-    "open_database",
     "put_many",
     "put_stream",
     "put_tree",

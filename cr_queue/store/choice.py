@@ -1,10 +1,9 @@
 """Which store an installation keeps its archives in, chosen when a command opens the database.
 
-The database (default) or the directory of ``[store] path``; the
-:class:`~cr_queue.db.connection.Database` a command opens carries the
-choice, and whoever uploads or fetches is handed it from there.  A
-directory this host cannot use is reported when the database is opened,
-before any job is touched.
+The database (default) or the directory of ``[store] path``;
+``cr_queue.database.open_database`` asks :func:`configured` first, the
+:class:`~cr_queue.db.connection.Database` it returns carries the choice,
+and whoever uploads or fetches is handed it from there.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar, Union
 
 from cr_queue import config
-from cr_queue.db import connection
+from cr_queue.db.connection import DatabaseError
 from cr_queue.store.directory import DirectoryStore
 from cr_queue.store.errors import StoreUnavailable
 
@@ -45,22 +44,15 @@ def from_settings(raw: dict, *, source: str = "the config") -> Store:
     return DirectoryStore(Path(os.path.expanduser(path)), source=source)
 
 
-def open_database(settings: config.Settings, **options) -> connection.Database:
-    """:func:`cr_queue.db.connection.open_database` (``options`` are its own), carrying the store.
-
-    The store is resolved and checked first: a directory this host cannot
-    read stops the command (a DatabaseError: exit 2) before the database is
-    even opened."""
-    chosen = _chosen(settings)
-    return dataclasses.replace(connection.open_database(settings, **options), store=chosen)
-
-
-def _chosen(settings: config.Settings) -> Store:
+def configured(settings: config.Settings) -> Store:
+    """The store of ``settings``, checked: a directory this host cannot read stops the
+    command (a DatabaseError: exit 2, the path, the host and the remedy) before any
+    job is touched."""
     where = str(settings.config_path) if settings.config_path else "the config"
     try:
         chosen = from_settings(settings.raw, source=where)
         if isinstance(chosen, DirectoryStore):
             chosen.check()
     except (ValueError, StoreUnavailable) as exc:
-        raise connection.DatabaseError(str(exc)) from None
+        raise DatabaseError(str(exc)) from None
     return chosen

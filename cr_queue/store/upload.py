@@ -22,7 +22,7 @@ Every upload has two parts, whatever the store's location:
    careful path: it compares and shares (database store) or drops its row.
 
 Durability: upload transactions commit with ``synchronous_commit = off``
-(``commit_without_waiting`` in blobs.sql says why that is safe).
+(``begin`` in blobs.sql says why that is safe).
 """
 
 from __future__ import annotations
