@@ -1,0 +1,131 @@
+"""The pictures of `crh web`, drawn on the server with matplotlib into PNG bytes.
+
+* the model: log10 |rho| and the phase over the cells of the mesh, the
+  electrodes marked, one panel each (stacked for a wide mesh, side by side
+  for a deep one);
+* the convergence: the data RMS of each iteration, with RMS = 1 (the data
+  fitted to their errors) as a dashed line;
+* CRMod's readings: the transfer resistance and the phase of every
+  measurement of mod/volt.dat.
+
+Only matplotlib's object interface and its Agg canvas are used (no pyplot,
+no display, no global figure state).  Matplotlib is not thread-safe, so the
+server's threads draw one picture at a time (:data:`_DRAWING`); a picture is
+drawn once per result and then served from a cache (cache.py).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+
+from cr_queue.web.formats import Convergence, Mesh, Readings
+
+_DRAWING = threading.Lock()
+DPI = 100
+
+
+def _figure(width: float, height: float):
+    # Imported here: the web's start-up imports it once (server.py), the rest of cr_queue never.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def model_png(
+    mesh: Mesh,
+    electrodes: np.ndarray | None,
+    panels: list[tuple[str, np.ndarray, str]],
+    *,
+    title: str = "",
+) -> bytes:
+    """Each of ``panels`` (label, one value per cell, colour map) over the mesh, electrodes as black triangles."""
+    from matplotlib.collections import PolyCollection
+
+    x0, x1, z0, z1 = mesh.bounds()
+    width, depth = max(x1 - x0, 1e-9), max(z1 - z0, 1e-9)
+    stacked = width >= 1.5 * depth
+    polygons = mesh.polygons()
+    with _DRAWING:
+        if stacked:
+            panel_h = min(4.5, max(1.6, 9.0 * depth / width + 0.8))
+            figure = _figure(9.0, panel_h * len(panels) + (0.4 if title else 0))
+            axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
+        else:
+            figure = _figure(5.0 * len(panels), 5.0)
+            axes = figure.subplots(1, len(panels), squeeze=False)[0, :]
+        if title:
+            figure.suptitle(title, fontsize=10)
+        for ax, (label, values, cmap) in zip(axes, panels):
+            cells = PolyCollection(polygons, array=values, cmap=cmap, edgecolors="face", linewidths=0.2)
+            ax.add_collection(cells)
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(z0, z1)
+            ax.set_aspect("equal")
+            ax.set_xlabel("x (m)")
+            ax.set_ylabel("z (m)")
+            if electrodes is not None and len(electrodes):
+                ax.plot(electrodes[:, 0], electrodes[:, 1], "v", color="black", markersize=4, clip_on=False, label="electrodes")
+            figure.colorbar(cells, ax=ax, label=label, shrink=0.9)
+        return _png(figure)
+
+
+def rms_png(convergence: Convergence) -> bytes:
+    """The data RMS per iteration (main iterations, then the final phase improvement's)."""
+    with _DRAWING:
+        figure = _figure(6.0, 3.2)
+        ax = figure.subplots()
+        for kind, label, style in (("IT", "iterations", "o-"), ("PIT", "phase improvement", "s--")):
+            points = [(it.number, it.rms) for it in convergence.iterations if it.kind == kind and it.rms is not None]
+            if points:
+                number, rms = zip(*points)
+                ax.plot(number, rms, style, label=label)
+        ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="RMS = 1")
+        values = [it.rms for it in convergence.iterations if it.rms is not None and it.rms > 0]
+        if values and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("data RMS")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        return _png(figure)
+
+
+def volt_png(readings: Readings) -> bytes:
+    """|R| (log scale) and the phase of each measurement, in volt.dat's order."""
+    number = np.arange(1, readings.resistance.size + 1)
+    with _DRAWING:
+        figure = _figure(9.0, 4.6)
+        top, bottom = figure.subplots(2, 1, sharex=True)
+        magnitude = np.abs(readings.resistance)
+        positive = magnitude > 0
+        top.plot(number[positive], magnitude[positive], ".", markersize=3)
+        if positive.any():
+            top.set_yscale("log")
+        top.set_ylabel("|R| (ohm)")
+        top.grid(alpha=0.3)
+        bottom.plot(number, readings.phase, ".", markersize=3, color="tab:red")
+        bottom.set_ylabel("phase (mrad)")
+        bottom.set_xlabel("measurement")
+        bottom.xaxis.get_major_locator().set_params(integer=True)
+        bottom.grid(alpha=0.3)
+        return _png(figure)
+
+
+def warm_up() -> None:
+    """Import matplotlib and build its font cache: a server pays this at start, not on its first picture."""
+    figure = _figure(1.0, 1.0)
+    figure.text(0.5, 0.5, "x")
+    _png(figure)
