@@ -39,6 +39,7 @@ import psycopg
 
 from cr_queue.config import redact
 from cr_queue.db.connection import Database, DatabaseError
+from cr_queue.store import StoreUnavailable
 from cr_queue.web import pages, templating
 from cr_queue.web.connections import Connections
 from cr_queue.web.results import PICTURES, Results
@@ -114,7 +115,9 @@ def make_app(database: Database, *, loopback_only: bool = True, live_every_s: fl
         live_every_s=live_every_s,
     )
     site.templates.globals["database"] = f"{database.redacted} ({database.source})"
-    bottle_app = bottle.Bottle(catchall=False, autojson=False)
+    bottle_app = bottle.Bottle()
+    bottle_app.config["catchall"] = False  # errors reach the Guard, which answers them
+    bottle_app.config["json.enable"] = False
     overview_cache = _Overview()
     static = _static_files()
 
@@ -122,13 +125,17 @@ def make_app(database: Database, *, loopback_only: bool = True, live_every_s: fl
         with site.connections.connection() as conn:
             return render(conn)
 
+    def overview() -> dict[str, Any]:
+        with site.connections.connection() as conn, site.connections.connection() as side:
+            return pages.overview(conn, side)
+
     @bottle_app.get("/")
     def overview_page() -> str:
-        return page(lambda conn: site.render("overview.html", root="", **overview_cache.get(lambda: pages.overview(conn))))
+        return site.render("overview.html", root="", **overview_cache.get(overview))
 
     @bottle_app.get("/part/overview")
     def overview_part() -> str:
-        return page(lambda conn: site.render("_overview.html", root="", **overview_cache.get(lambda: pages.overview(conn))))
+        return site.render("_overview.html", root="", **overview_cache.get(overview))
 
     @bottle_app.get("/jobs")
     def jobs_page() -> str:
@@ -253,10 +260,10 @@ class Guard:
             return self._page(environ, start_response, started, problem.status, str(problem))
         except pages.NotFound as exc:
             return self._page(environ, start_response, started, 404, str(exc))
-        except (psycopg.OperationalError, DatabaseError) as exc:
+        except (psycopg.OperationalError, DatabaseError, StoreUnavailable) as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return self._page(environ, start_response, started, 503,
-                              f"the database cannot be reached ({redact(detail)}); this page tries again by itself")
+                              f"cannot read the queue now ({redact(detail)}); this page tries again by itself")
         except Exception as exc:  # a bug: the page says so, the log has the traceback
             log.exception("crh web: %s %s failed", method, environ.get("PATH_INFO"))
             return self._page(environ, start_response, started, 500,

@@ -27,7 +27,7 @@ import psycopg
 import zstandard
 
 from cr_queue.db.connection import Database
-from cr_queue.store import BlobMissing, StoreUnavailable
+from cr_queue.store import BlobMissing
 from cr_queue.tomodir import archive
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ def read_members(fetch: Callable[[BinaryIO], int], select: Select, *, tails: fro
             producer.join()
     if failure:
         exc = failure[0]
-        if isinstance(exc, (BlobMissing, archive.ChecksumMismatch, StoreUnavailable)):
+        if isinstance(exc, (BlobMissing, archive.ChecksumMismatch)):
             raise ArchiveUnreadable(str(exc)) from None
-        raise exc
+        raise exc  # this host's trouble (a store not mounted, the database gone): not the archive's
     if problem is not None:
         raise ArchiveUnreadable(f"the archive is not a readable tar + zstd stream: {problem}")
     return {slot: (name, data) for slot, (_rank, name, data) in found.items()}

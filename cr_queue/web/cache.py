@@ -45,7 +45,8 @@ class Cache(Generic[T]):
                 _, (_, old) = self._items.popitem(last=False)
                 self._bytes -= old
 
-    def get_or_make(self, key: str, make: Callable[[], T]) -> T:
+    def get_or_make(self, key: str, make: Callable[[], T | None]) -> T | None:
+        """The value of ``key``, made by ``make`` if missing (a None from ``make`` is not kept)."""
         value = self.get(key)
         if value is not None:
             return value
@@ -56,8 +57,9 @@ class Cache(Generic[T]):
                 value = self.get(key)
                 if value is None:
                     value = make()
-                    self.made += 1
-                    self.put(key, value)
+                    if value is not None:
+                        self.made += 1
+                        self.put(key, value)
         finally:
             with self._lock:
                 self._making.pop(key, None)

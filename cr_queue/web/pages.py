@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,27 +39,47 @@ class NotFound(Exception):
 # -------------------------------------------------------------- overview
 
 
-def overview(conn: psycopg.Connection) -> dict[str, Any]:
-    report = status.snapshot(conn, limit=OVERVIEW_LIST)
-    with conn.transaction():
-        wq.begin_snapshot(conn)
-        facts = wq.session_facts(conn)
-        by_group = wq.by_state_and_group(conn)
-        hourly = wq.hourly(conn)
-        per_node = wq.running_per_node(conn)
-        held = wq.running_by_worker(conn)
-        latest = wq.latest_jobs(conn, LATEST_JOBS)
+def overview(conn: psycopg.Connection, side: psycopg.Connection) -> dict[str, Any]:
+    """``crh status``'s report on ``conn`` and the web's own queries on ``side``, at the same
+    time: they are independent, and the database runs them on two cores (at 100,000
+    jobs this takes the overview from about the sum of both to about the longer one)."""
+    extra: dict[str, Any] = {}
+    failure: list[BaseException] = []
+
+    def web_queries() -> None:
+        try:
+            with side.transaction():
+                wq.begin_snapshot(side)
+                extra.update(
+                    facts=wq.session_facts(side),
+                    by_group=wq.by_state_and_group(side),
+                    hourly=wq.hourly(side),
+                    per_node=wq.running_per_node(side),
+                    held=wq.running_by_worker(side),
+                    latest=wq.latest_jobs(side, LATEST_JOBS),
+                )
+        except BaseException as exc:  # handed to the caller
+            failure.append(exc)
+
+    helper = threading.Thread(target=web_queries, name="crh-web-overview")
+    helper.start()
+    try:
+        report = status.snapshot(conn, limit=OVERVIEW_LIST)
+    finally:
+        helper.join()
+    if failure:
+        raise failure[0]
     for worker in report["workers"]["items"]:
-        worker["job_ids"] = held.get(worker["id"], [])
+        worker["job_ids"] = extra["held"].get(worker["id"], [])
     everyone = report["everyone"]
     return {
-        **facts,
+        **extra["facts"],
         "report": report,
-        "by_group": _pivot(by_group),
+        "by_group": _pivot(extra["by_group"]),
         "everyone_by_group": _pivot(everyone["by_group"]) if everyone else None,
-        "chart": day_chart(hourly),
-        "per_node": per_node,
-        "latest": status.jsonable(latest),
+        "chart": day_chart(extra["hourly"]),
+        "per_node": extra["per_node"],
+        "latest": status.jsonable(extra["latest"]),
     }
 
 

@@ -174,14 +174,8 @@ class Results:
             if not result or job.get("status") not in ("finished", "failed"):
                 return None
             key = f"{kind}:{result}:{inputs}"
-        cached = self.pictures.get(key)
-        if cached is not None:
-            return cached
         make = {"model": self._model, "rms": self._rms, "volt": self._volt, "input-model": self._input_model}[kind]
-        drawn = make(conn, job)
-        if drawn is not None:
-            self.pictures.put(key, drawn)
-        return drawn
+        return self.pictures.get_or_make(key, lambda: make(conn, job))
 
     def _model(self, conn: psycopg.Connection, job: dict[str, Any]) -> bytes | None:
         outputs = self.outputs(conn, job["result_sha256"])
