@@ -8,7 +8,6 @@ default after `crh demo --keep` shows the demo's jobs.
 from __future__ import annotations
 
 import re
-import time
 import urllib.error
 import urllib.request
 from urllib.parse import urlencode
@@ -25,7 +24,7 @@ from cr_queue.web.connections import Connections
 
 from .conftest import run, script
 from .test_demo_local import embedded_env  # noqa: F401  (fixture)
-from .web_world import ALICE, BOB, World, world  # noqa: F401  (fixture)
+from .web_world import ALICE, World, world  # noqa: F401  (fixture)
 
 WRITES = ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "PROPFIND")
 

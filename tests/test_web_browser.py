@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from .web_world import ALICE, World, world  # noqa: F401  (fixture)
+from .web_world import ALICE, world  # noqa: F401  (fixture)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -17,7 +17,6 @@ clone of the migrated template, dropped at the end.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import uuid
@@ -30,28 +29,14 @@ from psycopg import conninfo, sql
 
 from cr_queue.tomodir import synth
 
-from .conftest import TEMPLATE, run, script
+from .conftest import TEMPLATE, commands_env, run, script
 
 ALICE, BOB, NODE = "web_alice", "web_bob", "web_node"
 
 
-def commands_env(db_url: str, home: Path) -> dict[str, str]:
-    """As conftest's cli_env: the real commands against this database, stand-in solvers."""
-    env = dict(os.environ)
-    for key in ("CRH_CONFIG", "CRH_CRMOD", "CRH_CRTOMO", "CRH_STANDIN_FAIL", "CRH_STANDIN_SLEEP", "CRH_PAUSE_AT"):
-        env.pop(key, None)
-    env.update(
-        {
-            "CRH_DATABASE_URL": db_url,
-            "CRH_CRMOD": script("crh_standin_crmod"),
-            "CRH_CRTOMO": script("crh_standin_crtomo"),
-            "CRH_SYSTEM_CONFIG": str(home / "no-system-config.toml"),
-            "XDG_CONFIG_HOME": str(home / "xdg-config"),
-            "MPLCONFIGDIR": str(home / "matplotlib"),
-            "NO_COLOR": "1",
-        }
-    )
-    return env
+def web_env(db_url: str, home: Path) -> dict[str, str]:
+    """conftest's environment for the commands, with matplotlib's font cache kept in ``home``."""
+    return {**commands_env(db_url, home), "MPLCONFIGDIR": str(home / "matplotlib")}
 
 
 def url_as(db_url: str, login: str) -> str:
@@ -132,7 +117,7 @@ def world(pg_cluster, template_url, tmp_path_factory) -> World:
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(TEMPLATE)))
     db_url = conninfo.make_conninfo(pg_cluster.url, dbname=name)
     home = tmp_path_factory.mktemp("web-world")
-    env = commands_env(db_url, home)
+    env = web_env(db_url, home)
     world = World(db_url=db_url, home=home, env=env)
     try:
         run([script("crh"), "db", "grant-user", ALICE], env)

@@ -55,37 +55,18 @@ def latest_jobs(conn: psycopg.Connection, limit: int) -> list[dict[str, Any]]:
     return _rows(conn, SQL.latest_jobs, {"limit": limit})
 
 
-def _filters(
-    status: str | None, username: str | None, group: str | None, sipdir: str | None, path: str | None
-) -> dict[str, Any]:
-    return {"status": status, "username": username, "group": group, "sipdir": sipdir, "path": path}
+# The job list's filters, each None when off: status, username, group, sipdir, path.
+FILTERS = ("status", "username", "group", "sipdir", "path")
 
 
 def jobs_page(
-    conn: psycopg.Connection,
-    *,
-    status: str | None = None,
-    username: str | None = None,
-    group: str | None = None,
-    sipdir: str | None = None,
-    path: str | None = None,
-    before: int | None = None,
-    limit: int = 50,
+    conn: psycopg.Connection, filters: dict[str, str | None], *, before: int | None = None, limit: int = 50
 ) -> list[dict[str, Any]]:
-    params = {**_filters(status, username, group, sipdir, path), "before": before, "limit": limit}
-    return _rows(conn, SQL.jobs_page, params)
+    return _rows(conn, SQL.jobs_page, {**{k: filters.get(k) for k in FILTERS}, "before": before, "limit": limit})
 
 
-def jobs_count(
-    conn: psycopg.Connection,
-    *,
-    status: str | None = None,
-    username: str | None = None,
-    group: str | None = None,
-    sipdir: str | None = None,
-    path: str | None = None,
-) -> int:
-    return _rows(conn, SQL.jobs_count, _filters(status, username, group, sipdir, path))[0]["jobs"]
+def jobs_count(conn: psycopg.Connection, filters: dict[str, str | None]) -> int:
+    return _rows(conn, SQL.jobs_count, {k: filters.get(k) for k in FILTERS})[0]["jobs"]
 
 
 def job_archives(conn: psycopg.Connection, job_id: int) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ computed (results.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import posixpath
 import threading
@@ -177,11 +178,11 @@ class Filters:
 
 
 def jobs(conn: psycopg.Connection, filters: Filters, *, before: int | None = None, limit: int = PAGE_SIZE) -> dict[str, Any]:
-    args = {"status": filters.status, "username": filters.username, "group": filters.group, "sipdir": filters.sipdir, "path": filters.path}
+    chosen = dataclasses.asdict(filters)
     with conn.transaction():
         wq.begin_snapshot(conn)
-        rows = wq.jobs_page(conn, **args, before=before, limit=limit + 1)
-        total = wq.jobs_count(conn, **args)
+        rows = wq.jobs_page(conn, chosen, before=before, limit=limit + 1)
+        total = wq.jobs_count(conn, chosen)
     more = len(rows) > limit
     rows = rows[:limit]
     return {

@@ -6,21 +6,11 @@ come from users and solvers and are shown as text, never as markup.
 
 from __future__ import annotations
 
-from datetime import datetime
 from urllib.parse import urlencode
 
 import jinja2
 
-
-def when(moment: str | datetime | None) -> str:
-    """A timestamp in the server's local time, to the second."""
-    if not moment:
-        return "-"
-    try:
-        value = moment if isinstance(moment, datetime) else datetime.fromisoformat(moment)
-    except ValueError:
-        return str(moment)
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+from cr_queue.util.times import when
 
 
 def span(seconds: float | None) -> str:
