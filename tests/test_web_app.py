@@ -62,6 +62,7 @@ def routes(world: World) -> list[str]:
         f"jobs/{world.alice['model']}/volt.png",
         f"jobs/{world.alice['model']}/input-model.png",
         "sipdir?" + urlencode({"path": world.sipdir, "host": world.host}),
+        "sipdir.png?" + urlencode({"path": world.sipdir, "host": world.host}),
         "static/app.css",
         "static/live.js",
         "no/such/page",
@@ -152,6 +153,7 @@ def test_job_pages_show_what_the_job_computed(world):
     sip = fetch(web.url + "sipdir?" + urlencode({"path": world.sipdir, "host": world.host}))[2].decode()
     frequencies = re.findall(r'data-frequency="([^"]*)"', sip)
     assert frequencies == ["0.1", "1.0", "10.0"] and sip.count('class="model thumb"') == 3
+    assert 'id="frequencies-picture"' in sip
 
 
 def test_pictures_are_drawn_once_per_result(world):

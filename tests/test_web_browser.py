@@ -205,6 +205,8 @@ def test_a_crmod_job_and_a_sipdir(world, browser, shots):
         image = figure.find_element("css selector", "img")
         drawn = wait_until(browser, lambda d: d.execute_script(PIXELS, image), "a frequency's model")
         assert drawn["colours"] > 20
+    together = picture(browser, "frequencies-picture")
+    assert together["width"] > together["height"] and together["colours"] > 50, together
     shoot(browser, shots, "sipdir")
 
 

@@ -270,3 +270,18 @@ def test_real_data_files_are_read(examples_dir, name):
     readings = formats.parse_volt(text)
     assert readings.resistance.size == int(text.split()[0]) > 0
     assert readings.electrodes.min() >= 1
+
+
+def test_a_real_sipdir_side_by_side(examples_dir):
+    """All 13 frequencies of the real sipdir (their CRMod models as stand-ins for results) on one scale."""
+    from cr_queue.web import pictures
+
+    items = []
+    for tomodir in sorted((examples_dir / "sipdir_complex" / "invmod").iterdir(), key=lambda p: formats.frequency_of(p.name)):
+        mesh = formats.parse_elem((tomodir / "grid/elem.dat").read_text())
+        magnitude, phase = formats.parse_rho((tomodir / "rho/rho.dat").read_text(), cells=mesh.n_cells)
+        electrodes = formats.parse_elec((tomodir / "grid/elec.dat").read_text(), mesh)
+        items.append((f"{formats.frequency_of(tomodir.name):g} Hz", mesh, electrodes, magnitude, phase))
+    assert [title for title, *_ in items][:3] == ["0.01 Hz", "0.032 Hz", "0.1 Hz"] and len(items) == 13
+    png = pictures.frequencies_png(items)
+    assert png.startswith(b"\x89PNG") and _colours(png) > 50

@@ -7,7 +7,7 @@ Routes (all GET; HEAD is answered like GET):
     /jobs                    the job list: ?state=&user=&group=&sipdir=&path=&before=
     /jobs/<id>               a job's page;  /jobs/<id>/part  its body alone (refreshed until it ends)
     /jobs/<id>/<kind>.png    its pictures: model, rms, volt, input-model
-    /sipdir?path=&host=      a sipdir's frequencies side by side
+    /sipdir?path=&host=      a sipdir's frequencies side by side;  /sipdir.png?... on one colour scale
     /static/<file>           the style sheet and the script
 
 The guard (:class:`Guard`) answers every other method with 405 before any
@@ -175,6 +175,18 @@ def make_app(database: Database, *, loopback_only: bool = True, live_every_s: fl
         if not path or not host:
             raise _Problem(400, "a sipdir is named by ?path=SIPDIR&host=COMPUTER (the links on the overview carry both)")
         return page(lambda conn: site.render("sipdir.html", root="", **pages.sipdir(conn, path, host, site.results)))
+
+    @bottle_app.get("/sipdir.png")
+    def sipdir_picture() -> bytes:
+        path, host = bottle.request.query.getunicode("path"), bottle.request.query.getunicode("host")
+        if not path or not host:
+            raise _Problem(400, "a sipdir is named by ?path=SIPDIR&host=COMPUTER")
+        with site.connections.connection() as conn:
+            png = pages.sipdir_picture(conn, path, host, site.results)
+        if png is None:
+            raise _Problem(404, f"no frequency of the sipdir {path} has a finished model yet")
+        bottle.response.content_type = "image/png"
+        return png
 
     @bottle_app.get("/static/<name>")
     def static_file(name: str) -> bytes:

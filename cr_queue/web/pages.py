@@ -252,6 +252,21 @@ def sipdir(conn: psycopg.Connection, path: str, host: str, results: Results) -> 
             convergence = results.outputs(conn, row["result_sha256"]).convergence
             row["final_rms"] = convergence.final_rms if convergence else None
         frequencies.append(row)
-    frequencies.sort(key=lambda r: (r["frequency"] is None, r["frequency"] or math.inf, r["source_path"]))
+    frequencies.sort(key=_by_frequency)
     counts = {state: sum(1 for r in frequencies if r["status"] == state) for state in JOB_STATES}
-    return {"sipdir": path, "host": host, "frequencies": frequencies, "counts": counts}
+    return {"sipdir": path, "host": host, "frequencies": frequencies, "counts": counts,
+            "side_by_side": any(r["status"] == "finished" and r["result_sha256"] for r in frequencies)}
+
+
+def _by_frequency(row: dict[str, Any]) -> tuple:
+    return (row["frequency"] is None, row["frequency"] if row["frequency"] is not None else math.inf, row["source_path"])
+
+
+def sipdir_picture(conn: psycopg.Connection, path: str, host: str, results: Results) -> bytes | None:
+    """The finished frequencies' models side by side on common colour scales."""
+    rows = wq.sipdir_jobs(conn, path, host)
+    if not rows:
+        raise NotFound(f"no jobs of the sipdir {path} on {host} that this login ({_login(conn)}) may see")
+    for row in rows:
+        row["frequency"] = formats.frequency_of(posixpath.basename(row["source_path"].rstrip("/")))
+    return results.frequencies(conn, sorted(rows, key=_by_frequency))

@@ -6,7 +6,9 @@
 * the convergence: the data RMS of each iteration, with RMS = 1 (the data
   fitted to their errors) as a dashed line;
 * CRMod's readings: the transfer resistance and the phase of every
-  measurement of mod/volt.dat.
+  measurement of mod/volt.dat;
+* a sipdir: the final models of its frequencies side by side, on one colour
+  scale for the magnitude and one for the phase.
 
 Only matplotlib's object interface and its Agg canvas are used (no pyplot,
 no display, no global figure state).  Matplotlib is not thread-safe, so the
@@ -17,6 +19,7 @@ drawn once per result and then served from a cache (cache.py).
 from __future__ import annotations
 
 import io
+import math
 import threading
 
 import numpy as np
@@ -129,3 +132,44 @@ def warm_up() -> None:
     figure = _figure(1.0, 1.0)
     figure.text(0.5, 0.5, "x")
     _png(figure)
+
+
+def frequencies_png(items: list[tuple[str, Mesh, np.ndarray | None, np.ndarray, np.ndarray | None]]) -> bytes:
+    """A sipdir's final models side by side, lowest frequency first: every magnitude on one
+    colour scale, every phase on another, so the frequencies can be compared at a glance.
+
+    ``items``: (title, mesh, electrodes, log10 |rho|, phase or None) per frequency."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import Normalize
+
+    columns = min(len(items), 4)
+    rows = math.ceil(len(items) / columns)
+    x0, x1, z0, z1 = items[0][1].bounds()
+    panel_w = 3.2
+    panel_h = min(3.2, max(1.0, panel_w * (z1 - z0) / max(x1 - x0, 1e-9) + 0.6))
+    blocks = [("log10 |rho| (ohm m)", 3, "viridis")]
+    if all(item[4] is not None for item in items):
+        blocks.append(("phase (mrad)", 4, "plasma"))
+    with _DRAWING:
+        figure = _figure(panel_w * columns + 1.2, (panel_h * rows + 0.5) * len(blocks))
+        for sub, (label, index, cmap) in zip(np.atleast_1d(figure.subfigures(len(blocks), 1)), blocks):
+            values = [item[index] for item in items]
+            scale = Normalize(min(float(v.min()) for v in values), max(float(v.max()) for v in values))
+            axes = sub.subplots(rows, columns, squeeze=False)
+            cells = None
+            for ax, item, value in zip(axes.flat, items, values):
+                title, mesh, electrodes = item[0], item[1], item[2]
+                cells = PolyCollection(mesh.polygons(), array=value, cmap=cmap, norm=scale, edgecolors="face", linewidths=0.2)
+                ax.add_collection(cells)
+                bx0, bx1, bz0, bz1 = mesh.bounds()
+                ax.set_xlim(bx0, bx1)
+                ax.set_ylim(bz0, bz1)
+                ax.set_aspect("equal")
+                ax.set_title(title, fontsize=9)
+                ax.tick_params(labelsize=7)
+                if electrodes is not None and len(electrodes):
+                    ax.plot(electrodes[:, 0], electrodes[:, 1], "v", color="black", markersize=2.5, clip_on=False)
+            for ax in axes.flat[len(items):]:
+                ax.set_axis_off()
+            sub.colorbar(cells, ax=axes.ravel().tolist(), label=label, shrink=0.9)
+        return _png(figure)

@@ -15,6 +15,7 @@ the page shows it where the picture would be.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,6 +205,29 @@ class Results:
         if convergence is None or not any(it.rms is not None for it in convergence.iterations):
             return None
         return pictures.rms_png(convergence)
+
+    def frequencies(self, conn: psycopg.Connection, jobs: list[dict[str, Any]]) -> bytes | None:
+        """The final models of a sipdir's finished frequencies side by side (``jobs``: rows of
+        queries.web.sipdir_jobs with a ``frequency``, in order); None when none has a model."""
+        ready = [j for j in jobs if j["status"] == "finished" and j["result_sha256"] and j["input_sha256"]]
+        if not ready:
+            return None
+        key = "frequencies:" + hashlib.sha256(
+            "\n".join(f"{j['frequency']} {j['result_sha256']} {j['input_sha256']}" for j in ready).encode()
+        ).hexdigest()
+        return self.pictures.get_or_make(key, lambda: self._frequencies(conn, ready))
+
+    def _frequencies(self, conn: psycopg.Connection, jobs: list[dict[str, Any]]) -> bytes | None:
+        items = []
+        for job in jobs:
+            outputs = self.outputs(conn, job["result_sha256"])
+            grid = self.grid(conn, job["input_sha256"])
+            if outputs.magnitude is None or grid.mesh is None or outputs.magnitude[1].size != grid.mesh.n_cells:
+                continue
+            phase = outputs.phase[1] if outputs.phase is not None and outputs.phase[1].size == grid.mesh.n_cells else None
+            title = f"{job['frequency']:g} Hz" if job["frequency"] is not None else job["source_path"].rstrip("/").rsplit("/", 1)[-1]
+            items.append((title, grid.mesh, grid.electrodes, outputs.magnitude[1], phase))
+        return pictures.frequencies_png(items) if items else None
 
     def _volt(self, conn: psycopg.Connection, job: dict[str, Any]) -> bytes | None:
         readings = self.outputs(conn, job["result_sha256"]).readings
