@@ -14,13 +14,13 @@ from urllib.parse import urlencode
 
 import psycopg
 import pytest
-from psycopg import errors
+from psycopg import conninfo, errors
 
 from cr_queue import config
 from cr_queue.db import connection
 from cr_queue.web import app as web_app
 from cr_queue.web import pages
-from cr_queue.web.connections import Connections
+from cr_queue.web.connections import Connections, read_only_url
 
 from .conftest import run, script
 from .test_demo_local import embedded_env  # noqa: F401  (fixture)
@@ -99,6 +99,13 @@ def test_the_database_session_is_read_only(world):
     connections.close()
     web = world.web(ALICE)
     assert b"read-only session" in fetch(web.url)[2]
+
+
+def test_the_read_only_options_keep_those_of_the_url():
+    url = read_only_url("postgresql://alice@db.example.org/crqueue?options=-c%20search_path%3Dcrq&sslmode=require", 5000)
+    params = conninfo.conninfo_to_dict(url)
+    assert params["options"] == "-c search_path=crq -c default_transaction_read_only=on -c statement_timeout=5000"
+    assert params["user"] == "alice" and params["sslmode"] == "require" and params["host"] == "db.example.org"
 
 
 def test_a_scientist_sees_her_jobs_and_the_queue_as_totals(world):

@@ -21,11 +21,6 @@ def _rows(conn: psycopg.Connection, query: str, params: Any = None) -> list[dict
         return cur.execute(query, params).fetchall()
 
 
-def read_only_session(conn: psycopg.Connection, *, statement_timeout_ms: int) -> None:
-    """From now on this session refuses every write and cuts off any statement after the timeout."""
-    conn.execute(SQL.read_only_session, {"statement_timeout": str(int(statement_timeout_ms))})
-
-
 def begin_snapshot(conn: psycopg.Connection) -> None:
     """Call first inside ``conn.transaction()``: the rest of the transaction reads one snapshot."""
     conn.execute(SQL.begin_snapshot)

@@ -5,13 +5,6 @@
 -- totals, crh_queue_counts()), an admin's or the owner's sees every job.  The status
 -- queries of `crh status` (cr_queue/status.py) are reused for the rest of the overview.
 
--- name: read_only_session
--- Make the web's connection refuse every write for the whole session, and bound each
--- statement: a page must never hold the database for long.
-SELECT set_config('default_transaction_read_only', 'on', false),
-       set_config('statement_timeout', %(statement_timeout)s, false),
-       set_config('idle_in_transaction_session_timeout', %(statement_timeout)s, false)
-
 -- name: begin_snapshot
 -- The first statement of a page's transaction: one consistent view for all the page's
 -- queries (its totals agree with its lists), read-only.
