@@ -21,6 +21,7 @@ the application to its answer, without the network and the client.
   request, so every answer is computed afresh.  Reference: the same
   queries in-process on a plain connection (status.snapshot and the web's
   own statements: the raw SQL a page cannot beat).  Target <= 300 ms.
+* the job list (`GET /jobs`, with filters and a deep page): reported only.
 * the model picture (`GET /jobs/ID/model.png`): the first request reads
   both archives from the database, parses elem.dat and the last rhoNN.mag
   and .pha, and draws; the next ones come from the cache.  Reference: a
@@ -177,6 +178,15 @@ def main() -> int:
         if f"{n + 1:,}".encode() not in body:
             wrong.append(f"the overview does not count {n + 1:,} jobs")
 
+        # The job list (reported, no target): the first page, a rare state, a path filter, a deep page.
+        listing = {}
+        for label, query in (("first page", ""), ("state=running", "?state=running"), ("path filter", "?path=project7%2Ftd77"),
+                             ("page after job 1,000", "?before=1000")):
+            server_ms, _wall, body, code = get(f"{base}jobs{query}")
+            listing[label] = server_ms
+            if code != 200 or b'id="job-list"' not in body:
+                wrong.append(f"the job list ({label}) did not answer")
+
         # A model picture: first drawn, then cached.
         first, _wall, png, code = get(f"{base}jobs/{job_id}/model.png")
         if code != 200 or not png.startswith(b"\x89PNG"):
@@ -189,6 +199,7 @@ def main() -> int:
         print(f"overview queries alone (in-process, raw SQL): median {statistics.median(in_process):.0f} ms, max {max(in_process):.0f} ms")
         print(f"overview server time (ms): {', '.join(f'{t:.0f}' for t in overview)}")
         print(f"static file server time: median {statistics.median(static):.3f} ms")
+        print("job list server time: " + ", ".join(f"{label} {ms:.0f} ms" for label, ms in listing.items()))
         print(f"model picture of {nx * nz:,} cells: first {first:.0f} ms ({len(png):,} bytes PNG); cached (ms): {', '.join(f'{t:.2f}' for t in cached)}")
         if wrong:
             print("wrong answers: " + "; ".join(sorted(set(wrong))))

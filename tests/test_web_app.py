@@ -134,7 +134,13 @@ def test_the_owner_sees_every_job(world):
     assert ": every job; read-only" in web.banner
     seen = job_ids(fetch(web.url + "jobs")[2])
     assert set(world.alice.values()) | set(world.bob.values()) <= seen
-    assert fetch(web.url + f"jobs/{world.bob['secret']}/model.png")[0] == 200
+    code, headers, _ = fetch(web.url + f"jobs/{world.bob['secret']}/model.png")
+    assert code == 200 and headers["Cache-Control"] == "private, no-cache"
+    with psycopg.connect(world.db_url) as conn:
+        sha = conn.execute("SELECT result_sha256 FROM inversions WHERE id = %s", (world.bob["secret"],)).fetchone()[0]
+    code, headers, _ = fetch(web.url + f"jobs/{world.bob['secret']}/model.png?v={sha[:16]}")
+    assert code == 200 and "immutable" in headers["Cache-Control"]
+    assert f"model.png?v={sha[:16]}" in fetch(web.url + f"jobs/{world.bob['secret']}")[2].decode()
 
 
 def test_requests_for_other_hosts_are_refused_on_loopback(world):

@@ -165,8 +165,11 @@ def make_app(database: Database, *, loopback_only: bool = True, live_every_s: fl
         if png is None:
             raise _Problem(404, f"job {job_id} has no {kind} picture (not finished, or its files do not show one)")
         bottle.response.content_type = "image/png"
-        # Made from archives that never change under their sha256: a browser may keep it.
-        bottle.response.set_header("Cache-Control", "private, max-age=86400, immutable")
+        # The pages ask for ?v=<the archive's sha256>: under that URL the picture never changes
+        # (a job run again has another result, so another URL), and a browser may keep it.
+        archive = row["input_sha256"] if kind == "input-model" else row["result_sha256"]
+        immutable = bool(archive) and bottle.request.query.v == archive[:16]
+        bottle.response.set_header("Cache-Control", "private, max-age=86400, immutable" if immutable else "private, no-cache")
         return png
 
     @bottle_app.get("/sipdir")
