@@ -30,19 +30,19 @@ _DRAWING = threading.Lock()
 DPI = 100
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, *, layout: str | None = "constrained"):
     # Imported here: the web's start-up imports it once (server.py), the rest of cr_queue never.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
 
-def _png(figure) -> bytes:
+def _png(figure, *, tight: bool = False) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight" if tight else None, pad_inches=0.1)
     return buffer.getvalue()
 
 
@@ -60,14 +60,18 @@ def model_png(
     width, depth = max(x1 - x0, 1e-9), max(z1 - z0, 1e-9)
     stacked = width >= 1.5 * depth
     polygons = mesh.polygons()
+    # Laid out by hand: matplotlib's constrained layout drew the figure twice and took half
+    # the time of a 10,000-cell model (bench/web_100k.py).
     with _DRAWING:
         if stacked:
-            panel_h = min(4.5, max(1.6, 9.0 * depth / width + 0.8))
-            figure = _figure(9.0, panel_h * len(panels) + (0.4 if title else 0))
+            panel_h = min(4.5, max(1.4, 8.0 * depth / width + 1.0))
+            figure = _figure(9.0, panel_h * len(panels) + (0.4 if title else 0), layout=None)
             axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
         else:
-            figure = _figure(5.0 * len(panels), 5.0)
+            panel_w = min(5.0, max(2.2, 5.0 * width / depth + 1.4))
+            figure = _figure(panel_w * len(panels), 5.5, layout=None)
             axes = figure.subplots(1, len(panels), squeeze=False)[0, :]
+        figure.subplots_adjust(hspace=0.4, wspace=0.45)
         if title:
             figure.suptitle(title, fontsize=10)
         for ax, (label, values, cmap) in zip(axes, panels):
@@ -80,8 +84,9 @@ def model_png(
             ax.set_ylabel("z (m)")
             if electrodes is not None and len(electrodes):
                 ax.plot(electrodes[:, 0], electrodes[:, 1], "v", color="black", markersize=4, clip_on=False, label="electrodes")
-            figure.colorbar(cells, ax=ax, label=label, shrink=0.9)
-        return _png(figure)
+            ax.set_title(label, fontsize=10)
+            figure.colorbar(cells, ax=ax, fraction=0.04, pad=0.02)
+        return _png(figure, tight=True)
 
 
 def rms_png(convergence: Convergence) -> bytes:
