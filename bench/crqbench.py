@@ -52,7 +52,7 @@ import psycopg  # noqa: E402
 
 from cr_queue import add as add_service  # noqa: E402
 from cr_queue.tomodir import archive
-from cr_queue.queries import jobs
+from cr_queue.queries import jobs, workers
 from cr_queue import store
 from cr_queue.tomodir import synth  # noqa: E402
 from cr_queue.db.connection import Database  # noqa: E402
@@ -338,7 +338,7 @@ def copy_results(ctx: Context, url: str, store_path: Path | None, tree_copy: Pat
     input and eight files per tomodir (the smallest results; an INFO row)."""
     db = ctx.database(url, store_path)
     with db.connect("bench") as conn:
-        wid = jobs.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
+        wid = workers.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
         actor = jobs.Actor(worker_id=wid)
         scratch = ctx.work / "copied-result"
         while (job := jobs.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=3600)) is not None:
@@ -699,6 +699,8 @@ def claim_sql_for_pgbench(url: str, worker_id: int) -> str:
     jobs.claim(rec, actor=actor, **CLAIM_SQL_PARAMS)
     with psycopg.connect(url, autocommit=True) as conn:
         text = psycopg.ClientCursor(conn).mogrify(rec.query, rec.params)
+    # One line for pgbench: the comments of jobs.sql would swallow the rest of it.
+    text = re.sub(r"--[^\n]*", "", text)
     return " ".join(text.split()) + ";\n"
 
 
@@ -707,7 +709,7 @@ def pgbench_claim(ctx: Context, url: str, clients: int, seconds: int) -> float |
     if pgbench is None:
         return None
     with psycopg.connect(url, autocommit=True) as conn:
-        wid = jobs.register_worker(conn, name="pgbench", host="pgbench", pid=1, version="bench", jobs=clients, threads=1, groups=(), solvers={})
+        wid = workers.register_worker(conn, name="pgbench", host="pgbench", pid=1, version="bench", jobs=clients, threads=1, groups=(), solvers={})
     script = ctx.work / "claim.sql"
     script.write_text(claim_sql_for_pgbench(url, wid))
     proc = subprocess.run(
@@ -778,7 +780,7 @@ def bench_claim(ctx: Context) -> None:
             {"n": n_queue},
         )
         conn.execute("VACUUM ANALYZE inversions")
-        wid = jobs.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
+        wid = workers.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
         actor = jobs.Actor(worker_id=wid)
         plan = "\n".join(
             r[0]

@@ -30,7 +30,8 @@ from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
 from cr_queue.tomodir import discover
 from cr_queue.util import forks
-from cr_queue.queries import jobs
+from cr_queue.job_states import JobStatus
+from cr_queue.queries import jobs, session
 from cr_queue import store
 from cr_queue.db.connection import Database
 from cr_queue.util.pause import pause_point
@@ -289,7 +290,7 @@ def _add_parallel(
             watcher.start()
             try:
                 _register_all(main, [td for td in todo if td.path in fresh], options, actor, ids)
-                main.execute("SET synchronous_commit = off")
+                session.synchronous_commit(main, False)
                 _queue_in_order(main, futures, actor, report, progress)
             except BaseException:
                 stop.set()
@@ -300,8 +301,7 @@ def _add_parallel(
             finally:
                 watcher.join()
             # Make every registration durable before saying so.
-            main.execute("SET synchronous_commit = on")
-            main.execute("SELECT txid_current()")
+            session.durable_commit(main)
         finally:
             main.close()
     finally:
@@ -408,7 +408,7 @@ def _add_one(
             report.problems.append(str(exc))
             return None
         job = jobs.get_job(conn, existing.job_id)
-        if job is not None and job.status == "registering":
+        if job is not None and job.status == JobStatus.REGISTERING:
             return _register_reporting(conn, td, path, crh, options, actor, report, resume_id=job.id, finish=finish)
         state = job.status if job is not None else "unknown to this database"
         report.skipped.append((path, f"already registered as job {existing.job_id} ({state}); --force registers it again"))

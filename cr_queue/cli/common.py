@@ -156,12 +156,12 @@ def setup_logging(level: str) -> None:
 
 
 def open_db(db_url: str | None, **settings_kw: Any) -> tuple[config.Settings, db.Database]:
-    from cr_queue.db import connection as db
+    from cr_queue.database import open_database
 
     settings = config.load(db=db_url, **settings_kw)
     # The caps of safe extraction this installation chose ([archive] in the config).
     archive.set_default_limits(archive.Limits(**config.archive_limits(settings)))
-    return settings, db.open_database(settings)
+    return settings, open_database(settings)
 
 
 class Duration(click.ParamType):

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from cr_queue import add, config, local
-from cr_queue.db import connection as db
+from cr_queue.database import open_database
 from cr_queue.solvers import solvers
 from cr_queue.tomodir import synth
 from cr_queue.cli.common import Output, handle_errors, output_options, setup_logging
@@ -35,7 +35,7 @@ def demo_command(db_url, keep, jobs, as_json, quiet, log_level):
     settings = config.load(db=db_url)
     # The demo keeps to the embedded database unless told otherwise, so it never
     # puts toy jobs into a group's shared queue.
-    database = db.open_database(config.Settings(
+    database = open_database(config.Settings(
         database_url=db_url,
         database_source="option" if db_url else "embedded",
         crtomo=settings.crtomo,
