@@ -58,6 +58,7 @@ import psycopg  # noqa: E402
 from cr_queue import status as status_service  # noqa: E402
 from cr_queue.db import migrate  # noqa: E402
 from cr_queue.db.embedded import Cluster  # noqa: E402
+from cr_queue.queries import session  # noqa: E402
 from cr_queue.queries import web as wq  # noqa: E402
 from cr_queue.tomodir import synth  # noqa: E402
 from status_100k import console_script, populate  # noqa: E402
@@ -88,8 +89,7 @@ def in_process_overview(url: str) -> float:
     with psycopg.connect(url, autocommit=True) as conn:
         start = time.perf_counter()
         status_service.snapshot(conn, limit=10)
-        with conn.transaction():
-            wq.begin_snapshot(conn)
+        with session.read_only_snapshot(conn):
             wq.by_state_and_group(conn)
             wq.hourly(conn)
             wq.running_per_node(conn)

@@ -17,6 +17,7 @@ import pytest
 from psycopg import conninfo, errors
 
 from cr_queue import config
+from cr_queue.database import open_database
 from cr_queue.db import connection
 from cr_queue.web import app as web_app
 from cr_queue.web import pages
@@ -45,7 +46,7 @@ def job_ids(html: bytes) -> set[int]:
 
 def _database(world: World) -> connection.Database:
     """The world's database as every command opens it (the owner's login)."""
-    return connection.open_database(config.Settings(world.db_url, "test", None, None, None))
+    return open_database(config.Settings(world.db_url, "test", None, None, None))
 
 
 def routes(world: World) -> list[str]:

@@ -21,11 +21,6 @@ def _rows(conn: psycopg.Connection, query: str, params: Any = None) -> list[dict
         return cur.execute(query, params).fetchall()
 
 
-def begin_snapshot(conn: psycopg.Connection) -> None:
-    """Call first inside ``conn.transaction()``: the rest of the transaction reads one snapshot."""
-    conn.execute(SQL.begin_snapshot)
-
-
 def session_facts(conn: psycopg.Connection) -> dict[str, Any]:
     return _rows(conn, SQL.session_facts)[0]
 

@@ -5,11 +5,6 @@
 -- totals, crh_queue_counts()), an admin's or the owner's sees every job.  The status
 -- queries of `crh status` (cr_queue/status.py) are reused for the rest of the overview.
 
--- name: begin_snapshot
--- The first statement of a page's transaction: one consistent view for all the page's
--- queries (its totals agree with its lists), read-only.
-SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
-
 -- name: session_facts
 -- Who the web is logged in as, whether that login sees every job, and whether the
 -- session is read-only (the pages show it; the tests check it).

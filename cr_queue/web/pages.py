@@ -21,13 +21,15 @@ from typing import Any
 
 import psycopg
 
-from cr_queue import admin, status
+from cr_queue import admin, job_states, status
+from cr_queue.job_states import JobStatus
+from cr_queue.queries import session
 from cr_queue.queries import web as wq
 from cr_queue.web import formats
 from cr_queue.web.results import Results
 
-JOB_STATES = status.JOB_STATES
-ENDED = ("finished", "failed", "cancelled")
+JOB_STATES = tuple(str(state) for state in JobStatus)
+ENDED = tuple(str(state) for state in job_states.ENDED)
 OVERVIEW_LIST = 10  # failures, running jobs and sipdirs listed on the overview (the rest counted)
 LATEST_JOBS = 15
 PAGE_SIZE = 50
@@ -49,8 +51,7 @@ def overview(conn: psycopg.Connection, side: psycopg.Connection) -> dict[str, An
 
     def web_queries() -> None:
         try:
-            with side.transaction():
-                wq.begin_snapshot(side)
+            with session.read_only_snapshot(side):
                 extra.update(
                     facts=wq.session_facts(side),
                     by_group=wq.by_state_and_group(side),
@@ -179,8 +180,7 @@ class Filters:
 
 def jobs(conn: psycopg.Connection, filters: Filters, *, before: int | None = None, limit: int = PAGE_SIZE) -> dict[str, Any]:
     chosen = dataclasses.asdict(filters)
-    with conn.transaction():
-        wq.begin_snapshot(conn)
+    with session.read_only_snapshot(conn):
         rows = wq.jobs_page(conn, chosen, before=before, limit=limit + 1)
         total = wq.jobs_count(conn, chosen)
     more = len(rows) > limit
