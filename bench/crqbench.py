@@ -18,7 +18,7 @@ expected output and exits, logging its own start and end times, so dispatch
 latency and worker overhead are measured against the solver's own clock.
 Needs: zstd, tar, xz (the cr_hydra reference uses Python's lzma), cc, pgbench
 (from /usr/lib/postgresql/*/bin).  Rows: add, retrieve, dispatch, overhead,
-herd, throughput, claim, status, rss, many.
+herd, throughput, claim, status, web, rss, many.
 
 The commands run from compiled bytecode, as in any installation: with
 PYTHONDONTWRITEBYTECODE set (as some sandboxes do) each start would compile
@@ -57,7 +57,7 @@ from cr_queue import store
 from cr_queue.tomodir import synth  # noqa: E402
 from cr_queue.db.connection import Database  # noqa: E402
 
-ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim", "status", "rss", "many")
+ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim", "status", "web", "rss", "many")
 
 
 @dataclass
@@ -840,6 +840,35 @@ def bench_status(ctx: Context) -> None:
     ctx.cluster.drop_database(url)
 
 
+def bench_web(ctx: Context) -> None:
+    """The rows of `crh web` (issue 18): bench/web_100k.py measures them; this runs it on our cluster."""
+    script = Path(__file__).resolve().parent / "web_100k.py"
+    size = "2,000" if ctx.smoke else "100,000"
+    cells = "400" if ctx.smoke else "10,000"
+    url = ctx.cluster.new_database()
+    args = [sys.executable, str(script), "--db", url] + (["--smoke"] if ctx.smoke else [])
+    proc = subprocess.run(args, env=ctx.env(url), capture_output=True, text=True, timeout=1800)
+    out = proc.stdout
+    overview = re.search(r"web_overview_\S+: median ([\d.]+) ms, max ([\d.]+) ms server time .*raw SQL ([\d.]+) ms\): (\w+)", out)
+    model = re.search(r"web_model_\S+: first ([\d.]+) ms, cached median ([\d.]+) ms .*static file ([\d.]+) ms\): (\w+)", out)
+    problem = (proc.stderr.strip() or out.strip())[-300:]
+    for found, name, figure, reference, target, ratio in (
+        (overview, f"crh web overview at {size} jobs (server time)",
+         lambda m: f"median {m[1]} ms, max {m[2]} ms", lambda m: f"raw SQL {m[3]} ms", "<= 300 ms",
+         lambda m: f"{float(m[1]) / max(float(m[3]), 0.001):.2f}"),
+        (model, f"crh web model picture, {cells} cells",
+         lambda m: f"first {m[1]} ms, cached {m[2]} ms", lambda m: f"static file {m[3]} ms", "<= 1 s first, <= 20 ms cached",
+         lambda m: "—"),
+    ):
+        if found is None or proc.returncode not in (0, 1):
+            ctx.report.add(bl.Row(name, f"exit {proc.returncode}", target=target, ok=False, note=problem))
+            continue
+        passed = found[4] == "PASS"
+        ok = passed if not ctx.smoke else (None if proc.returncode == 0 else False)
+        ctx.report.add(bl.Row(name, figure(found), reference(found), ratio(found), target, ok, note="bench/web_100k.py"))
+    ctx.cluster.drop_database(url)
+
+
 # --------------------------------------------------------------------------- peak RSS
 
 
@@ -1026,6 +1055,7 @@ def main() -> int:
                 ("throughput", bench_throughput),
                 ("claim", bench_claim),
                 ("status", bench_status),
+                ("web", bench_web),
                 ("rss", bench_rss),
                 ("many", bench_many),
             ]
