@@ -27,6 +27,7 @@ import psycopg
 import zstandard
 
 from cr_queue.db.connection import Database
+from cr_queue import store
 from cr_queue.store import BlobMissing
 from cr_queue.tomodir import archive
 
@@ -49,7 +50,7 @@ def copy_blob(database: Database, conn: psycopg.Connection, sha256: str, sink: B
     The web's one call into the store: the installation's store (the
     database, or a ``[store] path`` directory) reads the bytes the ``blobs``
     row points to, under the row-level security of the connection's login."""
-    return database.store.fetch(conn, sha256, sink)
+    return store.fetch(conn, database.store, sha256, sink)
 
 
 # Chooses which members to keep: a slot name and a rank for a member's name, or None to skip it.
