@@ -29,7 +29,7 @@ import psycopg  # noqa: E402
 
 from cr_queue import add, retrieve
 from cr_queue import store
-from cr_queue.tomodir import synth  # noqa: E402
+from cr_queue.tomodir import archive, synth  # noqa: E402
 from cr_queue.db.connection import Database  # noqa: E402
 
 
@@ -99,7 +99,7 @@ def main() -> int:
                     ctx = crqbench.Context(argparse.Namespace(smoke=True), crqbench.SMOKE, work, cluster)
                     crqbench.make_results(ctx, url, None, copy)
                     retrieve.RETRIEVE_THREADS = n
-                    rets[n].append(bl.timed(lambda: retrieve.retrieve(db, [copy])))
+                    rets[n].append(bl.timed(lambda: retrieve.retrieve(db, [copy], limits=archive.Limits())))
                     bl.rmtree(copy)
                     cluster.drop_database(url)
             for n in adds:

@@ -166,7 +166,7 @@ def _add_parallel(
     fresh_indices = helpers.indices if helpers is not None else packers.unregistered(todo, options.force)
     fresh = {todo[i].path for i in fresh_indices}
     others = forks.Indices(i for i in range(len(todo)) if todo[i].path not in fresh)
-    tokens = helpers.tokens if helpers is not None else forks.Indices(fresh_indices)
+    new_work = helpers.work if helpers is not None else forks.Indices(fresh_indices)
     futures: list[Future] = [Future() for _ in todo]
     ids: Future[dict[Path, int]] = Future()
     stop = threading.Event()
@@ -235,7 +235,7 @@ def _add_parallel(
                 continue
             index = others.take()
             if index is None:
-                index = tokens.take()
+                index = new_work.take()
             if index is not None:
                 _settle(futures[index], functools.partial(one, index))
                 continue

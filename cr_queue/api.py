@@ -50,15 +50,17 @@ class JobInfo:
 class Queue:
     """A handle on the queue; cheap to open, holds one connection."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, limits: archive.Limits) -> None:
         self.database = database
+        self._limits = limits  # the caps on unpacking a result (config.archive_limits)
         self._conn = database.connect("cr_queue api")
         self._actor = jobs.Actor()
 
     @classmethod
     def open(cls, db: str | None = None) -> Queue:
         """Open the queue the commands would use (``db`` overrides, as ``--db`` does)."""
-        return cls(open_database(config.load(db=db)))
+        settings = config.load(db=db)
+        return cls(open_database(settings), limits=config.archive_limits(settings))
 
     def close(self) -> None:
         self._conn.close()
@@ -160,7 +162,7 @@ class Queue:
             with tempfile.TemporaryFile() as packed:
                 store.fetch(self._conn, job.result_sha256, packed)
                 packed.seek(0)
-                archive.unpack(packed, dest)
+                archive.unpack(packed, dest, limits=self._limits)
         jobs.mark_downloaded(self._conn, job_id, self._actor)
         if job.status == "failed":
             raise JobError(f"job {job_id} failed ({job.failure_category}): {job.failure_reason}")
@@ -168,5 +170,5 @@ class Queue:
 
     def retrieve(self, *paths: str | Path) -> retrieve.RetrieveReport:
         """Bring results into the tree below the paths, exactly as crh_retrieve does."""
-        return retrieve.retrieve(self.database, [Path(p) for p in paths])
+        return retrieve.retrieve(self.database, [Path(p) for p in paths], limits=self._limits)
 

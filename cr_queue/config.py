@@ -21,9 +21,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
+
+if TYPE_CHECKING:
+    from cr_queue.tomodir.archive import Limits
 
 __all__ = ["ConfigError", "Settings", "load", "redact", "SYSTEM_CONFIG"]
 
@@ -221,10 +224,13 @@ def _archive_value(key: str, value: Any) -> int | None:
     return None
 
 
-def archive_limits(settings: Settings) -> dict[str, int]:
-    """The extraction caps the config sets, as keyword arguments of archive.Limits."""
+def archive_limits(settings: Settings) -> Limits:
+    """The caps of safe extraction this installation chose ([archive]), for whoever unpacks."""
+    # Imported here: the archive modules load zstandard, which only commands that unpack need.
+    from cr_queue.tomodir.archive import Limits
+
     table = settings.raw.get("archive") or {}
-    return {ARCHIVE_KEYS[key]: _archive_value(key, value) for key, value in table.items() if key in ARCHIVE_KEYS}
+    return Limits(**{ARCHIVE_KEYS[key]: _archive_value(key, value) for key, value in table.items() if key in ARCHIVE_KEYS})
 
 
 def _has_password(data: Mapping[str, Any]) -> bool:

@@ -15,6 +15,7 @@ from cr_queue import add, retrieve
 from cr_queue.solvers import solvers
 from cr_queue import worker
 from cr_queue.db.connection import Database
+from cr_queue.tomodir import archive
 
 
 @dataclass
@@ -31,6 +32,7 @@ def run_local(
     options: add.AddOptions,
     solver_map: dict[str, solvers.Solver],
     *,
+    limits: archive.Limits,
     jobs: int = 1,
     threads: int = 1,
     found=None,
@@ -46,9 +48,14 @@ def run_local(
         db,
         solver_map,
         worker.WorkerOptions(jobs=jobs, threads=threads, quit_when_empty=True, groups=(group,), name=group),
+        limits=limits,
         on_event=on_event,
     )
     if added.added:
         w.run()
-    got = retrieve.retrieve(db, [a.path for a in added.added], progress=on_retrieved) if added.added else retrieve.RetrieveReport()
+    got = (
+        retrieve.retrieve(db, [a.path for a in added.added], limits=limits, progress=on_retrieved)
+        if added.added
+        else retrieve.RetrieveReport()
+    )
     return LocalRun(group, added, w, got)

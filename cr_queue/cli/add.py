@@ -150,7 +150,7 @@ def _print(out: Output, report: add_service.AddReport, dry_run: bool) -> None:
 
 def _run_local(out: Output, paths, options, found, local_jobs, threads, crtomo, crmod, db_url) -> None:
     # Only --local runs a worker here: its modules are not loaded for a plain crh_add.
-    from cr_queue import local
+    from cr_queue import config, local
     from cr_queue.solvers import solvers
 
     settings, database = open_db(db_url, crtomo=crtomo, crmod=crmod)
@@ -170,7 +170,8 @@ def _run_local(out: Output, paths, options, found, local_jobs, threads, crtomo, 
             out.line(f"[{done['n']}/{total}] {message}")
 
     run = local.run_local(
-        database, paths, options, solver_map, jobs=jobs, threads=threads, found=found, on_event=on_event
+        database, paths, options, solver_map, limits=config.archive_limits(settings),
+        jobs=jobs, threads=threads, found=found, on_event=on_event,
     )
     _print(out, run.added, False)
     report = run.retrieved

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cr_queue import config
-from cr_queue.tomodir import archive
 
 if TYPE_CHECKING:
     from cr_queue.db import connection as db
@@ -159,8 +158,6 @@ def open_db(db_url: str | None, **settings_kw: Any) -> tuple[config.Settings, db
     from cr_queue.db import connection as db
 
     settings = config.load(db=db_url, **settings_kw)
-    # The caps of safe extraction this installation chose ([archive] in the config).
-    archive.set_default_limits(archive.Limits(**config.archive_limits(settings)))
     return settings, db.open_database(settings)
 
 

@@ -67,6 +67,7 @@ def demo_command(db_url, keep, jobs, as_json, quiet, log_level):
         [root],
         add.AddOptions(),
         solver_map,
+        limits=config.archive_limits(settings),
         jobs=jobs,
         on_added=lambda item: out.line(f"added job {item.job_id} ({'+'.join(item.steps)}): {item.path.relative_to(root)}"),
         on_event=lambda message: out.line(f"  worker: {message}"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cr_queue import retrieve_helper
+from cr_queue import config, retrieve_helper
 from cr_queue.tomodir import control
 from cr_queue import retrieve as retrieve_service
 from cr_queue.cli.common import Output, db_option, handle_errors, open_db, output_options, setup_logging
@@ -66,11 +66,12 @@ def _run(paths, wait: bool, poll_s: float, db_url, as_json, quiet, log_level) ->
     setup_logging(log_level)
     out = Output(json=as_json, quiet=quiet)
     paths = list(paths) or [Path(".")]
-    _settings, database = open_db(db_url)
+    settings, database = open_db(db_url)
+    limits = config.archive_limits(settings)
     # Only a console script's own process may fork a helper (see retrieve_helper.py).
     processes = retrieve_helper.default_processes() if command_process() else 1
     if out.interactive:
-        report = _with_bar(out, database, paths, wait, poll_s, processes)
+        report = _with_bar(out, database, paths, wait, poll_s, processes, limits)
     elif wait:
         def round_done(total: retrieve_service.RetrieveReport) -> None:
             if total.pending:
@@ -78,16 +79,16 @@ def _run(paths, wait: bool, poll_s: float, db_url, as_json, quiet, log_level) ->
                 out.line(f"waiting: {done} done, {len(total.pending)} pending")
 
         report = retrieve_service.wait_retrieve(
-            database, paths, poll_s=poll_s, progress=_progress(out), on_round=round_done, processes=processes
+            database, paths, limits=limits, poll_s=poll_s, progress=_progress(out), on_round=round_done, processes=processes
         )
     else:
-        report = retrieve_service.retrieve(database, paths, progress=_progress(out), processes=processes)
+        report = retrieve_service.retrieve(database, paths, limits=limits, progress=_progress(out), processes=processes)
     _report(out, report)
     raise SystemExit(report.exit_code)
 
 
 def _with_bar(
-    out: Output, database, paths, wait: bool, poll_s: float, processes: int
+    out: Output, database, paths, wait: bool, poll_s: float, processes: int, limits
 ) -> retrieve_service.RetrieveReport:
     """On a terminal: one progress bar; the per-job lines are printed once it is done."""
     try:
@@ -103,9 +104,11 @@ def _with_bar(
             bar.update(1)
 
         if wait:
-            report = retrieve_service.wait_retrieve(database, paths, poll_s=poll_s, progress=step, processes=processes)
+            report = retrieve_service.wait_retrieve(
+                database, paths, limits=limits, poll_s=poll_s, progress=step, processes=processes
+            )
         else:
-            report = retrieve_service.retrieve(database, paths, progress=step, processes=processes)
+            report = retrieve_service.retrieve(database, paths, limits=limits, progress=step, processes=processes)
     show = _progress(out)
     for item in done:
         if item.status != "finished" or item.conflicts:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from cr_queue import config
 from cr_queue.solvers import solvers
 from cr_queue import worker as worker_service
 from cr_queue.cli.common import DURATION, GROUP, LABEL, Output, db_option, handle_errors, open_db, output_options, setup_logging
@@ -72,7 +73,7 @@ def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, 
         logging.getLogger("cr_queue.worker").info("%s", message)
         events.append(message) if as_json else out.line(message)
 
-    w = worker_service.Worker(database, solver_map, options, on_event=on_event)
+    w = worker_service.Worker(database, solver_map, options, limits=config.archive_limits(settings), on_event=on_event)
     w.install_signal_handlers()
     code = w.run()
     out.emit(

@@ -114,11 +114,13 @@ class Worker:
         solver_map: dict[str, solvers.Solver],
         options: WorkerOptions,
         *,
+        limits: archive.Limits,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.db = db
         self.solvers = solver_map
         self.options = options
+        self.limits = limits  # the caps on unpacking an input (config.archive_limits)
         self.host = socket.gethostname()
         self.name = options.name or f"{self.host}-{os.getpid()}"
         self.on_event = on_event or (lambda message: log.info("%s", message))
@@ -727,7 +729,7 @@ class Worker:
         with Spool(INPUT_SPOOL_BYTES, tmp, "input.tar.zst") as fh:
             size = store.fetch(conn, job.input_sha256, fh)
             tomodir.mkdir()
-            archive.unpack(fh.source(), tomodir, size=size)
+            archive.unpack(fh.source(), tomodir, limits=self.limits, size=size)
 
     def _run_solvers(self, job: jobs.Job, tomodir: Path, running: _Running) -> solvers.Verdict:
         timeout = job.timeout_s if job.timeout_s is not None else self.options.timeout_s
