@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cr_queue import add, config, retrieve
+from cr_queue import add, config, registration, retrieve
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import discover
 from cr_queue.queries import jobs
@@ -29,7 +29,8 @@ from cr_queue import store
 from cr_queue.db.connection import Database, open_database
 
 FINAL = ("finished", "failed", "cancelled")
-TOMODIR_SUBDIRS = ("exe", "config", "rho", "mod", "inv", "grid")
+# What an in-memory tomodir is made of on disk, for the upload: a tomodir's directories and its grid.
+TOMODIR_SUBDIRS = (*discover.TOMODIR_SUBDIRS, "grid")
 
 
 class JobError(Exception):
@@ -38,6 +39,8 @@ class JobError(Exception):
 
 @dataclass(frozen=True)
 class JobInfo:
+    """A job as a script sees it: its row at the moment it was asked for."""
+
     id: int
     status: str
     sim_type: str
@@ -108,7 +111,7 @@ class Queue:
             if not isinstance(state, discover.Tomodir):
                 raise JobError("the tomodir given in memory needs no modelling or inversion")
             options = add.AddOptions(priority=priority, group=group, threads=threads, timeout_s=timeout_s)
-            return add.register_unlinked(self._conn, state, options, self._actor).job_id
+            return registration.register_unlinked(self._conn, state, options, self._actor).job_id
 
     # ------------------------------------------------------------ watching
 

@@ -39,6 +39,7 @@ from cr_queue import store
 from cr_queue.tomodir import swap
 from cr_queue.tomodir.walk import walk
 from cr_queue.db.connection import Database
+from cr_queue.util.imports import command_process
 from cr_queue.util.pause import pause_point
 from cr_queue.util.spool import Spool
 
@@ -86,13 +87,16 @@ def retrieve(
     *,
     limits: archive.Limits,
     progress: Callable[[Item], None] | None = None,
-    processes: int = 1,
+    processes: int | None = None,
 ) -> RetrieveReport:
     """Bring back every finished job whose ``.crh`` is below ``paths``.
 
     ``limits``: the caps on unpacking a result (config.archive_limits).
     ``processes``: how many processes may share the work; more than one only
-    in a console script's own process, which may fork (see retrieve_helper.py)."""
+    in a console script's own process, which may fork (see retrieve_helper.py),
+    and that is the default there."""
+    if processes is None:
+        processes = retrieve_helper.default_processes() if command_process() else 1
     report = RetrieveReport()
     found = control.gather([Path(p) for p in paths])
     report.problems.extend(found.problems)
@@ -119,6 +123,14 @@ def retrieve(
     for items in (report.retrieved, report.failed):
         items.sort(key=lambda item: order.get(item.path, -1))
     return report
+
+
+def count(paths: Iterable[Path]) -> int:
+    """The ``.crh`` files below ``paths``: how long a progress bar is (0 where they cannot be searched)."""
+    try:
+        return len(control.find([Path(p) for p in paths]))
+    except control.ControlFileError:
+        return 0
 
 
 @dataclass
@@ -473,7 +485,7 @@ def wait_retrieve(
     progress: Callable[[Item], None] | None = None,
     on_round: Callable[[RetrieveReport], None] | None = None,
     max_wait_s: float | None = None,
-    processes: int = 1,
+    processes: int | None = None,
 ) -> RetrieveReport:
     """Retrieve as jobs finish, until nothing under the paths is pending."""
     paths = [Path(p) for p in paths]

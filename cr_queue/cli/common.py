@@ -146,6 +146,21 @@ def output_options(fn: Callable) -> Callable:
     return fn
 
 
+def reports(fn: Callable) -> Callable:
+    """The options every reporting command takes (--json, --quiet, --log-level), made into
+    its ``out``: logging is set up, and an expected error becomes one message and exit 2.
+
+    Use it under the command's own options and above the function, which takes
+    ``out`` instead of ``as_json``, ``quiet`` and ``log_level``."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, as_json: bool, quiet: bool, log_level: str, **kwargs: Any) -> Any:
+        setup_logging(log_level)
+        return fn(*args, out=Output(json=as_json, quiet=quiet), **kwargs)
+
+    return output_options(handle_errors(command))
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -233,6 +248,10 @@ class Label(click.ParamType):
 
 GROUP = GroupName()
 LABEL = Label()
+
+
+targets_argument = click.argument("targets", nargs=-1, required=True)
+"""Jobs named the way users do: job ids, tomodirs, .crh files (see :func:`select_jobs`)."""
 
 
 def select_jobs(targets) -> Selection:

@@ -116,6 +116,7 @@ class Worker:
         *,
         limits: archive.Limits,
         on_event: Callable[[str], None] | None = None,
+        on_job_end: Callable[[int, str, str], None] | None = None,
     ) -> None:
         self.db = db
         self.solvers = solver_map
@@ -124,6 +125,8 @@ class Worker:
         self.host = socket.gethostname()
         self.name = options.name or f"{self.host}-{os.getpid()}"
         self.on_event = on_event or (lambda message: log.info("%s", message))
+        # (job id, "finished" or "failed", the event's text): for whoever counts the jobs that ended.
+        self.on_job_end = on_job_end or (lambda job_id, status, message: None)
         self.tally = Tally()
         self.exit_code = 0
         self.stop_reason = "stopped"
@@ -647,7 +650,7 @@ class Worker:
                 if ok:
                     self.tally.finished += 1
                     files = sum(1 for m in members if (tomodir / m).is_file())
-                    self.on_event(f"job {job.id}: finished ({files} result files)")
+                    self._ended(job, "finished", f"job {job.id}: finished ({files} result files)")
                 else:
                     self._refused(job, by_database=ok is False)
                 return
@@ -789,9 +792,13 @@ class Worker:
         )
         if ok:
             self.tally.failed += 1
-            self.on_event(f"job {job.id}: failed ({category}): {reason}")
+            self._ended(job, "failed", f"job {job.id}: failed ({category}): {reason}")
         else:
             self._refused(job, by_database=ok is False)
+
+    def _ended(self, job: jobs.Job, status: str, message: str) -> None:
+        self.on_event(message)
+        self.on_job_end(job.id, status, message)
 
     def _provenance(self, running: _Running, tomodir: Path) -> dict[str, object]:
         """What computed this result, for the events table: binaries, threads, time, log tail."""
