@@ -22,7 +22,6 @@ import functools
 import os
 import queue as _queue
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,14 +35,14 @@ from cr_queue.tomodir import control
 from cr_queue.util import forks
 from cr_queue.queries import jobs
 from cr_queue import store
-from cr_queue.tomodir import swap
-from cr_queue.tomodir.walk import walk
+from cr_queue.tomodir import placement, swap
 from cr_queue.db.connection import Database
 from cr_queue.util.imports import command_process
 from cr_queue.util.pause import pause_point
 from cr_queue.util.spool import Spool
 
-CONFLICT_SUFFIX = ".crh-result"
+# Beside a file the user changed: the result (tomodir/placement.py).
+CONFLICT_SUFFIX = placement.CONFLICT_SUFFIX
 # Left inside a retrieved tomodir between the exchange and the end, so a rerun knows.
 MARKER_PREFIX = ".crh-retrieved-"
 # Results up to this size are held in memory between download and unpacking.
@@ -63,6 +62,8 @@ class Item:
 
 @dataclass
 class RetrieveReport:
+    """What a retrieval did with each tomodir below the paths, and what it could not do."""
+
     retrieved: list[Item] = field(default_factory=list)
     failed: list[Item] = field(default_factory=list)
     pending: list[Item] = field(default_factory=list)
@@ -358,7 +359,7 @@ def _bring_back(conn, w: Work, limits: archive.Limits) -> None:
         try:
             # Straight into the copy: its files are the user's (same inodes), so
             # the placement rules see exactly what they would see in the tomodir.
-            archive.unpack(download.source(), new, limits=limits, place=_Placement(cf.manifest, item), size=size)
+            archive.unpack(download.source(), new, limits=limits, place=placement.Placement(cf.manifest, item), size=size)
             (new / marker.name).touch()
             pause_point("retrieve:staged")
             swap.exchange(new, tomodir)
@@ -387,7 +388,7 @@ def _unpack_moving(
     try:
         staging.mkdir(mode=0o700)
         archive.unpack(source, staging, limits=limits, size=size)
-        _merge(staging, tomodir, manifest, item)
+        placement.move_in(staging, tomodir, manifest, item)
     finally:
         _remove_tree(staging)
 
@@ -397,83 +398,8 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class _Placement:
-    """Where each result file lands in the tomodir's copy (see archive.Place).
-
-    A file the user changed after crh_add, or a symlink, is not replaced: the
-    result goes beside it as NAME.crh-result, unless it is identical already."""
-
-    def __init__(self, manifest: dict[str, list[int]], item: Item) -> None:
-        self._manifest = manifest
-        self._item = item
-
-    def __call__(self, rel: str, parent_fd: int, name: str, tmp: str) -> str | None:
-        try:
-            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            self._item.files += 1
-            return name
-        if not stat.S_ISLNK(st.st_mode) and self._manifest.get(rel) == [st.st_size, st.st_mtime_ns]:
-            self._item.files += 1
-            return name
-        if stat.S_ISREG(st.st_mode) and _same_content_at(parent_fd, tmp, name):
-            return None
-        self._item.files += 1
-        self._item.conflicts.append(rel)
-        return name + CONFLICT_SUFFIX
-
-
 def _finish(tomodir: Path, job_id: int) -> None:
     (tomodir / f"{MARKER_PREFIX}{job_id}").unlink(missing_ok=True)
-
-
-def _merge(staging: Path, into: Path, manifest: dict[str, list[int]], item: Item) -> None:
-    """Move result files into ``into`` (the tomodir, or its hard-link copy: same inodes, same verdicts)."""
-    for rel, entry in walk(staging):
-        target = into / rel
-        if entry.is_dir(follow_symlinks=False):
-            target.mkdir(exist_ok=True)
-            continue
-        source = Path(entry.path)
-        if target.is_symlink() or (target.exists() and _user_changed(target, rel, manifest)):
-            if target.is_file() and not target.is_symlink() and _same_content(source, target):
-                continue
-            os.replace(source, target.with_name(target.name + CONFLICT_SUFFIX))
-            item.conflicts.append(rel)
-        else:
-            os.replace(source, target)
-        item.files += 1
-
-
-def _user_changed(target: Path, rel: str, manifest: dict[str, list[int]]) -> bool:
-    """True when the file is not as crh_add saw it: the user's, not ours to replace."""
-    recorded = manifest.get(rel)
-    if recorded is None:
-        return True
-    st = target.stat()
-    return [st.st_size, st.st_mtime_ns] != list(recorded)
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        return _same_stream(fa, fb)
-
-
-def _same_content_at(dir_fd: int, a: str, b: str) -> bool:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    with open(os.open(a, flags, dir_fd=dir_fd), "rb") as fa, open(os.open(b, flags, dir_fd=dir_fd), "rb") as fb:
-        return _same_stream(fa, fb)
-
-
-def _same_stream(fa, fb) -> bool:
-    if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
-        return False
-    while True:
-        block_a, block_b = fa.read(1 << 20), fb.read(1 << 20)
-        if block_a != block_b:
-            return False
-        if not block_a:
-            return True
 
 
 def wait_retrieve(

@@ -78,10 +78,12 @@ class Done:
 
 @dataclass
 class Discovery:
-    todo: list[Tomodir] = field(default_factory=list)
-    done: list[Path] = field(default_factory=list)
-    incomplete: list[Incomplete] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    """Every tomodir below the paths, sorted by what it needs; each list in path order."""
+
+    todo: list[Tomodir] = field(default_factory=list)  # a solver run to queue
+    done: list[Path] = field(default_factory=list)  # its results are there already
+    incomplete: list[Incomplete] = field(default_factory=list)  # asks for a run it cannot get through
+    errors: list[str] = field(default_factory=list)  # a path or directory that could not be searched
 
 
 def is_tomodir(path: Path) -> bool:
