@@ -2,7 +2,7 @@
 
 A crh_add command spends its first 0.1-0.2 s importing the database driver
 and connecting, on one core.  Packing (tar + zstd + sha256) needs neither,
-so crh_add forks its helpers *before* those imports (cli/add.py): each packs
+so crh_add forks its helpers *before* those imports (add.run): each packs
 tomodirs on a core of its own while the parent is still starting, streams
 every archive back through a pipe, and the parent stores them (the parent's
 own threads pack and store the rest meanwhile).  The helpers import nothing
@@ -64,7 +64,7 @@ def default_processes() -> int:
 def start(todo: Sequence, *, force: bool, processes: int) -> Packers | None:
     """Fork the helpers that pack ``todo``'s new tomodirs, if there is enough work for
     them, or return None.  Only a process with no threads yet may call this (a
-    console script's own: cli/add.py calls it before importing the database driver)."""
+    console script's own: add.run calls it before importing the database driver)."""
     if processes < 2 or len(todo) < 2 or os.environ.get("CRH_PAUSE_AT"):
         return None
     fresh = unregistered(todo, force)
