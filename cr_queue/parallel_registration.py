@@ -24,7 +24,7 @@ from cr_queue import store
 from cr_queue.add import AddOptions, AddReport
 from cr_queue.db.connection import Database
 from cr_queue.queries import jobs
-from cr_queue.registration import add_one, new_job, skipping_duplicates, stored
+from cr_queue.registration import add_one, new_job, register_each, skipping_duplicates, stored
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
 from cr_queue.tomodir import discover
@@ -34,22 +34,12 @@ from cr_queue.util import forks
 def register_all(
     db: Database, todo: list[discover.Tomodir], options: AddOptions, report: AddReport, progress, helpers: packers.Packers | None
 ) -> AddReport:
-    """Register every tomodir of ``todo`` into ``report``: one at a time on one connection,
-    or, with more than one (or with helper processes), in threads (:func:`_add_parallel`)."""
+    """Register every tomodir of ``todo`` into ``report``: in threads (:func:`_add_parallel`) when
+    there is more than one or helper processes pack them, else as registration.py does one."""
     actor = jobs.Actor()
     if helpers is not None or (len(todo) > 1 and ADD_THREADS > 1 and not os.environ.get("CRH_PAUSE_AT")):
         return _add_parallel(db, todo, options, actor, report, progress, helpers)
-    conn = db.connect("crh_add")
-    try:
-        for td in todo:
-            item = add_one(conn, td, options, actor, report)
-            if item is not None:
-                report.added.append(item)
-                if progress is not None:
-                    progress(item)
-    finally:
-        conn.close()
-    return report
+    return register_each(db, todo, options, actor, report, progress)
 
 
 # Tomodirs packed and uploaded at the same time, each thread on its own connection:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cr_queue import store
 from cr_queue.add import Added, AddOptions, AddReport
+from cr_queue.db.connection import Database
 from cr_queue.queries import jobs
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
@@ -32,6 +33,23 @@ class Duplicate(Exception):
     def __init__(self, job_id: int) -> None:
         super().__init__(job_id)
         self.job_id = job_id
+
+
+def register_each(
+    db: Database, todo: list[discover.Tomodir], options: AddOptions, actor: jobs.Actor, report: AddReport, progress
+) -> AddReport:
+    """Register the tomodirs one after the other on one connection, into ``report``."""
+    conn = db.connect("crh_add")
+    try:
+        for td in todo:
+            item = add_one(conn, td, options, actor, report)
+            if item is not None:
+                report.added.append(item)
+                if progress is not None:
+                    progress(item)
+    finally:
+        conn.close()
+    return report
 
 
 def add_one(
