@@ -18,7 +18,7 @@ expected output and exits, logging its own start and end times, so dispatch
 latency and worker overhead are measured against the solver's own clock.
 Needs: zstd, tar, xz (the cr_hydra reference uses Python's lzma), cc, pgbench
 (from /usr/lib/postgresql/*/bin).  Rows: add, retrieve, dispatch, overhead,
-herd, throughput, claim, status, rss, many.
+herd, throughput, claim, status, web, rss, many.
 
 The commands run from compiled bytecode, as in any installation: with
 PYTHONDONTWRITEBYTECODE set (as some sandboxes do) each start would compile
@@ -52,12 +52,12 @@ import psycopg  # noqa: E402
 
 from cr_queue import add as add_service  # noqa: E402
 from cr_queue.tomodir import archive
-from cr_queue.queries import jobs
+from cr_queue.queries import jobs, workers
 from cr_queue import store
 from cr_queue.tomodir import synth  # noqa: E402
 from cr_queue.db.connection import Database  # noqa: E402
 
-ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim", "status", "rss", "many")
+ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim", "status", "web", "rss", "many")
 
 
 @dataclass
@@ -338,7 +338,7 @@ def copy_results(ctx: Context, url: str, store_path: Path | None, tree_copy: Pat
     input and eight files per tomodir (the smallest results; an INFO row)."""
     db = ctx.database(url, store_path)
     with db.connect("bench") as conn:
-        wid = jobs.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
+        wid = workers.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
         actor = jobs.Actor(worker_id=wid)
         scratch = ctx.work / "copied-result"
         while (job := jobs.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=3600)) is not None:
@@ -699,6 +699,8 @@ def claim_sql_for_pgbench(url: str, worker_id: int) -> str:
     jobs.claim(rec, actor=actor, **CLAIM_SQL_PARAMS)
     with psycopg.connect(url, autocommit=True) as conn:
         text = psycopg.ClientCursor(conn).mogrify(rec.query, rec.params)
+    # One line for pgbench: the comments of jobs.sql would swallow the rest of it.
+    text = re.sub(r"--[^\n]*", "", text)
     return " ".join(text.split()) + ";\n"
 
 
@@ -707,7 +709,7 @@ def pgbench_claim(ctx: Context, url: str, clients: int, seconds: int) -> float |
     if pgbench is None:
         return None
     with psycopg.connect(url, autocommit=True) as conn:
-        wid = jobs.register_worker(conn, name="pgbench", host="pgbench", pid=1, version="bench", jobs=clients, threads=1, groups=(), solvers={})
+        wid = workers.register_worker(conn, name="pgbench", host="pgbench", pid=1, version="bench", jobs=clients, threads=1, groups=(), solvers={})
     script = ctx.work / "claim.sql"
     script.write_text(claim_sql_for_pgbench(url, wid))
     proc = subprocess.run(
@@ -778,7 +780,7 @@ def bench_claim(ctx: Context) -> None:
             {"n": n_queue},
         )
         conn.execute("VACUUM ANALYZE inversions")
-        wid = jobs.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
+        wid = workers.register_worker(conn, name="bench", host="benchhost", pid=os.getpid(), version="bench", jobs=1, threads=1, groups=(), solvers={})
         actor = jobs.Actor(worker_id=wid)
         plan = "\n".join(
             r[0]
@@ -839,6 +841,35 @@ def bench_status(ctx: Context) -> None:
             note="bench/status_100k.py (admin commands), max decides" if m else (proc.stderr.strip()[-300:] or last),
         )
     )
+    ctx.cluster.drop_database(url)
+
+
+def bench_web(ctx: Context) -> None:
+    """The rows of `crh web` (issue 18): bench/web_100k.py measures them; this runs it on our cluster."""
+    script = Path(__file__).resolve().parent / "web_100k.py"
+    size = "2,000" if ctx.smoke else "100,000"
+    cells = "400" if ctx.smoke else "10,000"
+    url = ctx.cluster.new_database()
+    args = [sys.executable, str(script), "--db", url] + (["--smoke"] if ctx.smoke else [])
+    proc = subprocess.run(args, env=ctx.env(url), capture_output=True, text=True, timeout=1800)
+    out = proc.stdout
+    overview = re.search(r"web_overview_\S+: median ([\d.]+) ms, max ([\d.]+) ms server time .*raw SQL ([\d.]+) ms\): (\w+)", out)
+    model = re.search(r"web_model_\S+: first ([\d.]+) ms, cached median ([\d.]+) ms .*static file ([\d.]+) ms\): (\w+)", out)
+    problem = (proc.stderr.strip() or out.strip())[-300:]
+    for found, name, figure, reference, target, ratio in (
+        (overview, f"crh web overview at {size} jobs (server time)",
+         lambda m: f"median {m[1]} ms, max {m[2]} ms", lambda m: f"raw SQL {m[3]} ms", "<= 300 ms",
+         lambda m: f"{float(m[1]) / max(float(m[3]), 0.001):.2f}"),
+        (model, f"crh web model picture, {cells} cells",
+         lambda m: f"first {m[1]} ms, cached {m[2]} ms", lambda m: f"static file {m[3]} ms", "<= 1 s first, <= 20 ms cached",
+         lambda m: "—"),
+    ):
+        if found is None or proc.returncode not in (0, 1):
+            ctx.report.add(bl.Row(name, f"exit {proc.returncode}", target=target, ok=False, note=problem))
+            continue
+        passed = found[4] == "PASS"
+        ok = passed if not ctx.smoke else (None if proc.returncode == 0 else False)
+        ctx.report.add(bl.Row(name, figure(found), reference(found), ratio(found), target, ok, note="bench/web_100k.py"))
     ctx.cluster.drop_database(url)
 
 
@@ -1028,6 +1059,7 @@ def main() -> int:
                 ("throughput", bench_throughput),
                 ("claim", bench_claim),
                 ("status", bench_status),
+                ("web", bench_web),
                 ("rss", bench_rss),
                 ("many", bench_many),
             ]

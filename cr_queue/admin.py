@@ -3,7 +3,7 @@
 Workers are asked through the database: ``workers.requested`` is set to
 'drain' (claim nothing more, finish the running jobs, exit) or 'stop' (give
 the running jobs back to the queue and exit now); the worker reads it with
-its heartbeat, and a NOTIFY on ``admin_queries.CONTROL_CHANNEL`` lets it hear
+its heartbeat, and a NOTIFY on ``crh_worker_control`` (queries/admin.sql) lets it hear
 at once.  Node settings are kept per host (cr_hydra's node_settings).
 """
 

@@ -24,11 +24,12 @@ from pathlib import Path
 from cr_queue import add, config, registration, retrieve
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import discover
+from cr_queue.job_states import ENDED, RETRIEVABLE, JobStatus
 from cr_queue.queries import jobs
 from cr_queue import store
-from cr_queue.db.connection import Database, open_database
+from cr_queue.database import open_database
+from cr_queue.db.connection import Database
 
-FINAL = ("finished", "failed", "cancelled")
 # What an in-memory tomodir is made of on disk, for the upload: a tomodir's directories and its grid.
 TOMODIR_SUBDIRS = (*discover.TOMODIR_SUBDIRS, "grid")
 
@@ -137,10 +138,10 @@ class Queue:
             missing = [i for i in ids if i not in states]
             if missing:
                 raise JobError(f"jobs {missing} are not in the database {self.database.redacted}")
-            if all(s in FINAL for s in states.values()):
+            if all(s in ENDED for s in states.values()):
                 return states
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"jobs still pending after {timeout} s: {[i for i, s in states.items() if s not in FINAL]}")
+                raise TimeoutError(f"jobs still pending after {timeout} s: {[i for i, s in states.items() if s not in ENDED]}")
             time.sleep(poll)
 
     def cancel(self, ids: Iterable[int]) -> list[int]:
@@ -157,7 +158,7 @@ class Queue:
         job = jobs.get_job(self._conn, job_id)
         if job is None:
             raise JobError(f"job {job_id} is not in the database {self.database.redacted}")
-        if job.status not in ("finished", "failed"):
+        if job.status not in RETRIEVABLE:
             raise JobError(f"job {job_id} is {job.status}; wait for it first")
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
@@ -167,7 +168,7 @@ class Queue:
                 packed.seek(0)
                 archive.unpack(packed, dest, limits=self._limits)
         jobs.mark_downloaded(self._conn, job_id, self._actor)
-        if job.status == "failed":
+        if job.status == JobStatus.FAILED:
             raise JobError(f"job {job_id} failed ({job.failure_category}): {job.failure_reason}")
         return dest
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cr_queue import add, config, local
-from cr_queue.db.connection import Database, open_database
+from cr_queue.database import open_database
+from cr_queue.db.connection import Database
 from cr_queue.solvers import solvers
 from cr_queue.tomodir import synth
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from cr_queue import add, config, retrieve
 from cr_queue import worker
 from cr_queue.db.connection import Database
+from cr_queue.job_states import JobStatus
 from cr_queue.solvers import solvers
 from cr_queue.tomodir import archive
 
@@ -33,7 +34,7 @@ class JobEnded:
     """A job of this run ended on the local worker (the progress a command shows)."""
 
     job_id: int
-    status: str  # "finished" or "failed"
+    status: JobStatus  # FINISHED or FAILED
     message: str  # the worker's line for it
     done: int  # jobs of this run ended so far, this one included
     total: int  # jobs this run added
@@ -109,7 +110,7 @@ class _Counter:
         self._done = 0
         self._lock = threading.Lock()
 
-    def __call__(self, job_id: int, status: str, message: str) -> None:
+    def __call__(self, job_id: int, status: JobStatus, message: str) -> None:
         if self._report is None:
             return
         with self._lock:

@@ -23,7 +23,7 @@ from cr_queue import packers
 from cr_queue import store
 from cr_queue.add import AddOptions, AddReport
 from cr_queue.db.connection import Database
-from cr_queue.queries import jobs
+from cr_queue.queries import jobs, session
 from cr_queue.registration import add_one, new_job, register_each, skipping_duplicates, stored
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
@@ -211,7 +211,7 @@ def _add_parallel(
             watcher.start()
             try:
                 _register_all(main, [td for td in todo if td.path in fresh], options, actor, ids)
-                main.execute("SET synchronous_commit = off")
+                session.synchronous_commit(main, False)
                 _queue_in_order(main, futures, actor, report, progress)
             except BaseException:
                 stop.set()
@@ -222,8 +222,7 @@ def _add_parallel(
             finally:
                 watcher.join()
             # Make every registration durable before saying so.
-            main.execute("SET synchronous_commit = on")
-            main.execute("SELECT txid_current()")
+            session.durable_commit(main)
         finally:
             main.close()
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 from cr_queue import store
 from cr_queue.add import Added, AddOptions, AddReport
 from cr_queue.db.connection import Database
+from cr_queue.job_states import JobStatus
 from cr_queue.queries import jobs
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
@@ -75,7 +76,7 @@ def add_one(
             report.problems.append(str(exc))
             return None
         job = jobs.get_job(conn, existing.job_id)
-        if job is not None and job.status == "registering":
+        if job is not None and job.status == JobStatus.REGISTERING:
             return _register_reporting(conn, td, path, crh, options, actor, report, resume_id=job.id, finish=finish)
         state = job.status if job is not None else "unknown to this database"
         report.skipped.append((path, f"already registered as job {existing.job_id} ({state}); --force registers it again"))

@@ -33,6 +33,7 @@ from cr_queue import retrieve_helper
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
 from cr_queue.util import forks
+from cr_queue.job_states import PENDING, JobStatus
 from cr_queue.queries import jobs
 from cr_queue import store
 from cr_queue.tomodir import placement, swap
@@ -47,7 +48,6 @@ CONFLICT_SUFFIX = placement.CONFLICT_SUFFIX
 MARKER_PREFIX = ".crh-retrieved-"
 # Results up to this size are held in memory between download and unpacking.
 SPOOL_BYTES = 16 << 20
-PENDING = ("registering", "queued", "running")
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) ->
         if job.status in PENDING:
             report.pending.append(item)
             continue
-        if job.status == "cancelled":
+        if job.status == JobStatus.CANCELLED:
             control.remove(crh)
             report.cancelled.append(item)
             if progress is not None:
@@ -184,7 +184,7 @@ class _Report:
         self._progress = progress
 
     def item(self, index: int, item: Item) -> None:
-        (self._report.retrieved if item.status == "finished" else self._report.failed).append(item)
+        (self._report.retrieved if item.status == JobStatus.FINISHED else self._report.failed).append(item)
         if self._progress is not None:
             self._progress(item)
 

@@ -18,7 +18,6 @@ import math
 import os
 import socket
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -26,12 +25,10 @@ from typing import Any
 
 import psycopg
 
+from cr_queue.job_states import JobStatus
 from cr_queue.queries import admin as aq
+from cr_queue.queries import session
 from cr_queue.tomodir import control
-
-# The states of schema.JOB_STATES, repeated so that status does not import SQLAlchemy
-# (startup time is most of what `crh status` costs; tests/test_status.py checks they agree).
-JOB_STATES = ("registering", "queued", "running", "finished", "failed", "cancelled")
 
 FORMAT_VERSION = 1
 DEFAULT_LIMIT = 50
@@ -68,16 +65,6 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-@contextmanager
-def _read_only_snapshot(conn: psycopg.Connection):
-    """One consistent view for all the queries (totals agree with the lists), read only."""
-    fresh = conn.autocommit
-    with conn.transaction():
-        if fresh:
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        yield conn
-
-
 def snapshot(
     conn: psycopg.Connection,
     *,
@@ -87,7 +74,7 @@ def snapshot(
 ) -> dict[str, Any]:
     """Everything ``crh status`` shows, as one JSON-able dict (see docs/admin.md)."""
     mine = scope.filter
-    with _read_only_snapshot(conn):
+    with session.read_only_snapshot(conn):
         generated_at = aq.now(conn)
         totals_rows = aq.totals(conn, mine)
         running = aq.running_jobs(conn, mine, limit)
@@ -101,7 +88,7 @@ def snapshot(
         # Row security shows a scientist only their own jobs; the whole queue only as numbers.
         everyone_rows = None if aq.privileged(conn) else aq.queue_counts(conn)
 
-    totals = {state: 0 for state in JOB_STATES}
+    totals = {str(state): 0 for state in JobStatus}
     for row in totals_rows:
         totals[row["status"]] = row["jobs"]
     failed_not_retrieved = sum(c["jobs"] for c in categories)
@@ -113,7 +100,7 @@ def snapshot(
 
     everyone = None
     if everyone_rows is not None:
-        everyone = {"totals": {state: 0 for state in JOB_STATES}, "by_group": everyone_rows}
+        everyone = {"totals": {str(state): 0 for state in JobStatus}, "by_group": everyone_rows}
         for row in everyone_rows:
             everyone["totals"][row["status"]] = everyone["totals"].get(row["status"], 0) + row["jobs"]
         everyone["totals"]["total"] = sum(row["jobs"] for row in everyone_rows)

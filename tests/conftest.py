@@ -96,6 +96,11 @@ def script(name: str) -> str:
 @pytest.fixture
 def cli_env(db_url: str, tmp_path: Path) -> dict[str, str]:
     """Environment for running the real commands against this test's database."""
+    return commands_env(db_url, tmp_path)
+
+
+def commands_env(db_url: str, home: Path) -> dict[str, str]:
+    """The real commands against ``db_url`` with the stand-in solvers; no config but what ``home`` holds."""
     env = dict(os.environ)
     for key in ("CRH_CONFIG", "CRH_CRMOD", "CRH_CRTOMO", "CRH_STANDIN_FAIL", "CRH_STANDIN_SLEEP", "CRH_PAUSE_AT"):
         env.pop(key, None)
@@ -104,8 +109,8 @@ def cli_env(db_url: str, tmp_path: Path) -> dict[str, str]:
             "CRH_DATABASE_URL": db_url,
             "CRH_CRMOD": script("crh_standin_crmod"),
             "CRH_CRTOMO": script("crh_standin_crtomo"),
-            "CRH_SYSTEM_CONFIG": str(tmp_path / "no-system-config.toml"),
-            "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
+            "CRH_SYSTEM_CONFIG": str(home / "no-system-config.toml"),
+            "XDG_CONFIG_HOME": str(home / "xdg-config"),
             "NO_COLOR": "1",
         }
     )

@@ -27,6 +27,8 @@ ROWS = (
     "throughput of tiny jobs",
     "claim latency",
     "crh_status --json",
+    "crh web overview",
+    "crh web model picture",
     "peak RSS of crh_add",
     "peak RSS of crh_worker",
     "peak RSS of crh_retrieve",

@@ -7,7 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from cr_queue.db import migrate
-from cr_queue.db.schema import metadata
+from cr_queue.db.schema import STATUS_CHECK, metadata
 
 
 def _tables(url: str) -> set[str]:
@@ -70,3 +70,24 @@ def test_upgrade_refuses_a_cr_hydra_database(empty_db_url):
     with pytest.raises(migrate.ForeignSchema, match="cr_hydra database"):
         migrate.upgrade(empty_db_url)
     assert _tables(empty_db_url) == {"inversions", "binary_data"}
+
+
+def test_head_is_alembics_head():
+    """migrate.head() is written out so commands need not import alembic; it must be alembic's answer."""
+    from alembic.script import ScriptDirectory
+
+    assert migrate.head() == ScriptDirectory.from_config(migrate._config()).get_current_head()
+
+
+def test_the_status_check_built_from_job_status_is_the_one_migrated(db_url):
+    """schema.py builds the CHECK from JobStatus; PostgreSQL reads it as the constraint 0001 created,
+    so no migration is needed (alembic's comparison does not look at CHECK constraints)."""
+    with psycopg.connect(db_url) as conn:
+        conn.execute(f"CREATE TEMP TABLE probe (status text, CONSTRAINT probe_status CHECK ({STATUS_CHECK}))")
+        rows = conn.execute(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid IN ('inversions'::regclass, 'probe'::regclass) AND contype = 'c' "
+            "ORDER BY conrelid = 'probe'::regclass"
+        ).fetchall()
+    live = [r[0] for r in rows[:-1] if "status" in r[0]]
+    assert live == [rows[-1][0]]

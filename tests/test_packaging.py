@@ -71,6 +71,14 @@ DEBIAN_NAME = {
     "zstandard": "python3-zstandard",
     "pgserver": None,  # PostgreSQL binaries as a wheel; Debian: Recommends postgresql
 }
+# The optional extra cr_queue[web] (`crh web`) is the binary package cr-queue-web.
+TRIXIE_WEB = {
+    "python3-bottle": "0.13.2-1.1",
+    "python3-waitress": "3.0.2-1",
+    "python3-jinja2": "3.1.6-1",
+    "python3-matplotlib": "3.10.1+dfsg1-4",
+    "python3-numpy": "1:2.2.4+ds-1",
+}
 
 
 # ---------------------------------------------------------------- helpers
@@ -287,7 +295,7 @@ def test_debian_changelog_is_well_formed():
 
 
 def test_control_builds_with_pybuild_pyproject():
-    source, binary = control_paragraphs()
+    source, binary, *_ = control_paragraphs()
     build_deps = relations(source["Build-Depends"])
     assert build_deps["debhelper-compat"] == "= 13"
     for name in ("dh-python", "pybuild-plugin-pyproject", "python3-all", "python3-setuptools"):
@@ -301,7 +309,7 @@ def test_control_builds_with_pybuild_pyproject():
 
 
 def test_depends_match_pyproject_with_floors_trixie_satisfies():
-    _, binary = control_paragraphs()
+    _, binary, *_ = control_paragraphs()
     depends = relations(binary["Depends"])
     assert "${python3:Depends}" in binary["Depends"] and "${misc:Depends}" in binary["Depends"]
     assert relations(binary["Recommends"]).keys() >= {"postgresql"}
@@ -328,6 +336,31 @@ def test_depends_match_pyproject_with_floors_trixie_satisfies():
             f"{package} (>= {debian_floor}) is newer than trixie's {TRIXIE[package]}: the package "
             "would not install on Debian 13"
         )
+
+
+def test_the_web_is_a_package_of_its_own_that_compute_nodes_do_without():
+    """cr-queue-web depends on cr-queue and on exactly the web extra's packages, with floors
+    trixie satisfies; cr-queue itself only suggests it, so a worker node installs none of it."""
+    paragraphs = {p["Package"]: p for p in control_paragraphs()[1:]}
+    web, base = paragraphs["cr-queue-web"], paragraphs["cr-queue"]
+    assert web["Architecture"] == "all" and "metapackage" in web["Description"]
+    depends = relations(web["Depends"])
+    assert depends.pop("cr-queue") == "= ${binary:Version}"
+    extra = pyproject()["project"]["optional-dependencies"]["web"]
+    wanted = {}
+    for requirement in extra:
+        match = re.match(r"([A-Za-z0-9_.-]+)\s*(>=\s*([0-9.]+))?", requirement)
+        wanted["python3-" + match.group(1).lower()] = match.group(3)
+    assert set(depends) == set(wanted) == set(TRIXIE_WEB)
+    for package, floor in wanted.items():
+        relation = depends[package]
+        assert relation and relation.startswith(">="), f"{package} needs a version floor"
+        debian_floor = relation[2:].strip()
+        assert version_key(floor) <= version_key(debian_floor), f"{package} (>= {debian_floor}) is older than pyproject's {floor}"
+        assert deb_version_le(debian_floor, TRIXIE_WEB[package]), f"{package} (>= {debian_floor}) is newer than trixie's"
+    assert not set(relations(base["Depends"])) & set(wanted), "cr-queue must not pull the web's dependencies onto nodes"
+    assert "cr-queue-web" in relations(base.get("Suggests", ""))
+    assert "crh web" in install_script() and "install-web-deb" in install_script()
 
 
 def test_py3dist_overrides_keep_pgserver_out():
@@ -597,9 +630,8 @@ class DocChecker:
             assert "adduser alice crh" in install_script()
         elif program == "apt":
             assert argv[1] == "install" and len(argv) == 3, line
-            assert Path(argv[2]).name == f"cr-queue_{debian_version()}_all.deb", (
-                f"{line}: the package built from this tree is cr-queue_{debian_version()}_all.deb"
-            )
+            built = {f"cr-queue_{debian_version()}_all.deb", f"cr-queue-web_{debian_version()}_all.deb"}
+            assert Path(argv[2]).name in built, f"{line}: the packages built from this tree are {sorted(built)}"
             assert "dpkg-buildpackage -us -uc -b" in install_script() and "install-deb" in install_script()
         elif program == "dpkg-buildpackage":
             assert argv[1:] == ["-us", "-uc", "-b"], line

@@ -9,7 +9,7 @@ import os
 import psycopg
 import pytest
 
-from cr_queue.queries import jobs
+from cr_queue.queries import jobs, workers
 from cr_queue import store
 
 ACTOR = jobs.Actor(os_user="tester", host="testhost", pid=1)
@@ -42,7 +42,7 @@ def _blob(conn, payload: bytes) -> str:
 
 
 def _worker(conn, name="w") -> jobs.Actor:
-    wid = jobs.register_worker(
+    wid = workers.register_worker(
         conn, name=name, host="node1", pid=2, version="t", jobs=1, threads=1, groups=[], solvers={}
     )
     return jobs.Actor(os_user="worker", host="node1", pid=2, worker_id=wid)
@@ -150,7 +150,7 @@ def _alive_worker(db_url, conn, name="w"):
     """A worker as the daemon runs one: registered, holding its liveness lock on its own connection."""
     actor = _worker(conn, name)
     heartbeat = psycopg.connect(db_url, autocommit=True)
-    assert jobs.hold_worker_lock(heartbeat, actor.worker_id)
+    assert workers.hold_worker_lock(heartbeat, actor.worker_id)
     return actor, heartbeat
 
 
@@ -220,14 +220,14 @@ def test_expired_lease_is_rescued_even_while_the_lock_is_held(db_url):
 
 def test_cancel_and_requeue(db_url):
     with psycopg.connect(db_url, autocommit=True) as conn, psycopg.connect(db_url, autocommit=True) as listener:
-        jobs.listen(listener)
+        workers.listen(listener)
         queued_id = _queued(conn, "/q")
         running_id = _queued(conn, "/r")
         actor, _hb = _alive_worker(db_url, conn)
         running = _claim(conn, actor)
         assert running.id == queued_id
         assert sorted(jobs.cancel(conn, [queued_id, running_id], ACTOR)) == [queued_id, running_id]
-        notes = [n for n in listener.notifies(timeout=2) if n.channel == jobs.CANCEL_CHANNEL]
+        notes = [n for n in listener.notifies(timeout=2) if n.channel == workers.CANCEL_CHANNEL]
         assert {int(n.payload) for n in notes} == {queued_id, running_id}
         # The worker's late report about a cancelled job is refused.
         assert not jobs.complete(conn, running, result_sha256=None, exit_code=0, actor=actor)
@@ -264,7 +264,7 @@ def test_store_round_trip_and_dedup(conn):
 
 def test_notify_on_queued(db_url):
     with psycopg.connect(db_url, autocommit=True) as listener, psycopg.connect(db_url, autocommit=True) as conn:
-        jobs.listen(listener)
+        workers.listen(listener)
         _queued(conn)
         got = list(listener.notifies(timeout=5, stop_after=1))
-        assert got and got[0].channel == jobs.CHANNEL
+        assert got and got[0].channel == workers.CHANNEL

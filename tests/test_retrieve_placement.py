@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cr_queue import add, retrieve
-from cr_queue.queries import jobs
+from cr_queue.queries import jobs, workers
 from cr_queue import store
 from cr_queue.tomodir import archive, swap
 from cr_queue.tomodir import synth
@@ -35,7 +35,7 @@ def _tree_state(root: Path) -> dict[str, str]:
 
 def _finish_with(conn, result: Path) -> int:
     """Claim the one queued job and complete it with the tree ``result`` as its result."""
-    wid = jobs.register_worker(conn, name="t", host="h", pid=os.getpid(), version="t", jobs=1, threads=1, groups=(), solvers={})
+    wid = workers.register_worker(conn, name="t", host="h", pid=os.getpid(), version="t", jobs=1, threads=1, groups=(), solvers={})
     actor = jobs.Actor(worker_id=wid)
     job = jobs.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60)
     sha = store.put_tree(conn, result).sha256

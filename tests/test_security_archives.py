@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import zstandard
 
-from cr_queue.queries import jobs
+from cr_queue.queries import jobs, workers
 from cr_queue import store
 from cr_queue.tomodir import synth
 
@@ -132,7 +132,7 @@ def _finished_with_result(db_url: str, tmp_path: Path, cli_env: dict, result: by
     alice_env = {**cli_env, "CRH_DATABASE_URL": url_as(db_url, ALICE)}
     (added,) = json.loads(run([script("crh_add"), "--json"], alice_env, cwd=tree).stdout)["added"]
     with connect_as(db_url, NODE) as node:
-        wid = jobs.register_worker(node, name="n", host="node01", pid=9, version="t", jobs=1, threads=1, groups=[], solvers={})
+        wid = workers.register_worker(node, name="n", host="node01", pid=9, version="t", jobs=1, threads=1, groups=[], solvers={})
         actor = jobs.Actor(os_user="crh", host="node01", pid=9, worker_id=wid)
         job = jobs.claim(node, actor=actor, can_mod=True, can_inv=True, lease_s=60)
         assert job is not None and job.id == added["job_id"]

@@ -24,14 +24,221 @@ from .conftest import run, script
 PACKAGE = Path(__file__).resolve().parents[1] / "cr_queue"
 SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if "migrations" not in p.relative_to(PACKAGE).parts)
 
-# Upper-case SQL words as the code base writes them; prose in messages does not shout.
+# ------------------------------------------------------------------ SQL
+#
+# Every statement lives in a .sql file of the query layer and reaches the database
+# as it is written there: a wrapper hands ``SQL.<name>`` (what ``loader.load``
+# read) to execute, values go separately as parameters, and only role names
+# (identifiers, which cannot be parameters) are composed in, by psycopg.sql.
+# tests/test_layers.py keeps every other module from sending SQL at all.
+
+QUERIES = PACKAGE / "queries"
+QUERY_MODULES = sorted(QUERIES.glob("*.py"))
+EXECUTING = {"execute", "executemany", "copy", "stream"}
+_PLACEHOLDER = re.compile(r"%\(\w+\)s")
+_QUOTED_OR_COMMENT = re.compile(r"'(?:[^']|'')*'|--[^\n]*")
+
+
+def _loaded(tree: ast.Module) -> set[str]:
+    """Module-level names bound to the statements of a .sql file (``SQL = loader.load("jobs")``)."""
+    return {
+        target.id
+        for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+        and ast.unparse(node.value.func) in ("loader.load", "loader.parse")
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+
+
+class StatementRule:
+    """Is an expression a statement of a .sql file, unchanged but for identifiers composed by psycopg.sql?"""
+
+    def __init__(self, tree: ast.Module) -> None:
+        self.loaded = _loaded(tree)
+        self.functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        self.parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        self.calls: dict[str, list[ast.Call]] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                self.calls.setdefault(node.func.id, []).append(node)
+        self.seen: set[tuple[str, str]] = set()
+
+    def function_of(self, node: ast.AST) -> ast.FunctionDef | None:
+        while node in self.parents:
+            node = self.parents[node]
+            if isinstance(node, ast.FunctionDef):
+                return node
+        return None
+
+    def ok(self, node: ast.AST, fn: ast.FunctionDef | None) -> bool:
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            return node.value.id in self.loaded
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+            return node.value.id in self.loaded and isinstance(node.slice, ast.Constant)
+        if isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            if func == "sql.SQL":
+                return len(node.args) == 1 and not node.keywords and self.ok(node.args[0], fn)
+            if isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+                values = [*node.args, *(k.value for k in node.keywords)]
+                identifiers = all(isinstance(v, ast.Call) and ast.unparse(v.func) == "sql.Identifier" for v in values)
+                return identifiers and isinstance(node.func.value, ast.Call) and self.ok(node.func.value, fn)
+            return False
+        if isinstance(node, ast.Name) and fn is not None:
+            return self._name_ok(node.id, fn)
+        return False
+
+    def _name_ok(self, name: str, fn: ast.FunctionDef) -> bool:
+        params = [a.arg for a in (*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs)]
+        if name in params:
+            return self._parameter_ok(fn, name)
+        assigned = [
+            n.value for n in ast.walk(fn)
+            if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in n.targets)
+        ]
+        return bool(assigned) and all(self.ok(v, fn) for v in assigned)
+
+    def _parameter_ok(self, fn: ast.FunctionDef, name: str) -> bool:
+        """A parameter is a statement when every call of its (module-level) function passes one."""
+        key = (fn.name, name)
+        if key in self.seen:
+            return True
+        self.seen.add(key)
+        if self.functions.get(fn.name) is not fn or not self.calls.get(fn.name):
+            return False
+        positional = [a.arg for a in (*fn.args.posonlyargs, *fn.args.args)]
+        for call in self.calls[fn.name]:
+            passed = [k.value for k in call.keywords if k.arg == name]
+            if name in positional and positional.index(name) < len(call.args):
+                passed.append(call.args[positional.index(name)])
+            if not passed or not all(self.ok(v, self.function_of(call)) for v in passed):
+                return False
+        return True
+
+
+def statement_problems(path: Path) -> tuple[int, list[str]]:
+    """Executing calls in ``path`` whose statement is not one of a .sql file: (calls seen, problems)."""
+    tree = ast.parse(path.read_text(), str(path))
+    rule = StatementRule(tree)
+    seen, problems = 0, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in EXECUTING and node.args:
+            seen += 1
+            if not rule.ok(node.args[0], rule.function_of(node)):
+                problems.append(f"{path.name}:{node.lineno}: {ast.unparse(node.args[0])[:100]}")
+    return seen, problems
+
+
+def test_every_statement_sent_is_one_of_a_query_file():
+    """Values reach the database as parameters: no statement is built from text at run time."""
+    seen, problems = 0, []
+    for path in QUERY_MODULES:
+        n, found = statement_problems(path)
+        seen += n
+        problems += found
+    assert seen >= 40  # the scan does see the query layer
+    assert problems == []
+
+
+def test_the_statement_rule_catches_a_statement_built_at_run_time(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from psycopg import sql\n"
+        "SQL = loader.load('jobs')\n"
+        "def find(conn, name):\n"
+        "    return conn.execute(f\"SELECT id FROM inversions WHERE username = '{name}'\")\n"
+        "def find2(conn, name):\n"
+        "    return conn.execute(SQL.claim + name)\n"
+        "def find3(conn, cond):\n"
+        "    return conn.execute(sql.SQL(SQL.get_jobs).format(sql.Literal(cond)))\n"
+        "def run(conn, query):\n"
+        "    return conn.execute(query)\n"
+        "def main(conn, argv):\n"
+        "    run(conn, argv[1])\n"
+        "def fine(conn, name):\n"
+        "    conn.execute(sql.SQL(SQL.create_login).format(login=sql.Identifier(name)))\n"
+        "    return conn.execute(SQL.claim, {'name': name})\n"
+    )
+    seen, problems = statement_problems(bad)
+    assert seen == 6
+    assert [p.split(":")[1] for p in problems] == ["4", "6", "8", "10"]
+
+
+def _composed(path: Path) -> set[str]:
+    """The statements a wrapper module composes with psycopg.sql (``sql.SQL(SQL.name)``)."""
+    return {
+        node.args[0].attr
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "sql.SQL"
+        and node.args and isinstance(node.args[0], ast.Attribute)
+    }
+
+
+def formatting_problems(statements, composed: set[str]) -> list[str]:
+    """Statements a value could be spliced into by Python formatting rather than bound as a parameter."""
+    problems = []
+    for statement in statements:
+        bare = _QUOTED_OR_COMMENT.sub("", statement.sql)
+        stray = _PLACEHOLDER.sub("", statement.sql.replace("%%", ""))
+        if "%" in stray:
+            problems.append(f"{statement.name}: a % that is not a %(name)s placeholder")
+        if ("{" in bare or "}" in bare) and statement.name not in composed:
+            problems.append(f"{statement.name}: {{...}} in a statement not composed with sql.Identifier")
+    return problems
+
+
+def test_query_files_take_values_only_as_named_parameters():
+    """In the .sql files: values are %(name)s placeholders; {slots} only in statements composed with
+    sql.Identifier (role names); no other formatting a value could be spliced through."""
+    from cr_queue.queries import loader
+
+    problems = []
+    for sql_file in sorted(QUERIES.glob("*.sql")):
+        wrapper = sql_file.with_suffix(".py")
+        composed = _composed(wrapper) if wrapper.exists() else set()
+        problems += [f"{sql_file.name} {p}" for p in formatting_problems(loader.load(sql_file.stem), composed)]
+    assert problems == []
+    bad = loader.parse(
+        "-- name: a\n-- A.\nSELECT 1 WHERE x = '%s'\n"
+        "-- name: b\n-- B.\nSELECT '{}'::text[] FROM {table}\n"
+        "-- name: c\n-- C.\nCREATE ROLE {login} LOGIN -- {comment}, 100%% sure\n",
+        "bad.sql",
+    )
+    assert [p.split(":")[0] for p in formatting_problems(bad, {"c"})] == ["a", "b"]
+
+
+def test_psycopg_sql_composition_only_in_the_query_layer():
+    from .test_layers import HISTORY, STORE_NOT_YET_CONVERTED
+
+    problems = []
+    for path in SOURCES:
+        where = str(path.relative_to(PACKAGE.parent))
+        if path.parent == QUERIES or where in HISTORY or where in STORE_NOT_YET_CONVERTED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module == "psycopg":
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module == "psycopg.sql":
+                names = ["sql"]
+            elif isinstance(node, ast.Import):
+                names = ["sql" for a in node.names if a.name == "psycopg.sql"]
+            if "sql" in names:
+                problems.append(f"{where}:{node.lineno}")
+    assert problems == []
+
+
+# TEMPORARY: the modules of cr_queue/store/ still hold their SQL as Python strings
+# (tests/test_layers.py STORE_NOT_YET_CONVERTED; branch `store` moves it into
+# queries/blobs.sql).  Until then their statements are held to the former rule:
+# built from constants of the code only.  Delete this block with that exemption.
+
 SQL_WORDS = re.compile(
     r"\b(SELECT|INSERT INTO|UPDATE|DELETE FROM|FROM|WHERE|VALUES|RETURNING|LISTEN|NOTIFY|GRANT|REVOKE|"
     r"CREATE|DROP|ALTER|SET|AND|JOIN|ORDER BY|GROUP BY|COPY|TRUNCATE|LIMIT|WITH)\b"
 )
-# Calls whose result cannot carry SQL text of a user's choosing.
 HARMLESS_CALLS = {"bool", "int", "float", "len", "str.join"}
-EXECUTING = {"execute", "executemany", "copy", "stream"}
 
 
 def _is_sql(text: str) -> bool:
@@ -200,23 +407,27 @@ def _formats_sql(module: Module, receiver: ast.AST) -> bool:
     return False
 
 
-def test_every_sql_statement_is_built_from_code_constants_only():
+def test_sql_not_yet_in_query_files_is_built_from_code_constants_only():
     """Values reach the database as parameters; f-strings and format() only splice constants.
 
-    Allowed: module constants (LOCK_NAMESPACE, event names, column lists), helpers
-    whose every call passes constants, psycopg.sql composition.  Anything else
-    spliced into SQL text would let a value change the statement.
+    Allowed: module constants, helpers whose every call passes constants,
+    psycopg.sql composition.  Anything else spliced into SQL text would let a
+    value change the statement.
     """
+    from .test_layers import STORE_NOT_YET_CONVERTED
+
+    if not STORE_NOT_YET_CONVERTED:
+        pytest.skip("every statement is in a query file: delete this block")
     problems = []
     checked = 0
-    for path in SOURCES:
+    for path in sorted(PACKAGE.parent / where for where in STORE_NOT_YET_CONVERTED):
         module = Module.load(path)
         checker = Checker(module)
         for node, value in _sql_sinks(module):
             checked += 1
             if not checker.safe(value, module.function_of(node)):
                 problems.append(f"{module.where(node)}: {ast.unparse(value)[:100]}")
-    assert checked > 50  # the scan does see the query layer
+    assert checked > 10  # the scan does see the store
     assert problems == []
 
 

@@ -20,8 +20,8 @@ from psycopg import conninfo, errors
 
 from cr_queue import add
 from cr_queue.tomodir import archive
-from cr_queue.queries import jobs
-from cr_queue.queries import roles
+from cr_queue.queries import jobs, workers
+from cr_queue.queries import admin, roles
 from cr_queue import store
 from cr_queue.tomodir import synth
 from cr_queue.db.connection import Database
@@ -94,8 +94,8 @@ def test_a_user_sees_only_own_jobs_and_others_as_anonymous_counts(db_url, two_us
         assert jobs.events_of(bob, alice_jobs[0]) == []
         assert jobs.events_of(bob, bob_jobs[0]) != []
         assert bob.execute("SELECT count(*) FROM events").fetchone()[0] == len(jobs.events_of(bob, bob_jobs[0]))
-        counts = roles.queue_counts(bob)
-    assert counts == [{"status": "queued", "job_group": None, "jobs": 3}]
+        counts = admin.queue_counts(bob)
+    assert counts == [{"status": "queued", "group": None, "jobs": 3}]
     with connect_as(db_url, ALICE) as alice:
         assert sorted(r[0] for r in alice.execute("SELECT id FROM inversions")) == sorted(alice_jobs)
 
@@ -268,7 +268,7 @@ def test_a_worker_claims_runs_and_completes_but_cannot_delete(db_url, two_users,
     alice_jobs, bob_jobs = two_users
     with connect_as(db_url, NODE) as node:
         assert roles.access(node) == "worker"
-        wid = jobs.register_worker(
+        wid = workers.register_worker(
             node, name="n1", host="node01", pid=3, version="t", jobs=1, threads=1, groups=[], solvers={}
         )
         actor = jobs.Actor(os_user="crh", host="node01", pid=3, worker_id=wid)

@@ -20,7 +20,7 @@ import pytest
 
 from psycopg import conninfo
 
-from cr_queue.queries import jobs
+from cr_queue.queries import jobs, workers
 from cr_queue.queries import roles
 from cr_queue.tomodir import synth
 
@@ -74,7 +74,7 @@ def _sql(db_url, query, params=None):
 
 def _live_worker(db_url, name="node-a", host="node07", slots=2, threads=1) -> int:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        return jobs.register_worker(
+        return workers.register_worker(
             conn, name=name, host=host, pid=4242, version="9.9", jobs=slots, threads=threads, groups=["g1"],
             solvers={"crtomo": {"path": "/opt/CRTomo", "sha256": "ab" * 32, "size": 10, "version": "CRTomo 1.2"}},
         )
@@ -109,13 +109,6 @@ def busy(tmp_path, cli_env, db_url):
     running = [r[0] for r in _sql(db_url, "SELECT id FROM inversions WHERE status = 'queued' ORDER BY id LIMIT 2")]
     _run_as(db_url, running, wid)
     return {"tree": tree, "worker_id": wid, "running": running}
-
-
-def test_status_knows_every_job_state():
-    from cr_queue import status as status_service
-    from cr_queue.db import schema
-
-    assert status_service.JOB_STATES == schema.JOB_STATES
 
 
 def test_json_shape_and_numbers(busy, cli_env):

@@ -21,7 +21,8 @@ from cr_queue.tomodir.archive import headers
 from cr_queue.queries import jobs
 from cr_queue import store
 from cr_queue.tomodir import synth
-from cr_queue.db.connection import Database, DatabaseError, open_database
+from cr_queue.database import open_database
+from cr_queue.db.connection import Database, DatabaseError
 
 from .conftest import run, script
 from .test_queue import ACTOR, _queued, _worker

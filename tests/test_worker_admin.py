@@ -12,7 +12,7 @@ import subprocess
 import psycopg
 from psycopg import conninfo
 
-from cr_queue.queries import jobs
+from cr_queue.queries import jobs, workers
 from cr_queue.queries import roles
 from cr_queue.tomodir import synth
 
@@ -28,7 +28,7 @@ def _sql(db_url, query, params=None):
 
 def _worker(db_url, name, host="node07", **kw) -> int:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        return jobs.register_worker(
+        return workers.register_worker(
             conn, name=name, host=host, pid=kw.get("pid", 100), version="0.1.0", jobs=kw.get("jobs", 2),
             threads=kw.get("threads", 4), groups=kw.get("groups", []),
             solvers={"crtomo": {"path": "/opt/bin/CRTomo", "sha256": "cd" * 32, "size": 1}},
@@ -45,7 +45,7 @@ def test_worker_list(cli_env, db_url):
     b = _worker(db_url, "b", host="node08")
     old = _worker(db_url, "old")
     with psycopg.connect(db_url, autocommit=True) as conn:
-        jobs.stop_worker(conn, old, "queue empty")
+        workers.stop_worker(conn, old, "queue empty")
     _sql(db_url, "UPDATE workers SET datetime_stopped = now() - interval '2 hours' WHERE id = %s", (old,))
     report = json.loads(run([script("crh"), "worker", "list", "--json"], cli_env).stdout)
     listed = {w["id"]: w for w in report["workers"]}
@@ -66,7 +66,7 @@ def test_drain_and_stop_set_the_request(cli_env, db_url):
     c = _worker(db_url, "c", host="node10")
     gone = _worker(db_url, "gone")
     with psycopg.connect(db_url, autocommit=True) as conn:
-        jobs.stop_worker(conn, gone, "queue empty")
+        workers.stop_worker(conn, gone, "queue empty")
 
     report = json.loads(run([script("crh"), "worker", "drain", "a", "b", "--json"], cli_env).stdout)
     assert {w["id"] for w in report["changed"]} == {a, b1, b2} and report["problems"] == []

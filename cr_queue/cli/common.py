@@ -170,10 +170,10 @@ def setup_logging(level: str) -> None:
 
 
 def open_db(db_url: str | None, **settings_kw: Any) -> tuple[config.Settings, db.Database]:
-    from cr_queue.db import connection as db
+    from cr_queue.database import open_database
 
     settings = config.load(db=db_url, **settings_kw)
-    return settings, db.open_database(settings)
+    return settings, open_database(settings)
 
 
 class Duration(click.ParamType):

@@ -6,7 +6,8 @@ import click
 
 from cr_queue import config
 from cr_queue.db import migrate
-from cr_queue.db.connection import Database, DatabaseError, open_database
+from cr_queue.database import open_database
+from cr_queue.db.connection import Database, DatabaseError
 from cr_queue.cli.common import db_option, fail, handle_errors, reports
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
 import click
+
+from cr_queue.util.times import when  # noqa: F401  (fmt.when, as the commands call it)
 
 
 def duration(seconds: float | None) -> str:
@@ -34,17 +35,6 @@ def size(n: int | None) -> str:
             return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1000
     return f"{n} B"
-
-
-def when(moment: str | datetime | None) -> str:
-    """A timestamp (datetime or ISO string) as local 'YYYY-MM-DD HH:MM:SS'."""
-    if not moment:
-        return "-"
-    try:
-        value = moment if isinstance(moment, datetime) else datetime.fromisoformat(moment)
-    except ValueError:
-        return str(moment)
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "  ") -> list[str]:

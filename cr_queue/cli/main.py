@@ -98,6 +98,7 @@ def _worker_group() -> click.Command:
         "show": ".show:show_command",
         "cleanup": ".cleanup:cleanup_command",
         "node": ".workers:node_group",
+        "web": ".web:web_command",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -1,25 +1,18 @@
-"""Opening the database a command should talk to, with errors a person can act on.
+"""Connections to the database, with errors a person can act on.
 
-Every command goes through :func:`open_database`: it resolves the location
-(option, environment, config, legacy file, embedded default), starts the
-embedded cluster when that is the choice, and makes sure the schema is the
-one this version expects before any job is touched.
+:class:`Database` says where the database is; :func:`connect` opens a
+connection to it.  Which database a command talks to, started and at the
+right schema, is decided by ``cr_queue.database.open_database``.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 from dataclasses import dataclass, field
-from importlib import resources
 
 import psycopg
 
 from cr_queue import config
 from cr_queue import store
-
-log = logging.getLogger(__name__)
-
 
 KEEPALIVE = {
     "keepalives": 1,
@@ -95,110 +88,3 @@ def unreachable_message(url: str, source: str, exc: BaseException) -> str:
         "(--db, CRH_DATABASE_URL or [database] url in the config); "
         "without any of them cr_queue uses its embedded database."
     )
-
-
-def open_database(
-    settings: config.Settings, *, start_embedded: bool = True, check_schema: bool = True
-) -> Database:
-    """Resolve and, for the embedded default, start the database; check its schema.
-
-    The archive store comes from ``[store] path``; a directory this host
-    cannot read is reported here, before any job is touched."""
-    chosen = _store_of(settings)
-    db = _open(settings, start_embedded=start_embedded, check_schema=check_schema)
-    return Database(url=db.url, source=db.source, embedded=db.embedded, store=chosen)
-
-
-def _store_of(settings: config.Settings) -> store.Store:
-    where = str(settings.config_path) if settings.config_path else "the config"
-    try:
-        chosen = store.from_settings(settings.raw, source=where)
-        if isinstance(chosen, store.DirectoryStore):
-            chosen.check()
-    except (ValueError, store.StoreUnavailable) as exc:
-        raise DatabaseError(str(exc)) from None
-    return chosen
-
-
-def _open(settings: config.Settings, *, start_embedded: bool, check_schema: bool) -> Database:
-    if settings.database_url is None:
-        from cr_queue.db import embedded
-
-        cluster = embedded.default_cluster()
-        if start_embedded:
-            try:
-                cluster.start()
-            except embedded.EmbeddedError as exc:
-                raise DatabaseError(str(exc)) from None
-        db = Database(url=cluster.url, source="embedded", embedded=True)
-        if start_embedded:
-            # The private cluster is ours to keep current: nobody else would run the upgrade.
-            ensure_schema(db, upgrade=True)
-        return db
-    db = Database(url=settings.database_url, source=settings.database_source, embedded=False)
-    if check_schema:
-        ensure_schema(db, upgrade=False)
-    return db
-
-
-def ensure_schema(db: Database, *, upgrade: bool) -> None:
-    # The common case (schema current) is answered without alembic and
-    # SQLAlchemy, whose import was a third of every command's start-up.
-    if _quick_revision_check(db):
-        return
-    from cr_queue.db import migrate
-
-    expected = migrate.head()
-    try:
-        have = migrate.current(db.url)
-    except Exception as exc:  # sqlalchemy wraps psycopg's errors
-        raise DatabaseError(unreachable_message(db.url, db.source, exc)) from None
-    if have == expected:
-        return
-    if upgrade:
-        log.info("upgrading the schema of %s from %s to %s", db.redacted, have, expected)
-        migrate.upgrade(db.url)
-        return
-    raise DatabaseError(
-        f"the database {db.redacted} has schema version {have or 'none'}, this cr_queue needs {expected}. "
-        "Run `crh db upgrade` (as a role allowed to change the schema) and try again."
-    )
-
-
-_REVISION = re.compile(r"^revision\s*=\s*[\"']([^\"']+)[\"']", re.M)
-_DOWN_REVISION = re.compile(r"^down_revision\s*=\s*(.+)$", re.M)
-
-
-def _head_revision() -> str | None:
-    """The newest migration, read from the migration files themselves; None if unsure."""
-    revisions: set[str] = set()
-    parents: set[str] = set()
-    try:
-        for entry in resources.files("cr_queue.db.migrations").joinpath("versions").iterdir():
-            if not entry.name.endswith(".py") or entry.name.startswith("__"):
-                continue
-            text = entry.read_text(encoding="utf-8")
-            revision, down = _REVISION.search(text), _DOWN_REVISION.search(text)
-            if revision is None or down is None:
-                return None
-            revisions.add(revision.group(1))
-            parents.update(re.findall(r"[\"']([^\"']+)[\"']", down.group(1)))
-    except (OSError, ModuleNotFoundError):
-        return None
-    heads = revisions - parents
-    return heads.pop() if len(heads) == 1 else None
-
-
-def _quick_revision_check(db: Database) -> bool:
-    """True when the database's schema is this version's, by one plain query."""
-    head = _head_revision()
-    if head is None:
-        return False
-    try:
-        with psycopg.connect(db.url, autocommit=True, connect_timeout=10) as conn:
-            row = conn.execute(
-                "SELECT version_num FROM alembic_version WHERE to_regclass('alembic_version') IS NOT NULL"
-            ).fetchone()
-    except psycopg.Error:
-        return False  # the full check reports what is wrong
-    return row is not None and row[0] == head

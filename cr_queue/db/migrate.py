@@ -2,7 +2,10 @@
 
 alembic and SQLAlchemy are imported only when a migration function runs:
 importing them cost every command a third of its start-up (0.3 s), and
-commands check the schema version without them (db.ensure_schema).
+commands check the schema version without them (cr_queue.database.ensure_schema
+compares the database's revision with :func:`head`).  This module sends no
+SQL of its own: alembic runs the migrations, and SQLAlchemy's inspector looks
+at the tables before the first one.
 """
 
 from __future__ import annotations
@@ -49,26 +52,30 @@ class ForeignSchema(Exception):
     """The database already holds tables cr_queue did not create (cr_hydra's, typically)."""
 
 
-_FOREIGN = """
-SELECT array_agg(tablename ORDER BY tablename) FROM pg_tables
-WHERE schemaname = current_schema() AND tablename IN ('inversions', 'binary_data')
-  AND NOT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'alembic_version')
-"""
+# Tables of cr_hydra's schema: found without alembic's own table, the database is cr_hydra's.
+_CR_HYDRA_TABLES = ("binary_data", "inversions")
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    from alembic import command
+    _run(url, _upgrade_own_schema, revision)
 
-    with psycopg.connect(url) as conn:
-        foreign = conn.execute(_FOREIGN).fetchone()[0]
-    if foreign:
-        raise ForeignSchema(
-            f"the database already has the tables {', '.join(foreign)} but no cr_queue schema: it looks "
-            "like a cr_hydra database. cr_queue keeps its jobs in a database of its own: create one "
-            "(e.g. `createdb crqueue`) and point --db at it; the old one stays as it is "
-            "(see docs/migrating-from-cr_hydra.md)."
-        )
-    _run(url, command.upgrade, revision)
+
+def _upgrade_own_schema(cfg: Config, revision: str) -> None:
+    """Upgrade, unless the tables there are another program's (cr_hydra's, typically)."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    tables = inspect(cfg.attributes["connection"])
+    if not tables.has_table("alembic_version"):
+        foreign = [name for name in _CR_HYDRA_TABLES if tables.has_table(name)]
+        if foreign:
+            raise ForeignSchema(
+                f"the database already has the tables {', '.join(foreign)} but no cr_queue schema: it looks "
+                "like a cr_hydra database. cr_queue keeps its jobs in a database of its own: create one "
+                "(e.g. `createdb crqueue`) and point --db at it; the old one stays as it is "
+                "(see docs/migrating-from-cr_hydra.md)."
+            )
+    command.upgrade(cfg, revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
@@ -78,9 +85,14 @@ def downgrade(url: str, revision: str = "base") -> None:
 
 
 def head() -> str:
-    from alembic.script import ScriptDirectory
+    """The newest migration's revision: the schema this version of cr_queue needs.
 
-    return ScriptDirectory.from_config(_config()).get_current_head()
+    Written out here, the one place the running code learns it: asking alembic
+    would cost every command alembic's import, and reading the migration files
+    would be a second reader of what alembic reads.  A new migration changes
+    it; tests/test_migrations.py checks it is alembic's head.
+    """
+    return "0004"
 
 
 def current_of(conn: Connection) -> str | None:

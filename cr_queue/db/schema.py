@@ -27,8 +27,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
-JOB_STATES = ("registering", "queued", "running", "finished", "failed", "cancelled")
+from cr_queue.job_states import JobStatus
+
 SIM_TYPES = ("mod", "inv")
+# The CHECK constraint on inversions.status, built from the one list of states; its text
+# is exactly what migration 0001 created (tests/test_migrations.py compares them).
+STATUS_CHECK = "status IN (" + ", ".join(f"'{state}'" for state in JobStatus) + ")"
 
 metadata = MetaData(
     naming_convention={
@@ -148,9 +152,16 @@ inversions = Table(
     Column("job_group", Text, nullable=True),
     Column("threads", Integer, nullable=False, server_default=text("1")),
     Column("timeout_s", Integer, nullable=True),
-    # attempt is the fencing token: it only ever grows, every worker write names it.
+    # Three numbers count a job's runs:
+    # * attempt: the fencing number.  Each claim starts a new attempt; every later
+    #   write of the worker names it, and a write naming an attempt that is no longer
+    #   current is refused.  It only ever grows.
+    # * tries: the claims that count against max_attempts.  A claim adds one; a
+    #   graceful give-back (release: shutdown, broken node) takes it back; a requeue
+    #   starts again from 0.
+    # * max_attempts: how many tries a job whose worker keeps getting lost gets before
+    #   the rescue sweep fails it (crh_add --max-attempts).
     Column("attempt", Integer, nullable=False, server_default=text("0")),
-    # tries counts the attempts that burned a chance (a graceful give-back does not).
     Column("tries", Integer, nullable=False, server_default=text("0")),
     Column("max_attempts", Integer, nullable=False, server_default=text("3")),
     Column("worker_id", BigInteger, ForeignKey("workers.id", ondelete="SET NULL"), nullable=True),
@@ -169,10 +180,7 @@ inversions = Table(
     _time("datetime_downloaded"),
     # The sipdir a frequency's tomodir belongs to: one line in status, one retrieve.
     Column("sipdir", Text, nullable=True),
-    CheckConstraint(
-        "status IN ('registering', 'queued', 'running', 'finished', 'failed', 'cancelled')",
-        name="status",
-    ),
+    CheckConstraint(STATUS_CHECK, name="status"),
     CheckConstraint("sim_type IN ('mod', 'inv')", name="sim_type"),
     CheckConstraint("threads >= 1", name="threads"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),

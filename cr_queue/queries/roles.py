@@ -11,18 +11,21 @@ binds them; a login is given exactly one of them:
   is exempt from row security anyway).
 
 Role names are identifiers, never parameters, so they are quoted with
-:class:`psycopg.sql.Identifier` after :func:`check_login_name` accepted them.
+:class:`psycopg.sql.Identifier` after :func:`check_login_name` accepted them
+(``roles.sql``'s ``{login}`` and ``{group}``).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 from psycopg import errors, sql
-from psycopg.rows import dict_row
+
+from cr_queue.queries import loader
+
+SQL = loader.load("roles")
 
 ADMIN = "crh_admin"
 WORKER = "crh_worker"
@@ -67,21 +70,12 @@ def check_login_name(name: str) -> str:
     return name
 
 
-_GROUP_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = %s)"
-_ROLE = "SELECT rolcanlogin, rolsuper FROM pg_roles WHERE rolname = %s"
-_MEMBER_OF = """
-SELECT g.rolname FROM pg_auth_members m
-JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member
-WHERE u.rolname = %s AND g.rolname = ANY(%s) ORDER BY 1
-"""
-
-
 def grant(conn: psycopg.Connection, name: str, group: str) -> Grant:
     """Create the login role ``name`` if it is missing (no password) and make it a member of ``group``."""
     check_login_name(name)
     if group not in GROUPS:
         raise ValueError(group)
-    if not conn.execute(_GROUP_EXISTS, (group,)).fetchone()[0]:
+    if not conn.execute(SQL.group_exists, {"group": group}).fetchone()[0]:
         raise RoleError(
             f"the group role {group} does not exist in this cluster: run `crh db upgrade` first "
             "(as the database owner, with CREATEROLE)"
@@ -89,17 +83,18 @@ def grant(conn: psycopg.Connection, name: str, group: str) -> Grant:
     row = None
     try:
         with conn.transaction():
-            row = conn.execute(_ROLE, (name,)).fetchone()
+            row = conn.execute(SQL.role, {"name": name}).fetchone()
             created = row is None
             if created:
-                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+                conn.execute(sql.SQL(SQL.create_login).format(login=sql.Identifier(name)))
                 can_login = True
             else:
                 can_login = bool(row[0])
-            before = [r[0] for r in conn.execute(_MEMBER_OF, (name, list(GROUPS)))]
+            before = [r[0] for r in conn.execute(SQL.member_of, {"name": name, "groups": list(GROUPS)})]
             already = group in before
             if not already:
-                conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(name)))
+                grant_group = sql.SQL(SQL.grant_group).format(group=sql.Identifier(group), login=sql.Identifier(name))
+                conn.execute(grant_group)
     except errors.InsufficientPrivilege as exc:
         who = conn.info.user
         raise RoleError(
@@ -117,32 +112,10 @@ def grant(conn: psycopg.Connection, name: str, group: str) -> Grant:
     )
 
 
-# ------------------------------------------------------------------ status helpers
-
-_QUEUE_COUNTS = "SELECT status, job_group, jobs FROM crh_queue_counts()"
-
-_ACCESS = """
-SELECT pg_has_role('crh_admin', 'USAGE') AS admin,
-       pg_has_role((SELECT relowner FROM pg_class WHERE oid = 'inversions'::regclass), 'USAGE') AS owner,
-       pg_has_role('crh_worker', 'USAGE') AS worker,
-       pg_has_role('crh_user', 'USAGE') AS user
-"""
-
-
-def queue_counts(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Every job in the queue as anonymous counts by status and group (no names, paths, hashes).
-
-    Calls the SECURITY DEFINER function ``crh_queue_counts()``, which any
-    cr_queue role may call: the way a user's status shows others' jobs.
-    """
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(_QUEUE_COUNTS).fetchall()
-
-
 def access(conn: psycopg.Connection) -> str:
     """What the connected role sees: 'admin' (or owner, or superuser): every row;
     'worker': every job, archives of held jobs; 'user': own jobs only; 'none'."""
-    row = conn.execute(_ACCESS).fetchone()
+    row = conn.execute(SQL.access).fetchone()
     admin, owner, worker, user = row
     if admin or owner:
         return "admin"

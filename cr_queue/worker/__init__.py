@@ -39,7 +39,8 @@ import psycopg
 
 from cr_queue import __version__
 from cr_queue.tomodir import archive
-from cr_queue.queries import jobs
+from cr_queue.job_states import JobStatus
+from cr_queue.queries import jobs, session, workers
 from cr_queue.solvers import solvers
 from cr_queue import store
 from cr_queue.db.connection import Database, DatabaseError
@@ -125,7 +126,7 @@ class Worker:
         self.host = socket.gethostname()
         self.name = options.name or f"{self.host}-{os.getpid()}"
         self.on_event = on_event or (lambda message: log.info("%s", message))
-        # (job id, "finished" or "failed", the event's text): for whoever counts the jobs that ended.
+        # (job id, JobStatus.FINISHED or FAILED, the event's text): for whoever counts the jobs that ended.
         self.on_job_end = on_job_end or (lambda job_id, status, message: None)
         self.tally = Tally()
         self.exit_code = 0
@@ -144,7 +145,7 @@ class Worker:
         self._held: dict[int, _Running] = {}
         self._claim_lock = threading.Lock()
         self._cpus_used = 0
-        self._orders = jobs.Orders()
+        self._orders = workers.Orders()
         self._last_renewal = time.monotonic()
         self._drain_deadline: float | None = None
         self._started = time.monotonic()
@@ -157,8 +158,8 @@ class Worker:
 
     def run(self) -> int:
         control = self.db.connect(f"crh_worker {self.name} control", keepalive=True)
-        jobs.bound_idle_transactions(control, self._idle_transaction_limit)
-        self.worker_id = jobs.register_worker(
+        session.bound_idle_transactions(control, self._idle_transaction_limit)
+        self.worker_id = workers.register_worker(
             control,
             name=self.name,
             host=self.host,
@@ -170,7 +171,7 @@ class Worker:
             solvers=self._solver_info,
         )
         self.actor = jobs.Actor(worker_id=self.worker_id)
-        self._obey(jobs.beat(control, self.worker_id, draining=False))
+        self._obey(workers.beat(control, self.worker_id, draining=False))
         self.on_event(
             f"worker {self.name} (id {self.worker_id}) started: {self.options.jobs} job(s) at a time, "
             f"{self.options.threads} thread(s) each, solvers: "
@@ -196,7 +197,7 @@ class Worker:
             self._finished.set()
             beat.join(timeout=10)
             self._discard(None)
-        self._run_db(lambda conn: jobs.stop_worker(conn, self.worker_id, self.stop_reason), control)
+        self._run_db(lambda conn: workers.stop_worker(conn, self.worker_id, self.stop_reason), control)
         self.on_event(
             f"worker {self.name} stopped ({self.stop_reason}): {self.tally.finished} finished, "
             f"{self.tally.failed} failed"
@@ -246,7 +247,7 @@ class Worker:
                     control = self._connect("control")
                     backoff = 0.5
                     next_rescue = 0.0
-                jobs.listen(control, jobs=False)
+                workers.listen(control, jobs=False)
                 self._token = False  # a new session holds no lock
                 while any(t.is_alive() for t in slots):
                     for note in control.notifies(timeout=0.25, stop_after=1):
@@ -266,7 +267,7 @@ class Worker:
         return control
 
     def _on_notify(self, note) -> None:
-        if note.channel == jobs.CANCEL_CHANNEL:
+        if note.channel == workers.CANCEL_CHANNEL:
             with self._lock:
                 running = self._held.get(int(note.payload or 0))
             if running is not None:
@@ -279,15 +280,15 @@ class Worker:
 
     def _follow_token(self, conn: psycopg.Connection, n_slots: int) -> None:
         """Hold the wake token (and LISTEN for new jobs) while a slot is idle, pass it on when
-        none is: then a new job wakes one worker, not every idle one (jobs.take_wake_token)."""
+        none is: then a new job wakes one worker, not every idle one (workers.take_wake_token)."""
         with self._lock:
             idle = self._busy < n_slots and not self._stopping.is_set()
         if idle and not self._token:
-            if jobs.take_wake_token(conn, self._token_key):
+            if workers.take_wake_token(conn, self._token_key):
                 self._token = True
                 self._kick(one=True)  # a job may have come while nobody was listening
         elif self._token and not idle:
-            jobs.give_wake_token(conn, self._token_key)
+            workers.give_wake_token(conn, self._token_key)
             self._token = False
 
     @property
@@ -415,7 +416,7 @@ class Worker:
             conn = self.db.connect(f"crh_worker {self.name} {role}", keepalive=True)
         except DatabaseError as exc:
             raise psycopg.OperationalError(str(exc)) from None
-        jobs.bound_idle_transactions(conn, self._idle_transaction_limit)
+        session.bound_idle_transactions(conn, self._idle_transaction_limit)
         return conn
 
     @property
@@ -569,10 +570,10 @@ class Worker:
             try:
                 if conn is None or conn.closed:
                     conn = self._connect("heartbeat")
-                    if not jobs.hold_worker_lock(conn, self.worker_id):
+                    if not workers.hold_worker_lock(conn, self.worker_id):
                         log.warning("worker lock %s already held by an old session", self.worker_id)
                     backoff = 0.5
-                self._obey(jobs.beat(conn, self.worker_id, draining=self._stopping.is_set()))
+                self._obey(workers.beat(conn, self.worker_id, draining=self._stopping.is_set()))
                 with self._lock:
                     held = [(r.job.id, r.job.attempt) for r in self._held.values()]
                 # The lease runs from when the statement reached the server, not from
@@ -596,7 +597,7 @@ class Worker:
         if conn is not None:
             conn.close()
 
-    def _obey(self, orders: jobs.Orders) -> None:
+    def _obey(self, orders: workers.Orders) -> None:
         """Apply what an admin set in the database: a drain/stop request, node settings."""
         previous, self._orders = self._orders, orders
         if orders.requested == "stop" and previous.requested != "stop":
@@ -650,7 +651,7 @@ class Worker:
                 if ok:
                     self.tally.finished += 1
                     files = sum(1 for m in members if (tomodir / m).is_file())
-                    self._ended(job, "finished", f"job {job.id}: finished ({files} result files)")
+                    self._ended(job, JobStatus.FINISHED, f"job {job.id}: finished ({files} result files)")
                 else:
                     self._refused(job, by_database=ok is False)
                 return
@@ -792,11 +793,11 @@ class Worker:
         )
         if ok:
             self.tally.failed += 1
-            self._ended(job, "failed", f"job {job.id}: failed ({category}): {reason}")
+            self._ended(job, JobStatus.FAILED, f"job {job.id}: failed ({category}): {reason}")
         else:
             self._refused(job, by_database=ok is False)
 
-    def _ended(self, job: jobs.Job, status: str, message: str) -> None:
+    def _ended(self, job: jobs.Job, status: JobStatus, message: str) -> None:
         self.on_event(message)
         self.on_job_end(job.id, status, message)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cr_queue.db.embedded.errors import EmbeddedError
 
-REQUIRED_BINARIES = ("postgres", "initdb", "pg_ctl")
+REQUIRED_BINARIES = ("postgres", "initdb", "pg_ctl", "createdb")
 
 
 def find_bindir(env: Mapping[str, str] | None = None, *, major: str | None = None) -> Path:

@@ -22,7 +22,6 @@ from urllib.parse import quote
 
 import platformdirs
 import psycopg
-from psycopg import sql
 
 from cr_queue.db.embedded import server_user
 from cr_queue.db.embedded.binaries import find_bindir, major_version, server_version
@@ -263,12 +262,28 @@ class Cluster:
                 raise self._error(f"cannot create database {self.dbname!r} ({exc})") from exc
 
     def _ensure_database(self) -> None:
-        with psycopg.connect(self._url("postgres"), autocommit=True, connect_timeout=5) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (self.dbname,)
-            ).fetchone()
-            if exists is None:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.dbname)))
+        """Connect to the cluster's database; create it with createdb when it is missing.
+
+        Like initdb and pg_ctl, createdb is one of the server's own programs:
+        this module drives the cluster with them and sends no SQL itself (every
+        statement cr_queue sends lives in cr_queue/queries/).
+        """
+        try:
+            psycopg.connect(self.url, connect_timeout=5).close()
+            return
+        except psycopg.OperationalError as exc:
+            # The cluster is initialised with --locale=C, so the server says this in English.
+            if f'database "{self.dbname}" does not exist' not in str(exc):
+                raise  # not up yet: the caller retries
+        result = self._run(
+            [str(self.bindir / "createdb"), f"--maintenance-db={self._url('postgres')}", "--", self.dbname],
+            timeout=60,
+        )
+        try:
+            psycopg.connect(self.url, connect_timeout=5).close()  # also when another process created it first
+        except psycopg.OperationalError as exc:
+            detail = (result.stdout + result.stderr).strip() or str(exc).strip()
+            raise self._error(f"cannot create database {self.dbname!r} ({detail})") from exc
 
     # -- running ------------------------------------------------------------
 

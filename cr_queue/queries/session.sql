@@ -1,0 +1,22 @@
+-- Settings of one database session and the housekeeping statements around them
+-- (wrappers: cr_queue/queries/session.py).  None of them touches a job.
+
+-- name: bound_idle_transactions
+-- Have the server end this session when it leaves a transaction open longer than timeout (e.g. '10000ms').
+SELECT set_config('idle_in_transaction_session_timeout', %(timeout)s, false);
+
+-- name: synchronous_commit
+-- Whether this session's commits wait for the WAL to reach disk ('on') or not ('off'); local: this transaction only.
+SELECT set_config('synchronous_commit', %(setting)s, %(local)s);
+
+-- name: durable_commit
+-- Commit a transaction that waits for the WAL to reach disk, and so for every earlier asynchronous commit of the server.
+SELECT txid_current();
+
+-- name: read_only_snapshot
+-- Make the transaction just begun one read-only snapshot: every query after it sees the same database.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- name: schema_revision
+-- The alembic revision the database's schema is at (fails when no migration ever ran).
+SELECT version_num FROM alembic_version;
