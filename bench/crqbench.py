@@ -359,7 +359,7 @@ def results_reference(ctx: Context, url: str, store_path: Path | None, tree_copy
             buf = io.BytesIO()
             store.fetch(conn, db.store, sha, buf)
             buf.seek(0)
-            archive.unpack(buf, results / Path(source).relative_to(tree_copy))
+            archive.unpack(buf, results / Path(source).relative_to(tree_copy), limits=archive.Limits())
     files = sum(1 for p in results.rglob("*") if p.is_file())
     size = bl.tree_bytes(results)
     ref = ctx.work / f"results-{name}.tar.zst"

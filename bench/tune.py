@@ -10,7 +10,7 @@ throwaway cluster; the medians are printed.  What is varied:
 * store/upload.py CHUNK_SIZE / BATCH_BYTES / PIPELINE_DEPTH: upload of one large
   tomodir (depth 0 = COPY in the packing thread, no pipelining);
 * store/read.py READ_BATCH: chunks per statement when fetching that archive;
-* add.ADD_THREADS and retrieve.RETRIEVE_THREADS: crh_add and crh_retrieve
+* parallel_registration.ADD_THREADS and retrieve.RETRIEVE_THREADS: crh_add and crh_retrieve
   (in-process) of a tree of 1 MB tomodirs.
 """
 
@@ -27,10 +27,10 @@ import benchlib as bl  # noqa: E402
 import crqbench  # noqa: E402
 import psycopg  # noqa: E402
 
-from cr_queue import add, retrieve
+from cr_queue import add, parallel_registration, retrieve
 from cr_queue import store  # noqa: E402
 from cr_queue.store import read, upload  # noqa: E402
-from cr_queue.tomodir import synth  # noqa: E402
+from cr_queue.tomodir import archive, synth  # noqa: E402
 from cr_queue.db.connection import Database  # noqa: E402
 
 
@@ -97,12 +97,12 @@ def main() -> int:
                     copy = work / "copy"
                     bl.rmtree(copy)
                     bl.sh(f"cp -a {tree} {copy}")
-                    add.ADD_THREADS = n
+                    parallel_registration.ADD_THREADS = n
                     adds[n].append(bl.timed(lambda: add.add(db, [copy], add.AddOptions())))
                     ctx = crqbench.Context(argparse.Namespace(smoke=True), crqbench.SMOKE, work, cluster)
                     crqbench.make_results(ctx, url, None, copy)
                     retrieve.RETRIEVE_THREADS = n
-                    rets[n].append(bl.timed(lambda: retrieve.retrieve(db, [copy])))
+                    rets[n].append(bl.timed(lambda: retrieve.retrieve(db, [copy], limits=archive.Limits())))
                     bl.rmtree(copy)
                     cluster.drop_database(url)
             for n in adds:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cr_queue import add, config, retrieve
+from cr_queue import add, config, registration, retrieve
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import discover
 from cr_queue.job_states import ENDED, RETRIEVABLE, JobStatus
@@ -30,7 +30,8 @@ from cr_queue import store
 from cr_queue.database import open_database
 from cr_queue.db.connection import Database
 
-TOMODIR_SUBDIRS = ("exe", "config", "rho", "mod", "inv", "grid")
+# What an in-memory tomodir is made of on disk, for the upload: a tomodir's directories and its grid.
+TOMODIR_SUBDIRS = (*discover.TOMODIR_SUBDIRS, "grid")
 
 
 class JobError(Exception):
@@ -39,6 +40,8 @@ class JobError(Exception):
 
 @dataclass(frozen=True)
 class JobInfo:
+    """A job as a script sees it: its row at the moment it was asked for."""
+
     id: int
     status: str
     sim_type: str
@@ -51,15 +54,17 @@ class JobInfo:
 class Queue:
     """A handle on the queue; cheap to open, holds one connection."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, limits: archive.Limits) -> None:
         self.database = database
+        self._limits = limits  # the caps on unpacking a result (config.archive_limits)
         self._conn = database.connect("cr_queue api")
         self._actor = jobs.Actor()
 
     @classmethod
     def open(cls, db: str | None = None) -> Queue:
         """Open the queue the commands would use (``db`` overrides, as ``--db`` does)."""
-        return cls(open_database(config.load(db=db)))
+        settings = config.load(db=db)
+        return cls(open_database(settings), limits=config.archive_limits(settings))
 
     def close(self) -> None:
         self._conn.close()
@@ -107,7 +112,7 @@ class Queue:
             if not isinstance(state, discover.Tomodir):
                 raise JobError("the tomodir given in memory needs no modelling or inversion")
             options = add.AddOptions(priority=priority, group=group, threads=threads, timeout_s=timeout_s)
-            return add.register_unlinked(self._conn, self.database.store, state, options, self._actor).job_id
+            return registration.register_unlinked(self._conn, self.database.store, state, options, self._actor).job_id
 
     # ------------------------------------------------------------ watching
 
@@ -161,7 +166,7 @@ class Queue:
             with tempfile.TemporaryFile() as packed:
                 store.fetch(self._conn, self.database.store, job.result_sha256, packed)
                 packed.seek(0)
-                archive.unpack(packed, dest)
+                archive.unpack(packed, dest, limits=self._limits)
         jobs.mark_downloaded(self._conn, job_id, self._actor)
         if job.status == JobStatus.FAILED:
             raise JobError(f"job {job_id} failed ({job.failure_category}): {job.failure_reason}")
@@ -169,5 +174,5 @@ class Queue:
 
     def retrieve(self, *paths: str | Path) -> retrieve.RetrieveReport:
         """Bring results into the tree below the paths, exactly as crh_retrieve does."""
-        return retrieve.retrieve(self.database, [Path(p) for p in paths])
+        return retrieve.retrieve(self.database, [Path(p) for p in paths], limits=self._limits)
 

@@ -21,9 +21,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
+
+if TYPE_CHECKING:
+    from cr_queue.tomodir.archive import Limits
 
 __all__ = ["ConfigError", "Settings", "load", "redact", "SYSTEM_CONFIG"]
 
@@ -161,29 +164,34 @@ def _validate(config: _ConfigFile) -> None:
     """Check types and permissions once, so later code can trust ``raw``."""
     path, data = config.path, config.data
     for section, keys in (("database", ("url",)), ("solvers", SOLVERS), ("store", ("path",))):
-        table = data.get(section)
-        if table is None:
-            continue
-        if not isinstance(table, dict):
-            raise ConfigError(
-                f"{path}: '{section}' must be a table; write it as a [{section}] section"
-            )
+        table = _table(path, data, section)
         for key in keys:
-            value = table.get(key)
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise ConfigError(
-                    f"{path}: [{section}] {key} must be a string, got "
-                    f"{type(value).__name__}; quote it, e.g. {key} = \"...\""
-                )
-            if not value.strip():
-                raise ConfigError(
-                    f"{path}: [{section}] {key} is empty; set a value or remove the line"
-                )
-    _validate_archive(path, data.get("archive"))
+            _check_text(path, section, key, table.get(key))
+    _validate_archive(path, _table(path, data, "archive"))
     if _has_password(data):
         _require_private(path, system=config.system)
+
+
+def _table(path: Path, data: Mapping[str, Any], section: str) -> Mapping[str, Any]:
+    """A section of the file (empty where the file has none), which must be a TOML table."""
+    table = data.get(section, {})
+    if not isinstance(table, dict):
+        article = "an" if section[0] in "aeiou" else "a"
+        raise ConfigError(f"{path}: '{section}' must be a table; write it as {article} [{section}] section")
+    return table
+
+
+def _check_text(path: Path, section: str, key: str, value: Any) -> None:
+    """A setting that is text (a URL, a path) is a non-empty string, or absent."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{path}: [{section}] {key} must be a string, got "
+            f"{type(value).__name__}; quote it, e.g. {key} = \"...\""
+        )
+    if not value.strip():
+        raise ConfigError(f"{path}: [{section}] {key} is empty; set a value or remove the line")
 
 
 ARCHIVE_KEYS = {"max_unpacked_size": "max_bytes", "max_members": "max_members"}
@@ -191,12 +199,8 @@ _SIZE = re.compile(r"(?i)\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*")
 _SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
-def _validate_archive(path: Path, table: Any) -> None:
+def _validate_archive(path: Path, table: Mapping[str, Any]) -> None:
     """[archive] max_unpacked_size = "4G", max_members = 100000: the caps of safe extraction."""
-    if table is None:
-        return
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: 'archive' must be a table; write it as an [archive] section")
     for key, value in table.items():
         if key not in ARCHIVE_KEYS:
             raise ConfigError(
@@ -221,10 +225,13 @@ def _archive_value(key: str, value: Any) -> int | None:
     return None
 
 
-def archive_limits(settings: Settings) -> dict[str, int]:
-    """The extraction caps the config sets, as keyword arguments of archive.Limits."""
+def archive_limits(settings: Settings) -> Limits:
+    """The caps of safe extraction this installation chose ([archive]), for whoever unpacks."""
+    # Imported here: the archive modules load zstandard, which only commands that unpack need.
+    from cr_queue.tomodir.archive import Limits
+
     table = settings.raw.get("archive") or {}
-    return {ARCHIVE_KEYS[key]: _archive_value(key, value) for key, value in table.items() if key in ARCHIVE_KEYS}
+    return Limits(**{ARCHIVE_KEYS[key]: _archive_value(key, value) for key, value in table.items() if key in ARCHIVE_KEYS})
 
 
 def _has_password(data: Mapping[str, Any]) -> bool:

@@ -2,18 +2,18 @@
 
 A crh_add command spends its first 0.1-0.2 s importing the database driver
 and connecting, on one core.  Packing (tar + zstd + sha256) needs neither,
-so crh_add forks its helpers *before* those imports (cli/add.py): each packs
+so crh_add forks its helpers *before* those imports (add.run): each packs
 tomodirs on a core of its own while the parent is still starting, streams
 every archive back through a pipe, and the parent stores them (the parent's
 own threads pack and store the rest meanwhile).  The helpers import nothing
 more than packing needs and never touch the database.
 
-Who packs which tomodir is decided as the work goes: every index is a 4-byte
-token in one pipe that the helpers and the parent's threads read from.  A
-pipe read of 4 bytes takes one whole token, and each token is read once, so
-every tomodir is packed exactly once, by whoever is free first.
+Who packs which tomodir is decided as the work goes: the helpers and the
+parent's threads take the indices of the tomodirs from one pipe
+(:class:`forks.WorkPipe`), so every tomodir is packed exactly once, by
+whoever is free first.
 
-A helper announces each token it takes, then sends the archive in pieces and
+A helper announces each index it takes, then sends the archive in pieces and
 finally its :class:`archive.PackResult` (or the exception that stopped it).
 It buffers up to ``budget`` bytes while the parent is not yet reading, dies
 with the parent (``PR_SET_PDEATHSIG``), and never runs the parent's exit
@@ -27,7 +27,6 @@ import collections
 import os
 import pickle
 import signal
-import struct
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
 from cr_queue.util import forks
 
-_FRAME = struct.Struct("=BIQ")  # kind, tomodir index, payload length
+# The kinds of frames (forks.FRAME) a helper sends.
 _TAKEN, _DATA, _DONE, _FAILED = 1, 2, 3, 4
 # What a helper holds while the parent is not reading (it is still starting up:
 # about 30 one-megabyte tomodirs get packed meanwhile, 4 MB), and what the
@@ -65,7 +64,7 @@ def default_processes() -> int:
 def start(todo: Sequence, *, force: bool, processes: int) -> Packers | None:
     """Fork the helpers that pack ``todo``'s new tomodirs, if there is enough work for
     them, or return None.  Only a process with no threads yet may call this (a
-    console script's own: cli/add.py calls it before importing the database driver)."""
+    console script's own: add.run calls it before importing the database driver)."""
     if processes < 2 or len(todo) < 2 or os.environ.get("CRH_PAUSE_AT"):
         return None
     fresh = unregistered(todo, force)
@@ -218,7 +217,7 @@ class Helper(forks.Child):
         super().__init__(pid)
         self._up = os.fdopen(up, "rb", buffering=PIECE)
         self._pushback: tuple[int, int, bytes] | None = None
-        # Tokens the helper took and has not delivered yet.
+        # Indices the helper took and has not delivered yet.
         self.outstanding: list[int] = []
 
     def deliveries(self) -> Iterator[Delivery]:
@@ -251,17 +250,13 @@ class Helper(forks.Child):
     def _next(self) -> tuple[int, int, bytes] | None:
         """The next frame but TAKEN ones (which only record what the helper took); None at the end."""
         while True:
-            header = self._up.read(_FRAME.size)
-            if not header:
-                return None
-            kind, index, size = _FRAME.unpack(header) if len(header) == _FRAME.size else (0, 0, 0)
-            payload = self._up.read(size) if size else b""
-            if not kind or len(payload) != size:
-                raise self._died()
-            if kind == _TAKEN:
-                self.outstanding.append(index)
-                continue
-            return kind, index, payload
+            try:
+                frame = forks.read_frame(self._up)
+            except forks.BrokenFrame:
+                raise self._died() from None
+            if frame is None or frame[0] != _TAKEN:
+                return frame
+            self.outstanding.append(frame[1])
 
     def _died(self) -> HelperDied:
         return HelperDied(f"a helper process of this command ended early ({forks.describe(self.wait())})")
@@ -271,11 +266,11 @@ class Helper(forks.Child):
 
 
 class Packers:
-    """The tokens and the helper processes of one crh_add; see the module docstring."""
+    """The work pipe and the helper processes of one crh_add; see the module docstring."""
 
     def __init__(self, roots: Sequence[Path], indices: Sequence[int], helpers: int, *, budget: int = BUDGET) -> None:
         self.indices = list(indices)
-        self.tokens = forks.Tokens(self.indices)
+        self.work = forks.WorkPipe(self.indices)
         self.helpers: list[Helper] = []
         parent = os.getpid()
         paths = {i: roots[i] for i in self.indices}
@@ -286,10 +281,10 @@ class Packers:
                 os.close(up_r)
                 for earlier in self.helpers:
                     earlier._up.close()
-                _run_helper(parent, paths, self.tokens, up_w, budget)
+                _run_helper(parent, paths, self.work, up_w, budget)
             os.close(up_w)
             self.helpers.append(Helper(pid, up_r))
-        self.tokens.after_fork(child=False)
+        self.work.after_fork(child=False)
 
     def kill(self) -> None:
         for helper in self.helpers:
@@ -301,7 +296,7 @@ class Packers:
         for helper in self.helpers:
             helper.wait()
             helper.close()
-        self.tokens.close()
+        self.work.close()
 
 
 # ------------------------------------------------------------------ the helper
@@ -313,7 +308,7 @@ class _Outbox:
     def __init__(self, fd: int, budget: int) -> None:
         self._fd = fd
         self._budget = budget
-        self._frames: collections.deque[tuple[bytes, bytes] | None] = collections.deque()
+        self._frames: collections.deque[tuple[int, int, bytes] | None] = collections.deque()
         self._bytes = 0
         self._cond = threading.Condition()
         self.error: BaseException | None = None
@@ -326,7 +321,7 @@ class _Outbox:
                 self._cond.wait()
             if self.error is not None:
                 raise self.error
-            self._frames.append((_FRAME.pack(kind, index, len(payload)), payload))
+            self._frames.append((kind, index, payload))
             self._bytes += len(payload)
             self._cond.notify_all()
 
@@ -339,10 +334,9 @@ class _Outbox:
                     frame = self._frames.popleft()
                 if frame is None:
                     return
-                header, payload = frame
-                _write_all(self._fd, header, payload)
+                forks.write_frame(self._fd, *frame)
                 with self._cond:
-                    self._bytes -= len(payload)
+                    self._bytes -= len(frame[2])
                     self._cond.notify_all()
         except BaseException as exc:  # the parent went away: stop packing
             with self._cond:
@@ -376,15 +370,15 @@ class _Pieces:
             self._buf.clear()
 
 
-def _run_helper(parent: int, paths: dict[int, Path], tokens: forks.Tokens, up_w: int, budget: int) -> None:
+def _run_helper(parent: int, paths: dict[int, Path], work: forks.WorkPipe, up_w: int, budget: int) -> None:
     code = 1
     try:
         forks.die_with(parent)
         # Ctrl-C reaches the whole process group: the parent decides (and kills us).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        tokens.after_fork(child=True)
+        work.after_fork(child=True)
         outbox = _Outbox(up_w, budget)
-        while (index := tokens.take()) is not None:
+        while (index := work.take()) is not None:
             outbox.put(_TAKEN, index)
             pieces = _Pieces(outbox, index)
             try:
@@ -406,13 +400,3 @@ def _pickled(exc: BaseException) -> bytes:
     except Exception:  # an exception that does not pickle: its type and message do
         return pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
 
-
-def _write_all(fd: int, header: bytes, payload: bytes) -> None:
-    views = [memoryview(header), memoryview(payload)]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]

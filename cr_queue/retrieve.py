@@ -18,10 +18,10 @@ result is put beside it as ``NAME.crh-result`` and the report says so.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue as _queue
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,12 +36,14 @@ from cr_queue.util import forks
 from cr_queue.job_states import PENDING, JobStatus
 from cr_queue.queries import jobs
 from cr_queue import store
-from cr_queue.tomodir import swap
+from cr_queue.tomodir import placement, swap
 from cr_queue.db.connection import Database
+from cr_queue.util.imports import command_process
 from cr_queue.util.pause import pause_point
 from cr_queue.util.spool import Spool
 
-CONFLICT_SUFFIX = ".crh-result"
+# Beside a file the user changed: the result (tomodir/placement.py).
+CONFLICT_SUFFIX = placement.CONFLICT_SUFFIX
 # Left inside a retrieved tomodir between the exchange and the end, so a rerun knows.
 MARKER_PREFIX = ".crh-retrieved-"
 # Results up to this size are held in memory between download and unpacking.
@@ -60,6 +62,8 @@ class Item:
 
 @dataclass
 class RetrieveReport:
+    """What a retrieval did with each tomodir below the paths, and what it could not do."""
+
     retrieved: list[Item] = field(default_factory=list)
     failed: list[Item] = field(default_factory=list)
     pending: list[Item] = field(default_factory=list)
@@ -82,25 +86,22 @@ def retrieve(
     db: Database,
     paths: Iterable[Path],
     *,
+    limits: archive.Limits,
     progress: Callable[[Item], None] | None = None,
-    processes: int = 1,
+    processes: int | None = None,
 ) -> RetrieveReport:
     """Bring back every finished job whose ``.crh`` is below ``paths``.
 
+    ``limits``: the caps on unpacking a result (config.archive_limits).
     ``processes``: how many processes may share the work; more than one only
-    in a console script's own process, which may fork (see retrieve_helper.py)."""
+    in a console script's own process, which may fork (see retrieve_helper.py),
+    and that is the default there."""
+    if processes is None:
+        processes = retrieve_helper.default_processes() if command_process() else 1
     report = RetrieveReport()
-    try:
-        crh_files = control.find([Path(p) for p in paths])
-    except control.ControlFileError as exc:
-        report.problems.append(str(exc))
-        return report
-    controls: list[tuple[Path, control.ControlFile]] = []
-    for crh in crh_files:
-        try:
-            controls.append((crh, control.read(crh)))
-        except control.ControlFileError as exc:
-            report.problems.append(str(exc))
+    found = control.gather([Path(p) for p in paths])
+    report.problems.extend(found.problems)
+    controls = found.readable
     if not controls:
         return report
     conn = db.connect("crh_retrieve")
@@ -110,18 +111,27 @@ def retrieve(
         shared = False
         if retrieve_helper.wanted(len(work), processes):
             conn.close()  # a forked helper must not inherit a live connection
-            shared = retrieve_helper.share(db, work, sink, _Runner, threads=RETRIEVE_THREADS)
+            runner = functools.partial(_Runner, limits=limits)
+            shared = retrieve_helper.share(db, work, sink, runner, threads=RETRIEVE_THREADS)
             if not shared:
                 conn = db.connect("crh_retrieve")
         if work and not shared:
             threads = 1 if len(work) == 1 or os.environ.get("CRH_PAUSE_AT") else RETRIEVE_THREADS
-            _Runner(db, conn, work, forks.Indices(range(len(work))).take, threads, sink).run()
+            _Runner(db, conn, work, forks.Indices(range(len(work))).take, threads, sink, limits=limits).run()
     finally:
         conn.close()
     order = {w.tomodir: i for i, w in enumerate(work)}
     for items in (report.retrieved, report.failed):
         items.sort(key=lambda item: order.get(item.path, -1))
     return report
+
+
+def count(paths: Iterable[Path]) -> int:
+    """The ``.crh`` files below ``paths``: how long a progress bar is (0 where they cannot be searched)."""
+    try:
+        return len(control.find([Path(p) for p in paths]))
+    except control.ControlFileError:
+        return 0
 
 
 @dataclass
@@ -167,7 +177,7 @@ def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) ->
 
 
 class _Report:
-    """Where a settled tomodir or a problem goes in the process that reports (see retrieve_helper.Sink)."""
+    """Where a recorded tomodir or a problem goes in the process that reports (see retrieve_helper.Sink)."""
 
     def __init__(self, report: RetrieveReport, progress: Callable[[Item], None] | None) -> None:
         self._report = report
@@ -192,17 +202,17 @@ RETRIEVE_THREADS = 3
 # Jobs flagged 'downloaded' in one statement.  Until its flag is committed a
 # tomodir keeps its .crh and its retrieval marker, so a rerun after a crash
 # finds it complete (the marker) and only flags it.
-SETTLE_BATCH = 64
-# While threads are still bringing tomodirs back, the main thread settles what
+RECORD_BATCH = 64
+# While threads are still bringing tomodirs back, the main thread records what
 # is done at most this often (and so often the progress output moves): it
-# settled nearly every tomodir on its own before, 90 commits and as many
+# recorded nearly every tomodir on its own before, 90 commits and as many
 # thread switches for 101 tomodirs, now 5.
-SETTLE_EVERY_S = 0.5
+RECORD_EVERY_S = 0.5
 
 
 class _Runner:
     """One process's share of the work: threads bring back the tomodirs they
-    take (each on its own connection), and the calling thread settles them
+    take (each on its own connection), and the calling thread records them
     (flags them downloaded, drops marker and ``.crh``) and hands each to the
     sink.  Events from elsewhere (a helper process's reports) come through
     :meth:`post` and are handed to ``foreign`` on the calling thread."""
@@ -216,10 +226,12 @@ class _Runner:
         threads: int,
         sink,
         *,
+        limits: archive.Limits,
         foreign: Callable[[tuple], None] | None = None,
         sources: int = 0,
     ) -> None:
         self._db = db
+        self._limits = limits
         self._conn = conn
         self._work = work
         self._take = take
@@ -239,10 +251,10 @@ class _Runner:
         if self._threads <= 1 and not self._sources:
             # One at a time in this thread: one tomodir, or a pause point that must be reached in order.
             while (index := self._take()) is not None:
-                self._finished(index, _retrieve_one(self._conn, self._db.store, self._work[index]))
-                if len(self._done) >= SETTLE_BATCH:
-                    self._settle()
-            self._settle()
+                self._finished(index, _retrieve_one(self._conn, self._db.store, self._work[index], self._limits))
+                if len(self._done) >= RECORD_BATCH:
+                    self._record_retrieved()
+            self._record_retrieved()
             return
         threads = [threading.Thread(target=self._bring_back, name="crh_retrieve", daemon=True) for _ in range(self._threads)]
         for thread in threads:
@@ -255,13 +267,13 @@ class _Runner:
                 thread.join()
 
     def _loop(self, sources: int) -> None:
-        settled_at = time.monotonic()
+        recorded_at = time.monotonic()
         while sources:
-            wait = SETTLE_EVERY_S - (time.monotonic() - settled_at) if self._done else None
+            wait = RECORD_EVERY_S - (time.monotonic() - recorded_at) if self._done else None
             try:
                 event = self._events.get(timeout=max(wait, 0.0)) if wait is not None else self._events.get()
             except _queue.Empty:
-                event = ("settle",)
+                event = ("record",)
             kind = event[0]
             if kind == "done":
                 self._finished(event[1], event[2])
@@ -269,19 +281,19 @@ class _Runner:
                 sources -= 1
             elif kind == "error":
                 raise event[1]
-            elif kind != "settle" and self._foreign is not None:
+            elif kind != "record" and self._foreign is not None:
                 self._foreign(event)
-            if self._done and (len(self._done) >= SETTLE_BATCH or time.monotonic() - settled_at >= SETTLE_EVERY_S):
-                self._settle()
-                settled_at = time.monotonic()
-        self._settle()
+            if self._done and (len(self._done) >= RECORD_BATCH or time.monotonic() - recorded_at >= RECORD_EVERY_S):
+                self._record_retrieved()
+                recorded_at = time.monotonic()
+        self._record_retrieved()
 
     def _bring_back(self) -> None:
         conn = None
         try:
             conn = self._db.connect("crh_retrieve")
             while not self._stop and (index := self._take()) is not None:
-                self._events.put(("done", index, _retrieve_one(conn, self._db.store, self._work[index])))
+                self._events.put(("done", index, _retrieve_one(conn, self._db.store, self._work[index], self._limits)))
         except BaseException as exc:  # noqa: BLE001 - raised again by the settling thread
             self._events.put(("error", exc))
         finally:
@@ -295,7 +307,7 @@ class _Runner:
         else:
             self._done.append(index)
 
-    def _settle(self) -> None:
+    def _record_retrieved(self) -> None:
         """Flag a batch of brought-back jobs downloaded (one commit), then drop their markers and .crh files."""
         if not self._done:
             return
@@ -308,16 +320,16 @@ class _Runner:
         self._done.clear()
 
 
-def _retrieve_one(conn, where: store.Store, w: Work) -> str | None:
+def _retrieve_one(conn, where: store.Store, w: Work, limits: archive.Limits) -> str | None:
     """Bring one job's result into its tomodir; a problem to report, or None."""
     try:
-        _bring_back(conn, where, w)
+        _bring_back(conn, where, w, limits)
     except (archive.ArchiveError, store.BlobMissing) as exc:
         return f"{w.crh}: job {w.job.id}'s result cannot be used: {exc}"
     return None
 
 
-def _bring_back(conn, where: store.Store, w: Work) -> None:
+def _bring_back(conn, where: store.Store, w: Work, limits: archive.Limits) -> None:
     job, cf, tomodir, item = w.job, w.cf, w.tomodir, w.item
     parent = tomodir.parent
     marker = tomodir / f"{MARKER_PREFIX}{job.id}"
@@ -342,19 +354,19 @@ def _bring_back(conn, where: store.Store, w: Work) -> None:
             swap.link_copy(tomodir, new)
         except swap.SwapUnsupported:
             _remove_tree(new)
-            _unpack_moving(download.source(), size, staging, tomodir, cf.manifest, item)
+            _unpack_moving(download.source(), size, staging, tomodir, cf.manifest, item, limits)
             return
         try:
             # Straight into the copy: its files are the user's (same inodes), so
             # the placement rules see exactly what they would see in the tomodir.
-            archive.unpack(download.source(), new, place=_Placement(cf.manifest, item), size=size)
+            archive.unpack(download.source(), new, limits=limits, place=placement.Placement(cf.manifest, item), size=size)
             (new / marker.name).touch()
             pause_point("retrieve:staged")
             swap.exchange(new, tomodir)
         except swap.SwapUnsupported:
             _remove_tree(new)
             item.files, item.conflicts = 0, []
-            _unpack_moving(download.source(), size, staging, tomodir, cf.manifest, item)
+            _unpack_moving(download.source(), size, staging, tomodir, cf.manifest, item, limits)
             return
         except BaseException:
             _remove_tree(new)
@@ -364,13 +376,19 @@ def _bring_back(conn, where: store.Store, w: Work) -> None:
 
 
 def _unpack_moving(
-    source: memoryview | BinaryIO, size: int, staging: Path, tomodir: Path, manifest: dict[str, list[int]], item: Item
+    source: memoryview | BinaryIO,
+    size: int,
+    staging: Path,
+    tomodir: Path,
+    manifest: dict[str, list[int]],
+    item: Item,
+    limits: archive.Limits,
 ) -> None:
     """Where directories cannot be exchanged: unpack beside the tomodir, then move file by file."""
     try:
         staging.mkdir(mode=0o700)
-        archive.unpack(source, staging, size=size)
-        _merge(staging, tomodir, manifest, item)
+        archive.unpack(source, staging, limits=limits, size=size)
+        placement.move_in(staging, tomodir, manifest, item)
     finally:
         _remove_tree(staging)
 
@@ -380,103 +398,27 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class _Placement:
-    """Where each result file lands in the tomodir's copy (see archive.Place).
-
-    A file the user changed after crh_add, or a symlink, is not replaced: the
-    result goes beside it as NAME.crh-result, unless it is identical already."""
-
-    def __init__(self, manifest: dict[str, list[int]], item: Item) -> None:
-        self._manifest = manifest
-        self._item = item
-
-    def __call__(self, rel: str, parent_fd: int, name: str, tmp: str) -> str | None:
-        try:
-            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            self._item.files += 1
-            return name
-        if not stat.S_ISLNK(st.st_mode) and self._manifest.get(rel) == [st.st_size, st.st_mtime_ns]:
-            self._item.files += 1
-            return name
-        if stat.S_ISREG(st.st_mode) and _same_content_at(parent_fd, tmp, name):
-            return None
-        self._item.files += 1
-        self._item.conflicts.append(rel)
-        return name + CONFLICT_SUFFIX
-
-
 def _finish(tomodir: Path, job_id: int) -> None:
     (tomodir / f"{MARKER_PREFIX}{job_id}").unlink(missing_ok=True)
-
-
-def _merge(staging: Path, into: Path, manifest: dict[str, list[int]], item: Item) -> None:
-    """Move result files into ``into`` (the tomodir, or its hard-link copy: same inodes, same verdicts)."""
-    for dirpath, dirnames, filenames in os.walk(staging):
-        rel_dir = Path(dirpath).relative_to(staging)
-        (into / rel_dir).mkdir(parents=True, exist_ok=True)
-        dirnames.sort()
-        for name in sorted(filenames):
-            rel = (rel_dir / name).as_posix()
-            source = Path(dirpath) / name
-            target = into / rel
-            if target.is_symlink() or (target.exists() and _user_changed(target, rel, manifest)):
-                if target.is_file() and not target.is_symlink() and _same_content(source, target):
-                    continue
-                os.replace(source, target.with_name(target.name + CONFLICT_SUFFIX))
-                item.conflicts.append(rel)
-            else:
-                os.replace(source, target)
-            item.files += 1
-
-
-def _user_changed(target: Path, rel: str, manifest: dict[str, list[int]]) -> bool:
-    """True when the file is not as crh_add saw it: the user's, not ours to replace."""
-    recorded = manifest.get(rel)
-    if recorded is None:
-        return True
-    st = target.stat()
-    return [st.st_size, st.st_mtime_ns] != list(recorded)
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        return _same_stream(fa, fb)
-
-
-def _same_content_at(dir_fd: int, a: str, b: str) -> bool:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    with open(os.open(a, flags, dir_fd=dir_fd), "rb") as fa, open(os.open(b, flags, dir_fd=dir_fd), "rb") as fb:
-        return _same_stream(fa, fb)
-
-
-def _same_stream(fa, fb) -> bool:
-    if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
-        return False
-    while True:
-        block_a, block_b = fa.read(1 << 20), fb.read(1 << 20)
-        if block_a != block_b:
-            return False
-        if not block_a:
-            return True
 
 
 def wait_retrieve(
     db: Database,
     paths: Iterable[Path],
     *,
+    limits: archive.Limits,
     poll_s: float = 5.0,
     progress: Callable[[Item], None] | None = None,
     on_round: Callable[[RetrieveReport], None] | None = None,
     max_wait_s: float | None = None,
-    processes: int = 1,
+    processes: int | None = None,
 ) -> RetrieveReport:
     """Retrieve as jobs finish, until nothing under the paths is pending."""
     paths = [Path(p) for p in paths]
     total = RetrieveReport()
     started = time.monotonic()
     while True:
-        this_round = retrieve(db, paths, progress=progress, processes=processes)
+        this_round = retrieve(db, paths, limits=limits, progress=progress, processes=processes)
         total.merge(this_round)
         if on_round is not None:
             on_round(total)

@@ -8,9 +8,9 @@ script's crh_retrieve therefore forks one helper after it has read the
 ``.crh`` files and asked the database about their jobs, and before it has a
 connection open or a thread started.
 
-Both processes take tomodirs from one token pipe (forks.Tokens), each
-exactly once, bring them back with their own threads and connections, and
-settle them (flag them downloaded, drop marker and ``.crh``) themselves.  The
+Both processes take tomodirs from one pipe (forks.WorkPipe), each exactly
+once, bring them back with their own threads and connections, and record
+them (flag them downloaded, drop marker and ``.crh``) themselves.  The
 helper tells the parent, through a pipe, which tomodir it took and then how
 it ended; the parent reports everything, in the same way as its own.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import struct
 import sys
 import threading
 import traceback
@@ -37,7 +36,7 @@ from cr_queue.util import forks
 from cr_queue.db.connection import Database, DatabaseError
 from cr_queue.util.pause import pause_point
 
-_FRAME = struct.Struct("=BII")  # kind, work index, payload length
+# The kinds of frames (forks.FRAME) the helper sends.
 _TAKEN, _ITEM, _PROBLEM = 1, 2, 3
 # The least number of tomodirs worth a second process (a fork and its connections cost a few tomodirs' time).
 MIN_TOMODIRS = 16
@@ -47,7 +46,7 @@ PAUSE_TOOK = "retrieve:helper-took"
 
 
 class Sink(Protocol):
-    """Where a process's settled tomodirs and problems go."""
+    """Where a process's recorded tomodirs and problems go."""
 
     def item(self, index: int, item) -> None: ...
 
@@ -77,7 +76,7 @@ def share(db: Database, work: list, sink: Sink, runner: Callable, *, threads: in
 
     ``runner`` is retrieve._Runner: ``runner(db, conn, work, take, threads, sink,
     foreign=..., sources=...)`` with ``run()`` and ``post(event)``."""
-    tokens = forks.Tokens(range(len(work)))
+    indices = forks.WorkPipe(range(len(work)))
     r_fd, w_fd = os.pipe()
     parent = os.getpid()
     try:
@@ -85,25 +84,25 @@ def share(db: Database, work: list, sink: Sink, runner: Callable, *, threads: in
     except OSError:  # out of processes or memory: this process does it alone
         for fd in (r_fd, w_fd):
             os.close(fd)
-        tokens.close()
+        indices.close()
         return False
     if pid == 0:  # the helper: never returns
         os.close(r_fd)
-        _helper(parent, db, work, tokens, w_fd, runner, threads)
+        _helper(parent, db, work, indices, w_fd, runner, threads)
     os.close(w_fd)
-    tokens.after_fork(child=False)
+    indices.after_fork(child=False)
     helper = _Helper(pid, r_fd, work, sink)
     try:
         conn = db.connect("crh_retrieve")
         try:
-            run = runner(db, conn, work, tokens.take, threads, sink, foreign=helper.handle, sources=1)
+            run = runner(db, conn, work, indices.take, threads, sink, foreign=helper.handle, sources=1)
             helper.start_reading(run.post)
             run.run()
         finally:
             conn.close()
     finally:
         helper.close()
-        tokens.close()
+        indices.close()
     return True
 
 
@@ -124,14 +123,10 @@ class _Helper(forks.Child):
 
     def _read(self, post: Callable[[tuple], None]) -> None:
         try:
-            while header := self._reader.read(_FRAME.size):
-                if len(header) < _FRAME.size:
-                    break
-                kind, index, length = _FRAME.unpack(header)
-                payload = self._reader.read(length) if length else b""
-                if len(payload) < length:
-                    break
-                post(("helper", kind, index, payload))
+            while (frame := forks.read_frame(self._reader)) is not None:
+                post(("helper", *frame))
+        except forks.BrokenFrame:
+            pass  # the helper died mid-frame: _ended reports what it had taken
         except (OSError, ValueError):
             pass  # the pipe was closed under us: the command is ending
         finally:
@@ -181,10 +176,8 @@ class _Frames:
         self._lock = threading.Lock()
 
     def send(self, kind: int, index: int, payload: bytes = b"") -> None:
-        data = memoryview(_FRAME.pack(kind, index, len(payload)) + payload)
         with self._lock:
-            while data:
-                data = data[os.write(self._fd, data) :]
+            forks.write_frame(self._fd, kind, index, payload)
 
     def item(self, index: int, item) -> None:
         self.send(_ITEM, index, pickle.dumps(item))
@@ -193,17 +186,17 @@ class _Frames:
         self.send(_PROBLEM, index, text.encode("utf-8", "surrogateescape"))
 
 
-def _helper(parent: int, db: Database, work: list, tokens: forks.Tokens, w_fd: int, runner: Callable, threads: int) -> None:
+def _helper(parent: int, db: Database, work: list, indices: forks.WorkPipe, w_fd: int, runner: Callable, threads: int) -> None:
     code = 1
     try:
         forks.die_with(parent)
         # Ctrl-C reaches the whole process group: the parent decides (and kills us).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        tokens.after_fork(child=True)
+        indices.after_fork(child=True)
         frames = _Frames(w_fd)
 
         def take() -> int | None:
-            index = tokens.take()
+            index = indices.take()
             if index is not None:
                 frames.send(_TAKEN, index)
                 pause_point(PAUSE_TOOK)

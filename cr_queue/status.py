@@ -172,20 +172,15 @@ def _estimate(*, queued: int, running: int, median_s: float | None, sample: int,
 def tree(conn: psycopg.Connection, paths: Iterable[Path | str]) -> dict[str, Any]:
     """The state of every ``.crh`` below ``paths``, looked up in one query."""
     paths = [Path(p) for p in paths] or [Path(".")]
-    problems: list[str] = []
-    try:
-        files = control.find(paths)
-    except control.ControlFileError as exc:
-        return {"format": FORMAT_VERSION, "roots": [str(p) for p in paths], "entries": [], "counts": {}, "problems": [str(exc)]}
+    found = control.gather(paths)
+    problems = list(found.problems)
     entries: list[dict[str, Any]] = []
-    for crh in (Path(os.path.abspath(f)) for f in files):
-        try:
-            cf = control.read(crh)
-        except control.ControlFileError as exc:
-            problems.append(str(exc))
+    for crh, cf in found.files:
+        crh = Path(os.path.abspath(crh))
+        if cf is None:
             entries.append({"crh_file": str(crh), "tomodir": None, "job_id": None, "status": "unreadable"})
-            continue
-        entries.append({"crh_file": str(crh), "tomodir": str(crh)[: -len(control.SUFFIX)], "job_id": cf.job_id})
+        else:
+            entries.append({"crh_file": str(crh), "tomodir": str(crh)[: -len(control.SUFFIX)], "job_id": cf.job_id})
     ids = [e["job_id"] for e in entries if e["job_id"] is not None]
     states = aq.job_states(conn, ids) if ids else {}
     counts: dict[str, int] = {}

@@ -32,21 +32,12 @@ def select(targets: list[str]) -> Selection:
                 f"{target}: neither a job id nor an existing path; give a job id, a tomodir or its .crh file"
             )
             continue
-        crh_files: list[Path]
-        if path.is_dir() and control.control_path(path).exists():
-            crh_files = [control.control_path(path)]
-        else:
-            try:
-                crh_files = control.find([path])
-            except control.ControlFileError as exc:
-                selection.problems.append(str(exc))
-                continue
-        if not crh_files:
+        # A registered tomodir names its own job, not those of tomodirs below it.
+        sibling = control.control_path(path) if path.is_dir() else None
+        found = control.gather([sibling if sibling is not None and sibling.exists() else path])
+        if not found.files and not found.problems:
             selection.problems.append(f"{target}: no .crh file here or below; was it added with crh_add?")
-        for crh in crh_files:
-            try:
-                selection.ids.append(control.read(crh).job_id)
-            except control.ControlFileError as exc:
-                selection.problems.append(str(exc))
+        selection.problems.extend(found.problems)
+        selection.ids.extend(cf.job_id for _, cf in found.readable)
     selection.ids = sorted(set(selection.ids))
     return selection

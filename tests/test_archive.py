@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cr_queue.tomodir import archive
+from cr_queue.tomodir.archive import extracting
 from cr_queue.tomodir.archive import (
     ArchiveError,
     ChecksumMismatch,
@@ -34,6 +35,8 @@ from cr_queue.tomodir.archive import (
 )
 
 MTIME_NS = 1_600_000_000_123_456_789
+# The built-in caps; the tests of the caps themselves give their own.
+LIMITS = Limits()
 
 
 def write(path: Path, data: bytes | str, mtime_ns: int | None = MTIME_NS) -> Path:
@@ -95,7 +98,7 @@ def tar_members(blob: bytes) -> list[tarfile.TarInfo]:
 def test_round_trip_keeps_content_empty_dirs_modes_and_mtimes(tmp_path: Path) -> None:
     src = make_tomodir(tmp_path / "src")
     blob, result = pack_bytes(src)
-    names = unpack(io.BytesIO(blob), tmp_path / "dst")
+    names = unpack(io.BytesIO(blob), tmp_path / "dst", limits=LIMITS)
     assert tree_state(tmp_path / "dst") == tree_state(src)
     assert snapshot(tmp_path / "dst") == snapshot(src)
     assert (tmp_path / "dst" / "inv").is_dir()
@@ -117,11 +120,11 @@ def test_headers_and_files_across_decompressed_blocks(tmp_path: Path, how: str, 
     blob = hostile(*entries)
     dest = tmp_path / "dest"
     if how == "memory":
-        unpack(memoryview(blob), dest)
+        unpack(memoryview(blob), dest, limits=LIMITS)
     else:
         if how.endswith("in line"):
-            monkeypatch.setattr(archive, "_THREAD_ABOVE", 1 << 62)
-        unpack(io.BytesIO(blob), dest, size=len(blob))
+            monkeypatch.setattr(extracting, "_THREAD_ABOVE", 1 << 62)
+        unpack(io.BytesIO(blob), dest, size=len(blob), limits=LIMITS)
     for ti, data in entries:
         assert (dest / ti.name).read_bytes() == data
 
@@ -161,7 +164,7 @@ def test_members_subset_includes_parents_and_dir_subtrees(tmp_path: Path) -> Non
     names = [m.name for m in tar_members(blob)]
     assert names == ["a", "a/b", "a/b/c", "a/b/c/deep.dat", "inv", "inv/rho01.mag", "mod", "mod/volt.dat"]
     assert result.members == len(names)
-    unpack(io.BytesIO(blob), tmp_path / "dst")
+    unpack(io.BytesIO(blob), tmp_path / "dst", limits=LIMITS)
     assert (tmp_path / "dst" / "mod" / "volt.dat").read_bytes() == (src / "mod" / "volt.dat").read_bytes()
 
 
@@ -191,7 +194,7 @@ def test_symlinks_inside_are_kept_outside_are_skipped(tmp_path: Path) -> None:
     assert result.skipped == ["abs_outside", "fifo", "rel_outside"]
     links = {m.name: m.linkname for m in tar_members(blob) if m.issym()}
     assert links == {"rel_inside": "grid/elem.dat", "exe/abs_inside": "../mod/volt.dat", "dir_link": "grid"}
-    unpack(io.BytesIO(blob), tmp_path / "dst")
+    unpack(io.BytesIO(blob), tmp_path / "dst", limits=LIMITS)
     assert (tmp_path / "dst" / "exe" / "abs_inside").read_bytes() == (src / "mod" / "volt.dat").read_bytes()
     assert (tmp_path / "dst" / "dir_link").is_symlink()
 
@@ -212,7 +215,7 @@ def test_unpacks_archives_made_by_gnu_tar(tmp_path: Path) -> None:
     src = make_tomodir(tmp_path / "src")
     subprocess.run(f"tar -c -C {src} . | zstd -q -1 > a.tar.zst", shell=True, check=True, cwd=tmp_path)
     with open(tmp_path / "a.tar.zst", "rb") as f:
-        names = unpack(f, tmp_path / "dst")
+        names = unpack(f, tmp_path / "dst", limits=LIMITS)
     assert "grid/elem.dat" in names
     assert {k: v[:2] for k, v in tree_state(tmp_path / "dst").items()} == {
         k: v[:2] for k, v in tree_state(src).items()
@@ -233,7 +236,7 @@ def test_unpacks_sparse_files_made_by_gnu_tar(tmp_path: Path, fmt: str) -> None:
     cmd = f"tar -S --format={fmt} -c -C {src} sparse.dat | zstd -q > a.tar.zst"
     subprocess.run(cmd, shell=True, check=True, cwd=tmp_path)
     with open(tmp_path / "a.tar.zst", "rb") as f:
-        unpack(f, tmp_path / "dst")
+        unpack(f, tmp_path / "dst", limits=LIMITS)
     assert (tmp_path / "dst" / "sparse.dat").read_bytes() == (src / "sparse.dat").read_bytes()
 
 
@@ -252,7 +255,7 @@ def test_unpack_replaces_existing_files_without_following_them(tmp_path: Path) -
     os.symlink(victim, dst / "inv" / "coverage.mag")
     write(dst / "inv" / "readonly.mag", "stale")
     os.chmod(dst / "inv" / "readonly.mag", 0o444)
-    unpack(io.BytesIO(blob), dst)
+    unpack(io.BytesIO(blob), dst, limits=LIMITS)
     assert tree_state(dst) == tree_state(src)
     assert victim.read_text() == "precious"
     assert hard.read_text() == "also precious"
@@ -260,11 +263,11 @@ def test_unpack_replaces_existing_files_without_following_them(tmp_path: Path) -
 
 def test_corrupt_stream_is_an_archive_error(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match="corrupt"):
-        unpack(io.BytesIO(b"not zstd at all" * 100), tmp_path / "dst")
+        unpack(io.BytesIO(b"not zstd at all" * 100), tmp_path / "dst", limits=LIMITS)
     blob = pack_bytes(make_tomodir(tmp_path / "src"))[0]
     for cut in (30, 200, len(blob) // 2):
         with pytest.raises(ArchiveError):
-            unpack(io.BytesIO(blob[:-cut]), tmp_path / f"dst{cut}")
+            unpack(io.BytesIO(blob[:-cut]), tmp_path / f"dst{cut}", limits=LIMITS)
 
 
 # --------------------------------------------------------------------------
@@ -382,7 +385,7 @@ def test_rejects_hardlink_to_directory_or_symlink(sandbox: dict[str, Path]) -> N
 
 
 def test_hardlink_inside_works(sandbox: dict[str, Path]) -> None:
-    unpack(io.BytesIO(hostile(file_entry("f", b"data"), info("g", tarfile.LNKTYPE, link="f"))), sandbox["dest"])
+    unpack(io.BytesIO(hostile(file_entry("f", b"data"), info("g", tarfile.LNKTYPE, link="f"))), sandbox["dest"], limits=LIMITS)
     assert os.path.samefile(sandbox["dest"] / "f", sandbox["dest"] / "g")
 
 
@@ -418,7 +421,7 @@ def test_rejects_special_files(sandbox: dict[str, Path], kind: bytes, reason: st
 
 def test_strips_setuid_setgid_and_sticky(sandbox: dict[str, Path]) -> None:
     blob = hostile(info("d", tarfile.DIRTYPE, mode=0o3777), file_entry("d/run", mode=0o6755))
-    unpack(io.BytesIO(blob), sandbox["dest"])
+    unpack(io.BytesIO(blob), sandbox["dest"], limits=LIMITS)
     assert stat.S_IMODE((sandbox["dest"] / "d" / "run").stat().st_mode) == 0o755
     assert stat.S_IMODE((sandbox["dest"] / "d").stat().st_mode) == 0o777
 
@@ -495,7 +498,7 @@ def test_property_nothing_is_written_outside_dest(entries: list[tuple[str, str, 
         blob = hostile(*members)
         before = outside_state(root, dest)
         try:
-            unpack(io.BytesIO(blob), dest)
+            unpack(io.BytesIO(blob), dest, limits=LIMITS)
             event("unpacked")
         except UnsafeArchive as e:
             event(f"rejected: {e.reason.split(' ')[0]}")
@@ -525,7 +528,7 @@ def test_pack_and_unpack_large_file_in_bounded_memory(tmp_path: Path) -> None:
         _, pack_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         with open(tmp_path / "big.tar.zst", "rb") as f:
-            unpack(f, tmp_path / "dst")
+            unpack(f, tmp_path / "dst", limits=LIMITS)
         _, unpack_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 import cr_queue
-from cr_queue.db import embedded
+from cr_queue.db.embedded import binaries, server_user
 from cr_queue.db.embedded import Cluster, EmbeddedError, default_cluster, find_bindir, server_version
 
 FAST = {"fsync": "off", "full_page_writes": "off"}
@@ -257,7 +257,7 @@ def test_find_bindir_explicit(tmp_path: Path) -> None:
 
 
 def test_find_bindir_without_any_binaries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(embedded, "_candidate_bindirs", lambda env: iter([tmp_path]))
+    monkeypatch.setattr(binaries, "_candidate_bindirs", lambda env: iter([tmp_path]))
     with pytest.raises(EmbeddedError) as err:
         find_bindir({})
     assert "pip install pgserver" in str(err.value)
@@ -266,7 +266,7 @@ def test_find_bindir_without_any_binaries(monkeypatch: pytest.MonkeyPatch, tmp_p
 
 def test_find_bindir_matches_the_cluster_major_version() -> None:
     bindir = find_bindir({"PATH": os.environ.get("PATH", "")})
-    major = embedded._major(server_version(bindir))
+    major = binaries.major_version(server_version(bindir))
     assert find_bindir({"PATH": os.environ.get("PATH", "")}, major=major) == bindir
     with pytest.raises(EmbeddedError, match="needs PostgreSQL 7.4"):
         find_bindir({"PATH": os.environ.get("PATH", "")}, major="7.4")
@@ -308,10 +308,10 @@ def test_root_without_postgres_user_uses_crh_embedded(
             raise KeyError(name)
         return real_getpwnam(name)
 
-    monkeypatch.setattr(embedded.pwd, "getpwnam", no_postgres)
+    monkeypatch.setattr(server_user.pwd, "getpwnam", no_postgres)
     cluster = make_cluster()
     cluster.start()
-    assert cluster.status()["server_user"] == embedded.FALLBACK_USER
+    assert cluster.status()["server_user"] == server_user.FALLBACK_USER
     assert query(cluster, "SELECT 1") == (1,)
 
 
@@ -323,8 +323,8 @@ def test_root_rejects_unknown_crh_embedded_user(make_cluster) -> None:
 
 
 def _pgserver_bindir() -> Path:
-    bindir = embedded._pgserver_bindir()
-    if bindir is None or not embedded._has_server_binaries(bindir):
+    bindir = binaries.pgserver_bindir()
+    if bindir is None or not binaries.has_server_binaries(bindir):
         pytest.skip("the pgserver wheel is not installed")
     return bindir
 
@@ -338,7 +338,7 @@ def test_pgserver_wheel_binaries(scratch: Path) -> None:
         assert cluster.status()["bindir"] == str(bindir)
         version = query(cluster, "SHOW server_version")[0]
         assert version.split()[0] == server_version(bindir)
-        assert (cluster.datadir / "PG_VERSION").read_text().strip() == embedded._major(version)
+        assert (cluster.datadir / "PG_VERSION").read_text().strip() == binaries.major_version(version)
         assert "pgserver" not in sys.modules
     finally:
         cluster.stop()
@@ -384,9 +384,9 @@ print(json.dumps({"euid": os.geteuid(), "row": list(row), "status": status,
 def test_normal_user_runs_everything_as_itself() -> None:
     user = _other_user()
     groups = os.getgrouplist(user.pw_name, user.pw_gid)
-    server_user = embedded._ServerUser(user.pw_name, user.pw_uid, user.pw_gid, tuple(groups))
+    account = server_user.ServerUser(user.pw_name, user.pw_uid, user.pw_gid, tuple(groups))
     for needed in (Path(sys.executable).resolve(), Path(cr_queue.__file__), Path(psycopg.__file__)):
-        Cluster._grant_traverse(needed, server_user)
+        server_user.grant_traverse(needed, account)
     home = Path(tempfile.mkdtemp(prefix="crh-user-", dir="/tmp"))
     os.chown(home, user.pw_uid, user.pw_gid)
     env = {

@@ -36,7 +36,7 @@ def test_every_tomodir_is_packed_once_by_a_helper_or_the_parent(tmp_path):
     group = packers.Packers(roots, list(range(12)), helpers=2)
     try:
         by_parent = []
-        while (index := group.tokens.take()) is not None:
+        while (index := group.work.take()) is not None:
             by_parent.append(index)
             if len(by_parent) == 2:
                 break  # leave the rest to the helpers
@@ -95,7 +95,7 @@ def test_a_killed_helper_fails_exactly_what_it_had_taken(tmp_path):
             for delivery in helper.deliveries():
                 delivery.read(1 << 30)
         left = []
-        while (index := group.tokens.take()) is not None:
+        while (index := group.work.take()) is not None:
             left.append(index)
     finally:
         group.close()
@@ -103,15 +103,15 @@ def test_a_killed_helper_fails_exactly_what_it_had_taken(tmp_path):
     assert left == [1, 2, 3, 4, 5], "the rest is still there for the parent"
 
 
-def test_tokens_beyond_what_a_pipe_holds_come_out_once_each_in_order():
-    tokens = forks.Tokens(range(300_000))
-    tokens.after_fork(child=False)
+def test_indices_beyond_what_a_pipe_holds_come_out_once_each_in_order():
+    pipe = forks.WorkPipe(range(300_000))
+    pipe.after_fork(child=False)
     try:
         got = []
-        while (index := tokens.take()) is not None:
+        while (index := pipe.take()) is not None:
             got.append(index)
     finally:
-        tokens.close()
+        pipe.close()
     assert got == list(range(300_000))
 
 

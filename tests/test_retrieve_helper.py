@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 from cr_queue import retrieve, retrieve_helper
-from cr_queue.tomodir import discover
+from cr_queue.tomodir import archive, discover
 from cr_queue import store
 from cr_queue.db.connection import Database
 
@@ -97,6 +97,6 @@ def test_a_refused_fork_leaves_the_work_to_this_process(lab, monkeypatch):
     monkeypatch.setattr(os, "fork", refuse)
     monkeypatch.setattr(retrieve_helper, "wanted", lambda tomodirs, processes: True)  # pytest's own threads aside
     db = Database(url=lab.env["CRH_DATABASE_URL"], source="test", embedded=False, store=store.DATABASE)
-    report = retrieve.retrieve(db, [lab.tree], processes=2)
+    report = retrieve.retrieve(db, [lab.tree], limits=archive.Limits(), processes=2)
     assert [item.path for item in report.retrieved] == tomodirs and not report.problems
     _retrieved(tomodirs)

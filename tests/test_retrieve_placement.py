@@ -17,7 +17,7 @@ import pytest
 from cr_queue import add, retrieve
 from cr_queue.queries import jobs, workers
 from cr_queue import store
-from cr_queue.tomodir import swap
+from cr_queue.tomodir import archive, swap
 from cr_queue.tomodir import synth
 from cr_queue.db.connection import Database
 
@@ -79,7 +79,7 @@ def test_results_land_beside_what_the_user_changed(tmp_path, db_url, monkeypatch
 
         monkeypatch.setattr(swap, "exchange", unsupported)
     before = _tree_state(td)
-    report = retrieve.retrieve(db, [td.parent])
+    report = retrieve.retrieve(db, [td.parent], limits=archive.Limits())
     assert not report.problems and [i.path for i in report.retrieved] == [td]
     [item] = report.retrieved
     assert sorted(item.conflicts) == ["inv/linked.dat", "inv/mine.txt"]
@@ -116,7 +116,7 @@ def test_retrieval_keeps_directory_modes_and_files_made_meanwhile(tmp_path, db_u
         real_exchange(a, b)
 
     monkeypatch.setattr(swap, "exchange", exchange_after_the_user_wrote)
-    report = retrieve.retrieve(db, [td.parent])
+    report = retrieve.retrieve(db, [td.parent], limits=archive.Limits())
     assert not report.problems and len(report.retrieved) == 1
     assert made_meanwhile.read_text() == "written while the copy was built\n"
     assert (td / "config").stat().st_mode & 0o777 == 0o750

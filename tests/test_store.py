@@ -17,6 +17,7 @@ import pytest
 
 from cr_queue import config
 from cr_queue.tomodir import archive
+from cr_queue.tomodir.archive import headers
 from cr_queue.queries import jobs
 from cr_queue import store
 from cr_queue.tomodir import synth
@@ -140,7 +141,7 @@ def test_directory_store_writes_content_addressed_files(db_url: str, tmp_path: P
         with open(out, "wb") as fh:
             store.fetch(conn, db.store, packed.sha256, fh)
         with open(out, "rb") as fh:
-            archive.unpack(fh, tmp_path / "back")
+            archive.unpack(fh, tmp_path / "back", limits=archive.Limits())
     assert (tmp_path / "back" / "grid" / "elem.dat").read_bytes() == (tree / "grid" / "elem.dat").read_bytes()
 
 
@@ -370,13 +371,13 @@ def test_fast_headers_are_the_bytes_tarfile_writes() -> None:
         st = _stat(mode | (0o040000 if kind == tarfile.DIRTYPE else 0o100000), mtime_ns)
         size = rng.randint(0, 2**33) if kind == tarfile.REGTYPE else 0
         link = rel[::-1] if kind == tarfile.SYMTYPE else ""
-        fast = archive._header(rel, st, kind, size=size, link=link)
-        slow = archive._tarfile_header(rel, st, kind, size=size, link=link)
+        fast = headers.header(rel, st, kind, size=size, link=link)
+        slow = headers.tarfile_header(rel, st, kind, size=size, link=link)
         assert fast == slow, (rel, kind, mtime_ns, mode)
     # What the fast path does not cover goes to tarfile.
     st = _stat(0o100644, 123)
     for rel in ("x" * 150, "grüße.dat"):
-        assert archive._header(rel, st, tarfile.REGTYPE, size=1) == archive._tarfile_header(rel, st, tarfile.REGTYPE, size=1)
+        assert headers.header(rel, st, tarfile.REGTYPE, size=1) == headers.tarfile_header(rel, st, tarfile.REGTYPE, size=1)
 
 
 def test_prepared_statements_on_the_hot_path(conn) -> None:

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from cr_queue import packers
-from cr_queue.tomodir import discover
-from cr_queue.cli.common import (
-    DURATION,
-    GROUP,
-    Output,
-    db_option,
-    fail,
-    handle_errors,
-    open_db,
-    output_options,
-    setup_logging,
-)
-from cr_queue.cli.entry import command_process, load_module
-
-if TYPE_CHECKING:
-    from cr_queue import add as add_service
+from cr_queue import add as add_service
+from cr_queue.cli.common import DURATION, GROUP, Output, db_option, fail, open_db, reports
+from cr_queue.util.imports import command_process
 
 
 @click.command("add")
@@ -41,15 +25,13 @@ if TYPE_CHECKING:
 @click.option("--crtomo", default=None, metavar="PATH", help="CRTomo binary for --local.")
 @click.option("--crmod", default=None, metavar="PATH", help="CRMod binary for --local.")
 @db_option
-@output_options
-@handle_errors
-def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_attempts, local, local_jobs, crtomo, crmod, db_url, as_json, quiet, log_level):
+@reports
+def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_attempts, local, local_jobs, crtomo, crmod, db_url, out):
     """Register tomodirs below PATHS (default: the current directory) for a worker to run.
 
     Writes TOMODIR.crh beside each registered tomodir; the tomodir itself is
     never changed.  Run crh_retrieve in the same tree later.
     """
-    setup_logging(log_level)
     paths = list(paths) or [Path(".")]
     for path in paths:
         # A mistyped path is a usage error: register nothing rather than half of what was meant.
@@ -57,13 +39,8 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
             fail(f"{path}: no such directory; check the path (crh_add takes directories holding tomodirs)")
         if not path.is_dir():
             fail(f"{path}: not a directory; give the tomodir or a directory above it")
-    found = discover.discover(paths)
-    # The helpers start packing now, while this process imports the database
-    # driver (most of its start-up) and connects: see packers.py.
-    helpers = None
-    if not dry_run and not local and command_process():
-        helpers = packers.start(found.todo, force=force, processes=packers.default_processes())
-    add_service = load_module("cr_queue.add")
+    if local and group and not dry_run:
+        fail("--local puts the jobs in a private group of their own; leave out --group")
     options = add_service.AddOptions(
         force=force,
         dry_run=dry_run,
@@ -73,44 +50,30 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
         timeout_s=int(timeout_s) if timeout_s is not None else None,
         max_attempts=max_attempts,
     )
-    try:
-        _add(add_service, Output(json=as_json, quiet=quiet), paths, found, helpers, options, local, local_jobs, threads, crtomo, crmod, db_url)
-    finally:
-        if helpers is not None:
-            helpers.close()
-
-
-def _add(add_service, out: Output, paths, found, helpers, options, local, local_jobs, threads, crtomo, crmod, db_url) -> None:
-    dry_run, group = options.dry_run, options.group
+    found = add_service.find(paths)
     if local and not dry_run:
-        if group:
-            fail("--local puts the jobs in a private group of their own; leave out --group")
-        _run_local(out, paths, options, found, local_jobs, threads, crtomo, crmod, db_url)
+        _run_local(out, paths, options, found, local_jobs, crtomo, crmod, db_url)
         return
-    if dry_run:
-        report = add_service.add(None, paths, options, found=found)
+    if out.interactive and found.todo and not dry_run:
+        with click.progressbar(length=len(found.todo), label="adding", file=click.get_text_stream("stderr")) as bar:
+            report = _add(paths, options, found, db_url, lambda _item: bar.update(1))
     else:
-        if not found.todo:
-            report = add_service.add(None, paths, add_service.AddOptions(dry_run=True), found=found)
-        else:
-            _settings, database = open_db(db_url)
-            if out.interactive:
-                with click.progressbar(length=len(found.todo), label="adding", file=click.get_text_stream("stderr")) as bar:
-                    report = add_service.add(database, paths, options, found=found, helpers=helpers, progress=lambda _item: bar.update(1))
-            else:
-                report = add_service.add(
-                    database,
-                    paths,
-                    options,
-                    found=found,
-                    helpers=helpers,
-                    progress=lambda item: out.line(
-                        f"{'resumed' if item.resumed else 'queued'} job {item.job_id} "
-                        f"({'+'.join(item.steps)}, {item.size / 1e6:.1f} MB): {item.path}"
-                    ),
-                )
+        report = _add(paths, options, found, db_url, lambda item: out.line(_queued(item)))
     _print(out, report, dry_run)
     raise SystemExit(report.exit_code)
+
+
+def _add(paths, options, found, db_url, progress) -> add_service.AddReport:
+    return add_service.run(
+        found, paths, options, open_database=lambda: open_db(db_url)[1], progress=progress, may_fork=command_process()
+    )
+
+
+def _queued(item: add_service.Added) -> str:
+    return (
+        f"{'resumed' if item.resumed else 'queued'} job {item.job_id} "
+        f"({'+'.join(item.steps)}, {item.size / 1e6:.1f} MB): {item.path}"
+    )
 
 
 def _print(out: Output, report: add_service.AddReport, dry_run: bool) -> None:
@@ -148,29 +111,21 @@ def _print(out: Output, report: add_service.AddReport, dry_run: bool) -> None:
     )
 
 
-def _run_local(out: Output, paths, options, found, local_jobs, threads, crtomo, crmod, db_url) -> None:
+def _run_local(out: Output, paths, options, found, local_jobs, crtomo, crmod, db_url) -> None:
     # Only --local runs a worker here: its modules are not loaded for a plain crh_add.
-    from cr_queue import local
-    from cr_queue.solvers import solvers
+    from cr_queue import config, local
 
     settings, database = open_db(db_url, crtomo=crtomo, crmod=crmod)
-    solver_map = solvers.resolve(
-        {
-            "crtomo": (settings.crtomo, "--crtomo, CRH_CRTOMO or [solvers] crtomo"),
-            "crmod": (settings.crmod, "--crmod, CRH_CRMOD or [solvers] crmod"),
-        }
-    )
-    jobs = local_jobs or max(1, (os.cpu_count() or 1) // threads)
-    total = len(found.todo)
-    done = {"n": 0}
-
-    def on_event(message: str) -> None:
-        if ": finished" in message or ": failed" in message:
-            done["n"] += 1
-            out.line(f"[{done['n']}/{total}] {message}")
-
     run = local.run_local(
-        database, paths, options, solver_map, jobs=jobs, threads=threads, found=found, on_event=on_event
+        database,
+        paths,
+        options,
+        local.configured_solvers(settings),
+        limits=config.archive_limits(settings),
+        jobs=local_jobs,
+        threads=options.threads,
+        found=found,
+        on_job_end=lambda ended: out.line(f"[{ended.done}/{ended.total}] {ended.message}"),
     )
     _print(out, run.added, False)
     report = run.retrieved

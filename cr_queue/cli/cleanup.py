@@ -9,7 +9,7 @@ import click
 
 from cr_queue import cleanup
 from cr_queue.cli import fmt
-from cr_queue.cli.common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
+from cr_queue.cli.common import Output, db_option, fail, open_db, reports
 
 SHOWN = 20  # jobs listed per kind in the text report (all of them are in --json)
 
@@ -40,9 +40,8 @@ _TITLES = {
     help="Clean up only this kind (repeatable): " + ", ".join(cleanup.KINDS) + ".",
 )
 @db_option
-@output_options
-@handle_errors
-def cleanup_command(dry_run, yes, retention_days, kinds, db_url, as_json, quiet, log_level):
+@reports
+def cleanup_command(dry_run, yes, retention_days, kinds, db_url, out):
     """Remove what nobody can use any more, and report the bytes freed:
 
     \b
@@ -57,8 +56,6 @@ def cleanup_command(dry_run, yes, retention_days, kinds, db_url, as_json, quiet,
     takes --yes; a job's archive is kept while any other job still uses it.
     If you moved a tree of tomodirs, its jobs show up as "gone": answer no.
     """
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     options = cleanup.CleanupOptions(retention_days=retention_days, kinds=tuple(kinds) or cleanup.KINDS)
     _settings, database = open_db(db_url)
     with database.connect("crh_cleanup") as conn:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cr_queue import config
-from cr_queue.tomodir import archive
 
 if TYPE_CHECKING:
     from cr_queue.db import connection as db
@@ -147,6 +146,21 @@ def output_options(fn: Callable) -> Callable:
     return fn
 
 
+def reports(fn: Callable) -> Callable:
+    """The options every reporting command takes (--json, --quiet, --log-level), made into
+    its ``out``: logging is set up, and an expected error becomes one message and exit 2.
+
+    Use it under the command's own options and above the function, which takes
+    ``out`` instead of ``as_json``, ``quiet`` and ``log_level``."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, as_json: bool, quiet: bool, log_level: str, **kwargs: Any) -> Any:
+        setup_logging(log_level)
+        return fn(*args, out=Output(json=as_json, quiet=quiet), **kwargs)
+
+    return output_options(handle_errors(command))
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -159,8 +173,6 @@ def open_db(db_url: str | None, **settings_kw: Any) -> tuple[config.Settings, db
     from cr_queue.database import open_database
 
     settings = config.load(db=db_url, **settings_kw)
-    # The caps of safe extraction this installation chose ([archive] in the config).
-    archive.set_default_limits(archive.Limits(**config.archive_limits(settings)))
     return settings, open_database(settings)
 
 
@@ -236,6 +248,10 @@ class Label(click.ParamType):
 
 GROUP = GroupName()
 LABEL = Label()
+
+
+targets_argument = click.argument("targets", nargs=-1, required=True)
+"""Jobs named the way users do: job ids, tomodirs, .crh files (see :func:`select_jobs`)."""
 
 
 def select_jobs(targets) -> Selection:

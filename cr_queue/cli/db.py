@@ -8,7 +8,7 @@ from cr_queue import config
 from cr_queue.db import migrate
 from cr_queue.database import open_database
 from cr_queue.db.connection import Database, DatabaseError
-from cr_queue.cli.common import Output, db_option, fail, handle_errors, output_options, setup_logging
+from cr_queue.cli.common import db_option, fail, handle_errors, reports
 
 
 @click.group("db")
@@ -24,12 +24,9 @@ def _target(db_url: str | None) -> Database:
 @db_group.command("upgrade")
 @click.option("--revision", default="head", show_default=True, help="Target schema revision.")
 @db_option
-@output_options
-@handle_errors
-def upgrade(revision, db_url, as_json, quiet, log_level):
+@reports
+def upgrade(revision, db_url, out):
     """Create or upgrade the schema (run once per release, as the schema owner)."""
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     database = _target(db_url)
     try:
         before = migrate.current(database.url)
@@ -47,12 +44,9 @@ def upgrade(revision, db_url, as_json, quiet, log_level):
 @db_group.command("downgrade")
 @click.argument("revision")
 @db_option
-@output_options
-@handle_errors
-def downgrade(revision, db_url, as_json, quiet, log_level):
+@reports
+def downgrade(revision, db_url, out):
     """Downgrade the schema to REVISION ('base' drops every cr_queue table and its data)."""
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     database = _target(db_url)
     try:
         migrate.downgrade(database.url, revision)
@@ -76,12 +70,9 @@ def _cluster():
 
 
 @db_group.command("start")
-@output_options
-@handle_errors
-def start(as_json, quiet, log_level):
+@reports
+def start(out):
     """Start the embedded database (commands also start it on demand)."""
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     cluster = _cluster()
     cluster.start()
     migrate.upgrade(cluster.url)
@@ -90,12 +81,9 @@ def start(as_json, quiet, log_level):
 
 
 @db_group.command("stop")
-@output_options
-@handle_errors
-def stop(as_json, quiet, log_level):
+@reports
+def stop(out):
     """Stop the embedded database."""
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     cluster = _cluster()
     was_running = cluster.is_running()
     cluster.stop()
@@ -105,12 +93,9 @@ def stop(as_json, quiet, log_level):
 
 @db_group.command("status")
 @db_option
-@output_options
-@handle_errors
-def status(db_url, as_json, quiet, log_level):
+@reports
+def status(db_url, out):
     """Where the database is, whether it runs, and its schema version."""
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     settings = config.load(db=db_url)
     info: dict = {"source": settings.database_source}
     if settings.database_url is None:
@@ -147,11 +132,9 @@ _GRANTED = {
 }
 
 
-def _grant(name: str, group: str, db_url, as_json, quiet, log_level) -> None:
+def _grant(name: str, group: str, db_url, out) -> None:
     from cr_queue.queries import roles
 
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     try:
         roles.check_login_name(name)
     except roles.RoleError as exc:
@@ -194,32 +177,32 @@ def _grant(name: str, group: str, db_url, as_json, quiet, log_level) -> None:
         )
 
 
-_name_arg = click.argument("name", metavar="NAME")
+def _grant_command(name: str, group: str, doc: str) -> click.Command:
+    @db_group.command(name, help=doc)
+    @click.argument("login", metavar="NAME")
+    @db_option
+    @reports
+    def command(login, db_url, out):
+        _grant(login, group, db_url, out)
+
+    return command
 
 
-@db_group.command("grant-user")
-@_name_arg
-@db_option
-@output_options
-@handle_errors
-def grant_user(name, db_url, as_json, quiet, log_level):
+grant_user = _grant_command(
+    "grant-user",
+    "crh_user",
     """Let the login NAME (a scientist) use the queue for its own jobs (role crh_user).
 
     Creates the login role if it does not exist (without a password) and
     grants it crh_user.  Run as a superuser or a role with CREATEROLE.
-    """
-    _grant(name, "crh_user", db_url, as_json, quiet, log_level)
-
-
-@db_group.command("grant-worker")
-@_name_arg
-@db_option
-@output_options
-@handle_errors
-def grant_worker(name, db_url, as_json, quiet, log_level):
+    """,
+)
+grant_worker = _grant_command(
+    "grant-worker",
+    "crh_worker",
     """Let the login NAME (a compute node's account) run jobs (role crh_worker).
 
     Creates the login role if it does not exist (without a password) and
     grants it crh_worker.  Run as a superuser or a role with CREATEROLE.
-    """
-    _grant(name, "crh_worker", db_url, as_json, quiet, log_level)
+    """,
+)

@@ -6,25 +6,18 @@ start-up is much of what it costs, and start-up is mostly imports.  Hence:
 * ``crh_add`` imports cli/add.py and what that needs, not the worker, the
   admin commands or the embedded server (cli/main.py's ``crh`` group loads
   its subcommands the same lazy way);
-* the cyclic garbage collector is held off while the modules load and the
-  objects they made are then frozen (``gc.freeze``): they live until exit,
-  so the collections that the many allocations of an import trigger, and
-  the one at interpreter shutdown, would only walk them again in vain.
+* the cyclic garbage collector is held off while the modules load, and
+  what they made is frozen (util/imports.py).
 """
 
 from __future__ import annotations
 
-import gc
-import importlib
 from collections.abc import Callable
 from typing import Any
 
-HELP_OPTIONS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+from cr_queue.util.imports import load_module, own_process
 
-# Set by the console scripts below: the process is then a command's own and
-# its garbage collector ours to tune.  A program that imports the commands
-# (the tests, a Python caller of crh.main) keeps its collector as it is.
-_command_process = False
+HELP_OPTIONS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
 
 
 def load(spec: str) -> Any:
@@ -33,36 +26,9 @@ def load(spec: str) -> Any:
     return getattr(load_module(module, __package__), attribute)
 
 
-def load_module(name: str, package: str | None = None) -> Any:
-    """Import a module; in a command's process with the cyclic GC held off and the
-    result frozen (a command imports what it needs only once it needs it: crh_add
-    forks its helpers before it imports the database driver)."""
-    if not _command_process:
-        return importlib.import_module(name, package)
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return importlib.import_module(name, package)
-    finally:
-        # What the imports made lives until exit: keep later collections from walking it.
-        gc.freeze()
-        if enabled:
-            gc.enable()
-
-
-def command_process() -> bool:
-    """Whether this process is a console script's own (then it may, for one, fork)."""
-    return _command_process
-
-
-def _own_process() -> None:
-    global _command_process
-    _command_process = True
-
-
 def _standalone(spec: str, prog: str) -> Callable[[], None]:
     def main() -> None:
-        _own_process()
+        own_process()
         load(spec).main(prog_name=prog, **HELP_OPTIONS)
 
     main.__name__ = main.__qualname__ = prog
@@ -72,7 +38,7 @@ def _standalone(spec: str, prog: str) -> Callable[[], None]:
 
 def crh() -> None:
     """The `crh` console script: the group, which loads only the subcommand it runs."""
-    _own_process()
+    own_process()
     load(".main:crh").main()
 
 

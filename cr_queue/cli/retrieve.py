@@ -6,11 +6,9 @@ from pathlib import Path
 
 import click
 
-from cr_queue import retrieve_helper
-from cr_queue.tomodir import control
+from cr_queue import config
 from cr_queue import retrieve as retrieve_service
-from cr_queue.cli.common import Output, db_option, handle_errors, open_db, output_options, setup_logging
-from cr_queue.cli.entry import command_process
+from cr_queue.cli.common import Output, db_option, open_db, reports
 
 
 def _item(item: retrieve_service.Item) -> dict:
@@ -62,15 +60,12 @@ def _report(out: Output, report: retrieve_service.RetrieveReport) -> None:
     )
 
 
-def _run(paths, wait: bool, poll_s: float, db_url, as_json, quiet, log_level) -> None:
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
+def _run(paths, wait: bool, poll_s: float, db_url, out) -> None:
     paths = list(paths) or [Path(".")]
-    _settings, database = open_db(db_url)
-    # Only a console script's own process may fork a helper (see retrieve_helper.py).
-    processes = retrieve_helper.default_processes() if command_process() else 1
+    settings, database = open_db(db_url)
+    limits = config.archive_limits(settings)
     if out.interactive:
-        report = _with_bar(out, database, paths, wait, poll_s, processes)
+        report = _with_bar(out, database, paths, wait, poll_s, limits)
     elif wait:
         def round_done(total: retrieve_service.RetrieveReport) -> None:
             if total.pending:
@@ -78,22 +73,19 @@ def _run(paths, wait: bool, poll_s: float, db_url, as_json, quiet, log_level) ->
                 out.line(f"waiting: {done} done, {len(total.pending)} pending")
 
         report = retrieve_service.wait_retrieve(
-            database, paths, poll_s=poll_s, progress=_progress(out), on_round=round_done, processes=processes
+            database, paths, limits=limits, poll_s=poll_s, progress=_progress(out), on_round=round_done
         )
     else:
-        report = retrieve_service.retrieve(database, paths, progress=_progress(out), processes=processes)
+        report = retrieve_service.retrieve(database, paths, limits=limits, progress=_progress(out))
     _report(out, report)
     raise SystemExit(report.exit_code)
 
 
 def _with_bar(
-    out: Output, database, paths, wait: bool, poll_s: float, processes: int
+    out: Output, database, paths, wait: bool, poll_s: float, limits
 ) -> retrieve_service.RetrieveReport:
     """On a terminal: one progress bar; the per-job lines are printed once it is done."""
-    try:
-        total = len(control.find(paths))
-    except control.ControlFileError:
-        total = 0
+    total = retrieve_service.count(paths)
     done: list[retrieve_service.Item] = []
     with click.progressbar(
         length=max(total, 1), label="waiting" if wait else "retrieving", file=click.get_text_stream("stderr")
@@ -103,9 +95,9 @@ def _with_bar(
             bar.update(1)
 
         if wait:
-            report = retrieve_service.wait_retrieve(database, paths, poll_s=poll_s, progress=step, processes=processes)
+            report = retrieve_service.wait_retrieve(database, paths, limits=limits, poll_s=poll_s, progress=step)
         else:
-            report = retrieve_service.retrieve(database, paths, progress=step, processes=processes)
+            report = retrieve_service.retrieve(database, paths, limits=limits, progress=step)
     show = _progress(out)
     for item in done:
         if item.status != "finished" or item.conflicts:
@@ -121,19 +113,17 @@ _path_arg = click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--wait", is_flag=True, help="Keep retrieving as jobs finish until none is pending.")
 @click.option("--poll", "poll_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between checks with --wait.")
 @db_option
-@output_options
-@handle_errors
-def retrieve_command(paths, wait, poll_s, db_url, as_json, quiet, log_level):
+@reports
+def retrieve_command(paths, wait, poll_s, db_url, out):
     """Bring the results of finished jobs below PATHS (default: .) into their tomodirs."""
-    _run(paths, wait, poll_s, db_url, as_json, quiet, log_level)
+    _run(paths, wait, poll_s, db_url, out)
 
 
 @click.command("wait-retrieve")
 @_path_arg
 @click.option("--poll", "poll_s", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="Seconds between checks.")
 @db_option
-@output_options
-@handle_errors
-def wait_retrieve_command(paths, poll_s, db_url, as_json, quiet, log_level):
+@reports
+def wait_retrieve_command(paths, poll_s, db_url, out):
     """Retrieve results below PATHS as jobs finish, until none is pending."""
-    _run(paths, True, poll_s, db_url, as_json, quiet, log_level)
+    _run(paths, True, poll_s, db_url, out)

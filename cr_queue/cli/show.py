@@ -9,23 +9,20 @@ import click
 
 from cr_queue import admin
 from cr_queue.cli import fmt
-from cr_queue.cli.common import Output, db_option, handle_errors, open_db, output_options, select_jobs, setup_logging
+from cr_queue.cli.common import Output, db_option, open_db, reports, select_jobs, targets_argument
 
 
 @click.command("show")
-@click.argument("targets", nargs=-1, required=True)
+@targets_argument
 @db_option
-@output_options
-@handle_errors
-def show_command(targets, db_url, as_json, quiet, log_level):
+@reports
+def show_command(targets, db_url, out):
     """Print a job's fields and its whole history: who (database role, OS
     user), where (host, pid, worker), what (the event's detail) and when.
 
     JOB is a job id, a tomodir or its .crh file (a directory: every job
     whose .crh lies below it).  Exit 1 when a job is not in the database.
     """
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     selection = select_jobs(targets)
     _settings, database = open_db(db_url)
     with database.connect("crh_show") as conn:
@@ -33,7 +30,7 @@ def show_command(targets, db_url, as_json, quiet, log_level):
     problems = list(selection.problems)
     problems += [f"job {i}: not in the database {database.redacted}" for i in selection.ids if i not in found]
     out.emit({"jobs": [found[i] for i in selection.ids if i in found], "problems": problems})
-    if not as_json and not quiet:
+    if not out.json and not out.quiet:
         for n, job_id in enumerate(i for i in selection.ids if i in found):
             if n:
                 click.echo()

@@ -15,7 +15,7 @@ import psycopg
 from cr_queue.db import connection as db
 from cr_queue import status as status_service
 from cr_queue.cli import fmt
-from cr_queue.cli.common import Output, db_option, handle_errors, open_db, output_options, setup_logging
+from cr_queue.cli.common import Output, db_option, open_db, reports
 
 _STATE_COLOURS = {"failed": "red", "running": "cyan", "finished": "green", "lost": "yellow", "unknown": "yellow", "unreadable": "red"}
 
@@ -36,9 +36,8 @@ _STATE_COLOURS = {"failed": "red", "running": "cyan", "finished": "green", "lost
 )
 @click.option("--limit", type=click.IntRange(min=0), default=status_service.DEFAULT_LIMIT, show_default=True, help="Running jobs, failed jobs and sipdirs listed at most (the rest are counted).")
 @db_option
-@output_options
-@handle_errors
-def status_command(paths, tree, mine, watch_s, limit, db_url, as_json, quiet, log_level):
+@reports
+def status_command(paths, tree, mine, watch_s, limit, db_url, out):
     """Show the queue: jobs by state, running and failed jobs, queue depth per
     user and group, sipdirs, workers, and an estimate of the time to drain.
 
@@ -47,8 +46,6 @@ def status_command(paths, tree, mine, watch_s, limit, db_url, as_json, quiet, lo
     docs/admin.md.  Exit codes: 0, or 1 in tree mode when a .crh file is
     unreadable or names a job the database does not know.
     """
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     tree_mode = tree or bool(paths)
     scope = status_service.Scope.mine() if mine else status_service.Scope()
     if tree_mode and mine:
@@ -86,12 +83,12 @@ def status_command(paths, tree, mine, watch_s, limit, db_url, as_json, quiet, lo
                 break
             time.sleep(watch_s)
     except KeyboardInterrupt:
-        if not as_json:
+        if not out.json:
             click.echo()
     finally:
         if conn is not None and not conn.closed:
             conn.close()
-    if tree_mode and not as_json and not quiet:
+    if tree_mode and not out.json and not out.quiet:
         for problem in report.get("problems", []):
             out.warn(problem)
     raise SystemExit(code)

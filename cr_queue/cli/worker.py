@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 
+from cr_queue import config
 from cr_queue.solvers import solvers
 from cr_queue import worker as worker_service
-from cr_queue.cli.common import DURATION, GROUP, LABEL, Output, db_option, handle_errors, open_db, output_options, setup_logging
+from cr_queue.cli.common import DURATION, GROUP, LABEL, db_option, open_db, reports
 
 
 @click.command("worker")
@@ -31,16 +32,13 @@ from cr_queue.cli.common import DURATION, GROUP, LABEL, Output, db_option, handl
 @click.option("--nice", type=click.IntRange(0, 19), default=0, show_default=True, help="Nice level of the solvers.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where private job directories are made (default: the system temp dir).")
 @db_option
-@output_options
-@handle_errors
-def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, timeout_s, lease_s, poll_s, drain_timeout_s, max_runtime_s, max_node_failures, cpus, nice, workdir, db_url, as_json, quiet, log_level):
+@reports
+def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, timeout_s, lease_s, poll_s, drain_timeout_s, max_runtime_s, max_node_failures, cpus, nice, workdir, db_url, out):
     """Claim jobs from the queue and run CRMod/CRTomo on them.
 
     SIGTERM or Ctrl-C: stop claiming and let running jobs finish; a second
     one gives the running jobs back to the queue at once.
     """
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     settings, database = open_db(db_url, crtomo=crtomo, crmod=crmod)
     solver_map = solvers.resolve(
         {
@@ -70,9 +68,9 @@ def worker_command(jobs, threads, quit_when_empty, name, groups, crtomo, crmod, 
 
     def on_event(message: str) -> None:
         logging.getLogger("cr_queue.worker").info("%s", message)
-        events.append(message) if as_json else out.line(message)
+        events.append(message) if out.json else out.line(message)
 
-    w = worker_service.Worker(database, solver_map, options, on_event=on_event)
+    w = worker_service.Worker(database, solver_map, options, limits=config.archive_limits(settings), on_event=on_event)
     w.install_signal_handlers()
     code = w.run()
     out.emit(

@@ -16,7 +16,7 @@ import psycopg
 
 from cr_queue import admin
 from cr_queue.cli import fmt
-from cr_queue.cli.common import Output, db_option, fail, handle_errors, open_db, output_options, setup_logging
+from cr_queue.cli.common import db_option, fail, open_db, reports
 from cr_queue.cli.status import worker_table
 
 
@@ -69,12 +69,9 @@ def worker_group_for(daemon: click.Command) -> click.Group:
 @click.command("list")
 @click.option("--all", "include_stopped", is_flag=True, help="Include stopped workers (default: live ones and those stopped in the last hour).")
 @db_option
-@output_options
-@handle_errors
-def worker_list_command(include_stopped, db_url, as_json, quiet, log_level):
+@reports
+def worker_list_command(include_stopped, db_url, out):
     """List the registered workers: host, pid, state, last heartbeat, jobs held, solvers, CPU budget."""
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     _settings, database = open_db(db_url)
     with database.connect("crh_worker_list") as conn:
         workers = admin.list_workers(conn, include_stopped=include_stopped)
@@ -91,12 +88,9 @@ def _request_command(request: str, doc: str) -> click.Command:
     @click.argument("targets", nargs=-1)
     @click.option("--host", "hosts", multiple=True, help="Every running worker on this host (repeatable).")
     @db_option
-    @output_options
-    @handle_errors
+    @reports
     @admin_only(f"crh worker {request}")
-    def command(targets, hosts, db_url, as_json, quiet, log_level):
-        setup_logging(log_level)
-        out = Output(json=as_json, quiet=quiet)
+    def command(targets, hosts, db_url, out):
         if not targets and not hosts:
             fail(f"name the workers to {request} (name or id, see `crh worker list`), or give --host HOST")
         _settings, database = open_db(db_url)
@@ -156,13 +150,10 @@ def node_group():
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="OpenMP threads per job on this host.")
 @click.option("--active/--inactive", default=None, help="Whether workers on this host take jobs (new hosts: active).")
 @db_option
-@output_options
-@handle_errors
+@reports
 @admin_only("crh node set")
-def node_set_command(host, nice, cpus, threads, active, db_url, as_json, quiet, log_level):
+def node_set_command(host, nice, cpus, threads, active, db_url, out):
     """Set HOST's settings; only the values given change."""
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     _settings, database = open_db(db_url)
     with database.connect("crh_node_set") as conn:
         row = admin.node_set(conn, host, nice=nice, cpus=cpus, threads=threads, active=active)
@@ -176,13 +167,10 @@ def node_set_command(host, nice, cpus, threads, active, db_url, as_json, quiet, 
 @click.option("--cpus", is_flag=True, help="Clear only the CPU count.")
 @click.option("--threads", is_flag=True, help="Clear only the thread count.")
 @db_option
-@output_options
-@handle_errors
+@reports
 @admin_only("crh node unset")
-def node_unset_command(host, nice, cpus, threads, db_url, as_json, quiet, log_level):
+def node_unset_command(host, nice, cpus, threads, db_url, out):
     """Forget HOST's settings (workers there use their own options), or clear single values."""
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     _settings, database = open_db(db_url)
     with database.connect("crh_node_unset") as conn:
         try:
@@ -195,12 +183,9 @@ def node_unset_command(host, nice, cpus, threads, db_url, as_json, quiet, log_le
 
 @node_group.command("list")
 @db_option
-@output_options
-@handle_errors
-def node_list_command(db_url, as_json, quiet, log_level):
+@reports
+def node_list_command(db_url, out):
     """List the hosts with stored settings and how many live workers each has."""
-    setup_logging(log_level)
-    out = Output(json=as_json, quiet=quiet)
     _settings, database = open_db(db_url)
     with database.connect("crh_node_list") as conn:
         rows = admin.node_list(conn)

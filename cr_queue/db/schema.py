@@ -45,8 +45,16 @@ metadata = MetaData(
 )
 
 
-def _now() -> object:
-    return func.now()
+def _time(name: str, *, default_now: bool = False) -> Column:
+    """A point in time; ``default_now``: set by the database when the row is made, never NULL."""
+    if default_now:
+        return Column(name, DateTime(timezone=True), nullable=False, server_default=func.now())
+    return Column(name, DateTime(timezone=True), nullable=True)
+
+
+def _db_role() -> Column:
+    """The database role that made the row: with a login per user, each sees its own (migration 0003)."""
+    return Column("db_role", Text, nullable=False, server_default=text("current_user"))
 
 
 blobs = Table(
@@ -59,10 +67,10 @@ blobs = Table(
     Column("raw_size", BigInteger, nullable=True),
     Column("n_chunks", Integer, nullable=False, server_default=text("0")),
     Column("complete", Boolean, nullable=False, server_default=text("false")),
-    Column("datetime_created", DateTime(timezone=True), nullable=False, server_default=_now()),
-    Column("datetime_completed", DateTime(timezone=True), nullable=True),
+    _time("datetime_created", default_now=True),
+    _time("datetime_completed"),
     # Who uploaded it: with per-user roles a user reads only its own uploads and results.
-    Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    _db_role(),
     # Where the bytes are: 'db' (chunks in binary_data) or 'dir' (the [store] path directory).
     Column("location", Text, nullable=False, server_default=text("'db'")),
     CheckConstraint("NOT complete OR sha256 IS NOT NULL", name="complete_has_sha256"),
@@ -76,7 +84,7 @@ blob_owners = Table(
     metadata,
     Column("blob_id", BigInteger, ForeignKey("blobs.id", ondelete="CASCADE"), nullable=False),
     Column("db_role", Text, nullable=False),
-    Column("datetime_added", DateTime(timezone=True), nullable=False, server_default=_now()),
+    _time("datetime_added", default_now=True),
     PrimaryKeyConstraint("blob_id", "db_role"),
 )
 
@@ -97,15 +105,15 @@ workers = Table(
     Column("host", Text, nullable=False),
     Column("pid", Integer, nullable=False),
     Column("version", Text, nullable=False),
-    Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    _db_role(),
     Column("state", Text, nullable=False, server_default=text("'running'")),
     Column("jobs", Integer, nullable=False),
     Column("threads", Integer, nullable=False),
     Column("groups", ARRAY(Text), nullable=False, server_default=text("'{}'")),
     Column("solvers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
-    Column("datetime_started", DateTime(timezone=True), nullable=False, server_default=_now()),
-    Column("last_heartbeat", DateTime(timezone=True), nullable=False, server_default=_now()),
-    Column("datetime_stopped", DateTime(timezone=True), nullable=True),
+    _time("datetime_started", default_now=True),
+    _time("last_heartbeat", default_now=True),
+    _time("datetime_stopped"),
     Column("stop_reason", Text, nullable=True),
     Column("requested", Text, nullable=True),
     CheckConstraint("state IN ('running', 'draining', 'stopped')", name="state"),
@@ -117,11 +125,12 @@ node_settings = Table(
     "node_settings",
     metadata,
     Column("host", Text, primary_key=True),
+    # NULL: the workers on the host use their own option (crh node unset).
     Column("nice", Integer, nullable=True),
     Column("cpus", Integer, nullable=True),
     Column("threads", Integer, nullable=True),
     Column("active", Boolean, nullable=False, server_default=text("true")),
-    Column("datetime_updated", DateTime(timezone=True), nullable=False, server_default=_now()),
+    _time("datetime_updated", default_now=True),
 )
 
 inversions = Table(
@@ -133,7 +142,7 @@ inversions = Table(
     # A tomodir that needs modelling before its inversion is one job.
     Column("model_first", Boolean, nullable=False, server_default=text("false")),
     Column("username", Text, nullable=False),
-    Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    _db_role(),
     Column("source_computer", Text, nullable=False),
     Column("source_path", Text, nullable=False),
     Column("crh_file", Text, nullable=False),
@@ -157,18 +166,18 @@ inversions = Table(
     Column("max_attempts", Integer, nullable=False, server_default=text("3")),
     Column("worker_id", BigInteger, ForeignKey("workers.id", ondelete="SET NULL"), nullable=True),
     Column("inv_computer", Text, nullable=True),
-    Column("lease_expires", DateTime(timezone=True), nullable=True),
+    _time("lease_expires"),
     Column("input_sha256", Text, ForeignKey("blobs.sha256"), nullable=True),
     Column("result_sha256", Text, ForeignKey("blobs.sha256"), nullable=True),
     Column("exit_code", Integer, nullable=True),
     Column("failure_category", Text, nullable=True),
     Column("failure_reason", Text, nullable=True),
-    Column("datetime_init", DateTime(timezone=True), nullable=False, server_default=_now()),
-    Column("datetime_queued", DateTime(timezone=True), nullable=True),
-    Column("datetime_started", DateTime(timezone=True), nullable=True),
-    Column("datetime_finished", DateTime(timezone=True), nullable=True),
+    _time("datetime_init", default_now=True),
+    _time("datetime_queued"),
+    _time("datetime_started"),
+    _time("datetime_finished"),
     Column("downloaded", Boolean, nullable=False, server_default=text("false")),
-    Column("datetime_downloaded", DateTime(timezone=True), nullable=True),
+    _time("datetime_downloaded"),
     # The sipdir a frequency's tomodir belongs to: one line in status, one retrieve.
     Column("sipdir", Text, nullable=True),
     CheckConstraint(STATUS_CHECK, name="status"),
@@ -206,7 +215,7 @@ events = Table(
     Column("event", Text, nullable=False),
     Column("status", Text, nullable=True),
     Column("attempt", Integer, nullable=True),
-    Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    _db_role(),
     Column("os_user", Text, nullable=True),
     Column("host", Text, nullable=True),
     Column("pid", Integer, nullable=True),

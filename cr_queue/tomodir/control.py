@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cr_queue.tomodir.walk import not_hidden, walk
+
 SUFFIX = ".crh"
 VERSION = 1
 
@@ -188,7 +190,7 @@ def find(paths: Iterable[Path | str]) -> list[Path]:
             sibling = control_path(given)
             if sibling.is_file():
                 found.setdefault(os.path.abspath(sibling), sibling)
-            for crh in _walk(given):
+            for crh in _below(given):
                 found.setdefault(os.path.abspath(crh), crh)
         elif given.name.endswith(SUFFIX):
             found.setdefault(os.path.abspath(given), given)
@@ -197,18 +199,47 @@ def find(paths: Iterable[Path | str]) -> list[Path]:
     return sorted(found.values())
 
 
-def _walk(top: Path) -> Iterable[Path]:
+def _below(top: Path) -> Iterable[Path]:
     def fail(error: OSError) -> None:
         raise ControlFileError(
             f"{error.filename}: cannot search for control files ({error.strerror}); "
             "fix the permissions or name the directories to search"
         )
 
-    for dirpath, dirnames, filenames in os.walk(top, onerror=fail):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.endswith(SUFFIX) and os.path.isfile(os.path.join(dirpath, name)):
-                yield Path(dirpath, name)
+    for _rel, entry in walk(top, descend=not_hidden, onerror=fail):
+        if entry.name.endswith(SUFFIX) and entry.is_file():
+            yield Path(entry.path)
+
+
+@dataclass
+class Found:
+    """The control files below some paths, each read: where crh_retrieve,
+    ``crh_status --tree`` and the commands that take job targets start."""
+
+    files: list[tuple[Path, ControlFile | None]] = field(default_factory=list)  # None: unreadable, see problems
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def readable(self) -> list[tuple[Path, ControlFile]]:
+        return [(path, cf) for path, cf in self.files if cf is not None]
+
+
+def gather(paths: Iterable[Path | str]) -> Found:
+    """:func:`find` the control files and :func:`read` each; a file that cannot be
+    read, or a search that fails, is one line in ``problems``, not an exception."""
+    found = Found()
+    try:
+        crh_files = find(paths)
+    except ControlFileError as exc:
+        found.problems.append(str(exc))
+        return found
+    for crh in crh_files:
+        try:
+            found.files.append((crh, read(crh)))
+        except ControlFileError as exc:
+            found.files.append((crh, None))
+            found.problems.append(str(exc))
+    return found
 
 
 def remove(path: Path | str) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cr_queue.tomodir.walk import not_hidden, walk
+
 TOMODIR_SUBDIRS = ("exe", "config", "rho", "mod", "inv")
 CRMOD_CFG = "exe/crmod.cfg"
 CRTOMO_CFG = "exe/crtomo.cfg"
@@ -76,10 +78,12 @@ class Done:
 
 @dataclass
 class Discovery:
-    todo: list[Tomodir] = field(default_factory=list)
-    done: list[Path] = field(default_factory=list)
-    incomplete: list[Incomplete] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    """Every tomodir below the paths, sorted by what it needs; each list in path order."""
+
+    todo: list[Tomodir] = field(default_factory=list)  # a solver run to queue
+    done: list[Path] = field(default_factory=list)  # its results are there already
+    incomplete: list[Incomplete] = field(default_factory=list)  # asks for a run it cannot get through
+    errors: list[str] = field(default_factory=list)  # a path or directory that could not be searched
 
 
 def is_tomodir(path: Path) -> bool:
@@ -133,22 +137,23 @@ def classify(path: Path) -> Tomodir | Incomplete | Done | None:
     return Done(path)
 
 
-def _walk(root: Path, found: list[Tomodir | Incomplete | Done], errors: list[str]) -> None:
-    try:
-        with os.scandir(root) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError as exc:
-        errors.append(f"{root}: cannot read the directory ({exc.strerror}); fix its permissions or leave it out")
-        return
-    for entry in entries:
-        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
-            continue
-        child = Path(entry.path)
-        result = classify(child)
-        if result is None:
-            _walk(child, found, errors)
-        else:
+def _search(root: Path, found: list[Tomodir | Incomplete | Done], errors: list[str]) -> None:
+    """Every tomodir below ``root``: the walk stops at each one (a tomodir's own
+    subdirectories are not searched) and records it."""
+
+    def descend(_rel: str, entry: os.DirEntry) -> bool:
+        if not not_hidden(_rel, entry):
+            return False
+        result = classify(Path(entry.path))
+        if result is not None:
             found.append(result)
+        return result is None
+
+    def unreadable(exc: OSError) -> None:
+        errors.append(f"{exc.filename}: cannot read the directory ({exc.strerror}); fix its permissions or leave it out")
+
+    for _entry in walk(root, descend=descend, onerror=unreadable):
+        pass
 
 
 def discover(paths: Iterable[Path]) -> Discovery:
@@ -172,7 +177,7 @@ def discover(paths: Iterable[Path]) -> Discovery:
             continue
         direct = classify(root)
         if direct is None:
-            _walk(root, found, result.errors)
+            _search(root, found, result.errors)
         else:
             found.append(direct)
 

@@ -216,13 +216,7 @@ def _crmod_cfg(n_nodes: int) -> str:
         "../mod/volt.dat\n"
         "F                ! sensitivities ?\n"
         "../mod/sens/sens.dat\n"
-        "F                ! another dataset ?\n"
-        "0                ! 2D (=0) or 2.5D (=1)\n"
-        "F                ! fictitious sink ?\n"
-        f"{n_nodes // 2:<16d} ! fictitious sink node number\n"
-        "F                ! boundary values ?\n"
-        "boundary.dat\n"
-    )
+    ) + _cfg_tail(n_nodes)
 
 
 def _crtomo_cfg(n_nodes: int) -> str:
@@ -254,14 +248,21 @@ def _crtomo_cfg(n_nodes: int) -> str:
         "T                ! homogeneous background resistivity ?\n"
         f"{BACKGROUND_OHMM:<16.2f} ! background magnitude (ohm*m)\n"
         f"{BACKGROUND_MRAD:<16.3f} ! background phase (mrad)\n"
+        + _cfg_tail(n_nodes)
+        + "1\n"
+        "lambda\n"
+    )
+
+
+def _cfg_tail(n_nodes: int) -> str:
+    """What crmod.cfg and crtomo.cfg both end with: one dataset, 2D, the sink, no boundary values."""
+    return (
         "F                ! another dataset ?\n"
         "0                ! 2D (=0) or 2.5D (=1)\n"
         "F                ! fictitious sink ?\n"
         f"{n_nodes // 2:<16d} ! fictitious sink node number\n"
         "F                ! boundary values ?\n"
         "boundary.dat\n"
-        "1\n"
-        "lambda\n"
     )
 
 

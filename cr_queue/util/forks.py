@@ -1,7 +1,7 @@
 """What the commands that fork helper processes share (crh_add's packers,
 crh_retrieve's second process): a work list the parent's threads and the
-helpers take from, each item exactly once, and helpers that die with their
-parent."""
+helpers take from, each item exactly once; the frames a helper sends its
+parent through a pipe; and helpers that die with their parent."""
 
 from __future__ import annotations
 
@@ -14,22 +14,23 @@ import signal
 import struct
 import threading
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
-_TOKEN = struct.Struct("=I")
+_INDEX = struct.Struct("=I")
 PR_SET_PDEATHSIG = 1
 F_SETPIPE_SZ = 1031
 
 
-class Tokens:
+class WorkPipe:
     """The indices of the work still to do, shared by the parent's threads and every helper.
 
-    Every index is a 4-byte token in one pipe: a pipe read of 4 bytes takes one
-    whole token, and each token is read once, so every item is done exactly
-    once, by whoever is free first."""
+    Every index is 4 bytes in one pipe: a pipe read of 4 bytes takes one whole
+    index, and each is read once, so every item is done exactly once, by
+    whoever is free first."""
 
     def __init__(self, indices: Sequence[int]) -> None:
         self._r, w = os.pipe()
-        data = b"".join(_TOKEN.pack(i) for i in indices)
+        data = b"".join(_INDEX.pack(i) for i in indices)
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, max(len(data), 4096))
         except OSError:
@@ -55,7 +56,7 @@ class Tokens:
             os.close(self._w)
             self._w = None
             return
-        threading.Thread(target=self._feed, name="crh-tokens", daemon=True).start()
+        threading.Thread(target=self._feed, name="crh-work-pipe", daemon=True).start()
 
     def _feed(self) -> None:
         w, self._w = self._w, None
@@ -72,16 +73,16 @@ class Tokens:
     def take(self) -> int | None:
         """The next index, or None when every one has been taken."""
         try:
-            raw = os.read(self._r, _TOKEN.size)
+            raw = os.read(self._r, _INDEX.size)
         except OSError as exc:
             if exc.errno == errno.EBADF:
                 return None
             raise
         if not raw:
             return None
-        if len(raw) != _TOKEN.size:
-            raise RuntimeError(f"the work pipe gave a {len(raw)}-byte token")
-        return _TOKEN.unpack(raw)[0]
+        if len(raw) != _INDEX.size:
+            raise RuntimeError(f"the work pipe gave a {len(raw)}-byte index")
+        return _INDEX.unpack(raw)[0]
 
     def close(self) -> None:
         if self._r >= 0:
@@ -90,7 +91,7 @@ class Tokens:
 
 
 class Indices:
-    """A work list for the threads of one process (the same interface as :class:`Tokens`)."""
+    """A work list for the threads of one process (the same interface as :class:`WorkPipe`)."""
 
     def __init__(self, indices: Iterable[int]) -> None:
         self._left = collections.deque(indices)
@@ -100,6 +101,40 @@ class Indices:
             return self._left.popleft()
         except IndexError:
             return None
+
+
+FRAME = struct.Struct("=BIQ")
+"""A helper's message to its parent: kind, work index, payload length; then the payload."""
+
+
+class BrokenFrame(EOFError):
+    """The pipe ended inside a frame: the helper writing it died."""
+
+
+def write_frame(fd: int, kind: int, index: int, payload: bytes = b"") -> None:
+    """Write one frame whole (a caller sharing ``fd`` between threads holds a lock around it)."""
+    views = [memoryview(FRAME.pack(kind, index, len(payload))), memoryview(payload)]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def read_frame(pipe: BinaryIO) -> tuple[int, int, bytes] | None:
+    """The next ``(kind, index, payload)``; None where the pipe ends between frames."""
+    header = pipe.read(FRAME.size)
+    if not header:
+        return None
+    if len(header) != FRAME.size:
+        raise BrokenFrame(f"the pipe ended inside a frame's header ({len(header)} of {FRAME.size} bytes)")
+    kind, index, size = FRAME.unpack(header)
+    payload = pipe.read(size) if size else b""
+    if len(payload) != size:
+        raise BrokenFrame(f"the pipe ended inside a frame ({len(payload)} of {size} bytes)")
+    return kind, index, payload
 
 
 class Child:

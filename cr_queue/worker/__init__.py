@@ -39,6 +39,7 @@ import psycopg
 
 from cr_queue import __version__
 from cr_queue.tomodir import archive
+from cr_queue.job_states import JobStatus
 from cr_queue.queries import jobs, session, workers
 from cr_queue.solvers import solvers
 from cr_queue import store
@@ -114,14 +115,19 @@ class Worker:
         solver_map: dict[str, solvers.Solver],
         options: WorkerOptions,
         *,
+        limits: archive.Limits,
         on_event: Callable[[str], None] | None = None,
+        on_job_end: Callable[[int, str, str], None] | None = None,
     ) -> None:
         self.db = db
         self.solvers = solver_map
         self.options = options
+        self.limits = limits  # the caps on unpacking an input (config.archive_limits)
         self.host = socket.gethostname()
         self.name = options.name or f"{self.host}-{os.getpid()}"
         self.on_event = on_event or (lambda message: log.info("%s", message))
+        # (job id, JobStatus.FINISHED or FAILED, the event's text): for whoever counts the jobs that ended.
+        self.on_job_end = on_job_end or (lambda job_id, status, message: None)
         self.tally = Tally()
         self.exit_code = 0
         self.stop_reason = "stopped"
@@ -645,7 +651,7 @@ class Worker:
                 if ok:
                     self.tally.finished += 1
                     files = sum(1 for m in members if (tomodir / m).is_file())
-                    self.on_event(f"job {job.id}: finished ({files} result files)")
+                    self._ended(job, JobStatus.FINISHED, f"job {job.id}: finished ({files} result files)")
                 else:
                     self._refused(job, by_database=ok is False)
                 return
@@ -727,7 +733,7 @@ class Worker:
         with Spool(INPUT_SPOOL_BYTES, tmp, "input.tar.zst") as fh:
             size = store.fetch(conn, self.db.store, job.input_sha256, fh)
             tomodir.mkdir()
-            archive.unpack(fh.source(), tomodir, size=size)
+            archive.unpack(fh.source(), tomodir, limits=self.limits, size=size)
 
     def _run_solvers(self, job: jobs.Job, tomodir: Path, running: _Running) -> solvers.Verdict:
         timeout = job.timeout_s if job.timeout_s is not None else self.options.timeout_s
@@ -787,9 +793,13 @@ class Worker:
         )
         if ok:
             self.tally.failed += 1
-            self.on_event(f"job {job.id}: failed ({category}): {reason}")
+            self._ended(job, JobStatus.FAILED, f"job {job.id}: failed ({category}): {reason}")
         else:
             self._refused(job, by_database=ok is False)
+
+    def _ended(self, job: jobs.Job, status: JobStatus, message: str) -> None:
+        self.on_event(message)
+        self.on_job_end(job.id, status, message)
 
     def _provenance(self, running: _Running, tomodir: Path) -> dict[str, object]:
         """What computed this result, for the events table: binaries, threads, time, log tail."""

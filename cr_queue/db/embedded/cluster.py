@@ -1,175 +1,40 @@
-"""The zero-setup database: a private PostgreSQL cluster started on demand.
+"""The embedded cluster's life: created (initdb), started, checked, stopped, one starter at a time.
 
-A one-machine user has no database server, so cr_queue keeps its own cluster
-under the user's data directory, reachable only through a Unix socket in a
-0700 directory (no TCP, so trust authentication is safe), and starts it when a
-command needs it.  The test suite starts its throwaway clusters with the same
-class, which is why start-up must be fast and must survive a killed server.
-
-PostgreSQL refuses to run as root, so when root asks for a cluster the server
-runs as an unprivileged OS user (see :meth:`Cluster._server_user`); root still reaches
-the socket because root passes any permission check.
+The server binaries come from binaries.py; when root asks, the server runs
+as the OS user that server_user.py chooses, and every file and directory the
+server needs is handed to that user through it.
 """
 
 from __future__ import annotations
 
 import fcntl
-import functools
-import glob
 import hashlib
-import importlib.util
 import logging
 import os
-import pwd
-import re
 import shutil
 import stat
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import platformdirs
 import psycopg
 
-__all__ = ["Cluster", "EmbeddedError", "default_cluster", "find_bindir", "server_version"]
+from cr_queue.db.embedded import server_user
+from cr_queue.db.embedded.binaries import find_bindir, major_version, server_version
+from cr_queue.db.embedded.errors import EmbeddedError
+from cr_queue.db.embedded.server_user import ServerUser
 
 log = logging.getLogger(__name__)
 
 PORT = 5432
-FALLBACK_USER = "crh-embedded"
 MANAGED_CONF = "crh_embedded.conf"
 # sun_path holds 108 bytes on Linux and 104 on macOS; stay clear of both.
 SOCKET_PATH_MAX = 100
-_REQUIRED_BINARIES = ("postgres", "initdb", "pg_ctl", "createdb")
 _LOG_TAIL_LINES = 20
-
-
-class EmbeddedError(Exception):
-    """The embedded cluster could not be found, set up, started or stopped."""
-
-
-@dataclass(frozen=True)
-class _ServerUser:
-    """The OS account the server runs as when cr_queue itself runs as root."""
-
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-    @classmethod
-    def from_pwd(cls, entry: pwd.struct_passwd) -> _ServerUser:
-        groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, groups)
-
-
-def find_bindir(env: Mapping[str, str] | None = None, *, major: str | None = None) -> Path:
-    """Where ``postgres``, ``initdb`` and ``pg_ctl`` are.
-
-    The system's installation comes first because distributions patch and
-    update it; the pgserver wheel is the fallback that makes a pip install
-    enough.  ``major`` asks for a given major version, so an existing cluster
-    is not handed to a newer server that cannot read its files.
-    """
-    env = os.environ if env is None else env
-    explicit = env.get("CRH_PG_BINDIR")
-    if explicit:
-        bindir = Path(explicit)
-        if not _has_server_binaries(bindir):
-            raise EmbeddedError(
-                f"CRH_PG_BINDIR={explicit} does not contain {', '.join(_REQUIRED_BINARIES)}; "
-                "point it to the bin directory of a PostgreSQL server installation, or unset it"
-            )
-        return bindir
-    found: list[Path] = []
-    for bindir in _candidate_bindirs(env):
-        if bindir in found or not _has_server_binaries(bindir):
-            continue
-        found.append(bindir)
-        if major is None or _major(server_version(bindir)) == major:
-            return bindir
-    if found:
-        versions = ", ".join(f"{server_version(b)} in {b}" for b in found)
-        raise EmbeddedError(
-            f"the embedded cluster needs PostgreSQL {major} but only found {versions}; "
-            f"install PostgreSQL {major} server binaries and set CRH_PG_BINDIR to their bin "
-            "directory, or move the old cluster away to start a new empty one"
-        )
-    raise EmbeddedError(
-        "no PostgreSQL server binaries (postgres, initdb, pg_ctl) found for the embedded "
-        "database; install them (Debian: apt install postgresql), or `pip install pgserver`, "
-        "or configure a database server with --db, CRH_DATABASE_URL or [database] url"
-    )
-
-
-def _candidate_bindirs(env: Mapping[str, str]) -> Iterator[Path]:
-    search_path = env.get("PATH", os.defpath)
-    pg_config = shutil.which("pg_config", path=search_path)
-    if pg_config:
-        try:
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
-            )
-            yield Path(out.stdout.strip())
-        except (OSError, subprocess.SubprocessError):
-            pass
-    versioned = glob.glob("/usr/lib/postgresql/*/bin")
-    yield from (Path(p) for p in sorted(versioned, key=_debian_version_key, reverse=True))
-    postgres = shutil.which("postgres", path=search_path)
-    if postgres:
-        yield Path(postgres).resolve().parent
-    wheel = _pgserver_bindir()
-    if wheel is not None:
-        yield wheel
-
-
-def _debian_version_key(path: str) -> tuple[int, ...]:
-    name = Path(path).parent.name
-    return tuple(int(part) for part in name.split(".") if part.isdigit())
-
-
-def _pgserver_bindir() -> Path | None:
-    """The wheel's binaries, located without importing it (its import chmods dirs)."""
-    try:
-        spec = importlib.util.find_spec("pgserver")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-
-
-def _has_server_binaries(bindir: Path) -> bool:
-    return all(os.access(bindir / name, os.X_OK) for name in _REQUIRED_BINARIES)
-
-
-@functools.lru_cache(maxsize=None)
-def server_version(bindir: Path) -> str:
-    """The server's version, e.g. "16.2"; root may ask, only running needs a user."""
-    try:
-        out = subprocess.run(
-            [str(bindir / "postgres"), "--version"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise EmbeddedError(
-            f"cannot run {bindir / 'postgres'} --version ({exc}); "
-            "check the PostgreSQL installation or set CRH_PG_BINDIR"
-        ) from exc
-    match = re.search(r"\(PostgreSQL\)\s+(\S+)", out)
-    return match.group(1) if match else out.strip()
-
-
-def _major(version: str) -> str:
-    """Major version as PG_VERSION writes it: "16" for 16.2, "9.6" for 9.6.24."""
-    parts = re.findall(r"\d+", version)
-    if not parts:
-        return version
-    return parts[0] if int(parts[0]) >= 10 else ".".join(parts[:2])
 
 
 def default_cluster(env: Mapping[str, str] | None = None) -> Cluster:
@@ -288,7 +153,7 @@ class Cluster:
             "version": server_version(bindir) if bindir else None,
             "url": self.url,
             "logfile": str(self.logfile),
-            "server_user": self._server_user_name(),
+            "server_user": server_user.name_of(self.datadir, self.initialized),
         }
 
     # -- setting up ---------------------------------------------------------
@@ -302,7 +167,7 @@ class Cluster:
                 "initdb?); remove it, or set CRH_EMBEDDED_DIR to another directory"
             )
         user = self._server_user()
-        self._make_private_dir(self.datadir, user)
+        server_user.make_private_dir(self.datadir, user)
         result = self._run(
             [
                 str(self.bindir / "initdb"),
@@ -323,7 +188,7 @@ class Cluster:
                 "Check that the directory is writable and the disk has space, or configure "
                 "a database server with --db or CRH_DATABASE_URL"
             )
-        self._make_private_dir(self.datadir / "log", user)
+        server_user.make_private_dir(self.datadir / "log", user)
         with (self.datadir / "postgresql.conf").open("a", encoding="utf-8") as conf:
             conf.write(
                 "\n# cr_queue: the settings of the embedded cluster live in the file below,\n"
@@ -333,10 +198,10 @@ class Cluster:
 
     def _no_instructions(self) -> list[str]:
         """initdb learnt --no-instructions in PostgreSQL 14; Debian 11 still ships 13."""
-        first = _major(server_version(self.bindir)).split(".")[0]
+        first = major_version(server_version(self.bindir)).split(".")[0]
         return ["--no-instructions"] if first.isdigit() and int(first) >= 14 else []
 
-    def _write_managed_conf(self, user: _ServerUser | None) -> None:
+    def _write_managed_conf(self, user: ServerUser | None) -> None:
         """Rewritten at every start so a moved datadir or new defaults take effect."""
         settings = {
             "listen_addresses": "",
@@ -356,16 +221,16 @@ class Cluster:
         path = self.datadir / MANAGED_CONF
         path.write_text("# written by cr_queue at every start; edits are lost\n"
                         + "\n".join(lines) + "\n", encoding="utf-8")
-        self._own(path, user, 0o600)
+        server_user.own(path, user, 0o600)
 
-    def _prepare_socket_dir(self, user: _ServerUser | None) -> None:
+    def _prepare_socket_dir(self, user: ServerUser | None) -> None:
         socket_dir = self.socket_dir
         if socket_dir == self.datadir:
             return
         owner = user.uid if user is not None else os.geteuid()
         try:
             socket_dir.mkdir(mode=0o700)
-            self._own(socket_dir, user, 0o700)
+            server_user.own(socket_dir, user, 0o700)
         except FileExistsError:
             pass
         info = socket_dir.lstat()
@@ -374,7 +239,7 @@ class Cluster:
                 f"socket directory {socket_dir} exists but is not a directory owned by uid "
                 f"{owner}; remove it (someone else may have created it) and start again"
             )
-        self._own(socket_dir, user, 0o700)
+        server_user.own(socket_dir, user, 0o700)
 
     def _run_and_ensure_database(self, timeout: float) -> None:
         """Start if needed, then create the database, retrying while the server settles.
@@ -509,59 +374,17 @@ class Cluster:
     def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self._run([str(self.bindir / "pg_ctl"), *args, "-D", str(self.datadir)], timeout=None)
 
-    # -- the server's OS user -----------------------------------------------
+    # -- the server's OS user (server_user.py) -------------------------------
 
-    def _server_user(self) -> _ServerUser | None:
-        """None means "this process"; as root, the account the server runs as.
-
-        An existing cluster keeps its owner; a new one goes to CRH_EMBEDDED_USER,
-        else the distribution's ``postgres``, else a ``crh-embedded`` system user.
-        """
-        if os.geteuid() != 0:
-            return None
-        if self.initialized:
-            owner = self.datadir.stat().st_uid
-            if owner != 0:
-                return _ServerUser.from_pwd(pwd.getpwuid(owner))
-        wanted = self._env.get("CRH_EMBEDDED_USER")
-        for name in ([wanted] if wanted else ["postgres", FALLBACK_USER]):
-            try:
-                return _ServerUser.from_pwd(pwd.getpwnam(name))
-            except KeyError:
-                if wanted:
-                    raise EmbeddedError(
-                        f"CRH_EMBEDDED_USER={wanted} is not an OS user; create it or unset "
-                        "CRH_EMBEDDED_USER (PostgreSQL cannot run as root)"
-                    ) from None
-        return _ServerUser.from_pwd(_create_system_user(FALLBACK_USER))
-
-    def _server_user_name(self) -> str | None:
-        """Who runs (or would run) the server, without creating anyone."""
-        if os.geteuid() != 0:
-            uid = os.geteuid()
-        elif self.initialized:
-            uid = self.datadir.stat().st_uid
-        else:
-            return None
-        try:
-            return pwd.getpwuid(uid).pw_name
-        except KeyError:
-            return str(uid)
+    def _server_user(self) -> ServerUser | None:
+        return server_user.choose(self.datadir, self.initialized, self._env)
 
     def _run(self, args: Sequence[str], *, timeout: float | None) -> subprocess.CompletedProcess[str]:
-        """Run a server binary, as the server user when we are root (no shell, no runuser)."""
+        """Run a server binary, as the server user when we are root."""
         user = self._server_user()
         env = {k: v for k, v in self._env.items() if not k.startswith("PG")}
         env["LC_ALL"] = "C"
-        kwargs: dict[str, object] = {}
-        if user is not None:
-            # Checked before every command, not once: tools such as pytest
-            # reset their temp roots to 0700 while our server keeps running.
-            self._grant_traverse(self.datadir, user)
-            self._grant_traverse(Path(args[0]), user)
-            kwargs = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
-            env["HOME"] = str(self.datadir)
-            env["USER"] = env["LOGNAME"] = user.name
+        kwargs = server_user.run_as(user, self.datadir, args[0], env) if user is not None else {}
         try:
             return subprocess.run(
                 list(args), capture_output=True, text=True, env=env, cwd="/",
@@ -569,45 +392,6 @@ class Cluster:
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise self._error(f"cannot run {args[0]} ({exc})") from exc
-
-    @staticmethod
-    def _make_private_dir(path: Path, user: _ServerUser | None) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        Cluster._own(path, user, 0o700)
-
-    @staticmethod
-    def _own(path: Path, user: _ServerUser | None, mode: int) -> None:
-        if user is not None:
-            os.chown(path, user.uid, user.gid)
-        os.chmod(path, mode)
-
-    @staticmethod
-    def _grant_traverse(path: Path, user: _ServerUser) -> list[Path]:
-        """Let the server user pass through every ancestor of ``path``, and no more.
-
-        Only the execute (search) bit of the class the user falls in is added:
-        it may enter the directories but cannot list them.
-        """
-        granted: list[Path] = []
-        for ancestor in reversed(Path(path).absolute().parents):
-            info = ancestor.stat()
-            if info.st_uid == user.uid:
-                bit = stat.S_IXUSR
-            elif info.st_gid in user.groups:
-                bit = stat.S_IXGRP
-            else:
-                bit = stat.S_IXOTH
-            if info.st_mode & bit:
-                continue
-            os.chmod(ancestor, stat.S_IMODE(info.st_mode) | bit)
-            granted.append(ancestor)
-        if granted:
-            log.warning(
-                "gave OS user %s traverse-only permission (x, not read) on %s so the embedded "
-                "PostgreSQL server can reach %s",
-                user.name, ", ".join(map(str, granted)), path,
-            )
-        return granted
 
     # -- locking, logs and errors ------------------------------------------
 
@@ -696,26 +480,3 @@ def _mtime(path: Path) -> float:
 
 def _quote_conf(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace("'", "''")
-
-
-def _create_system_user(name: str) -> pwd.struct_passwd:
-    """Only when root and no ``postgres`` user exists: someone must own the cluster."""
-    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-    try:
-        result = subprocess.run(
-            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            capture_output=True, text=True, timeout=60,
-        )
-        detail = result.stderr.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        result, detail = None, str(exc)
-    # Exit code 9: another command created the same user a moment ago.
-    if result is None or result.returncode not in (0, 9):
-        raise EmbeddedError(
-            f"cannot create the system user {name} to run the embedded PostgreSQL server "
-            f"as (PostgreSQL refuses to run as root): {detail}; create an unprivileged user "
-            "and set CRH_EMBEDDED_USER to it, or run cr_queue as a normal user"
-        )
-    if result.returncode == 0:
-        log.warning("created system user %s to run the embedded PostgreSQL server", name)
-    return pwd.getpwnam(name)
