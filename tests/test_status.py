@@ -201,7 +201,7 @@ def test_sipdir_is_one_line_with_k_of_n_done(tmp_path, cli_env, db_url):
     run([script("crh_add")], cli_env, cwd=tmp_path)
     ids = [r[0] for r in _sql(db_url, "SELECT id FROM inversions WHERE sipdir IS NOT NULL ORDER BY id")]
     assert len(ids) == 3
-    _sql(db_url, "UPDATE inversions SET status = 'finished', datetime_finished = now() WHERE id = ANY(%s)", (ids[:2],))
+    _sql(db_url, "UPDATE inversions SET status = 'finished', result_sha256 = input_sha256, datetime_finished = now() WHERE id = ANY(%s)", (ids[:2],))
     report = status(cli_env)
     (sip,) = report["sipdirs"]["items"]
     assert set(sip) == SIPDIR_KEYS and report["sipdirs"]["count"] == 1
@@ -210,7 +210,7 @@ def test_sipdir_is_one_line_with_k_of_n_done(tmp_path, cli_env, db_url):
     out = run([script("crh"), "status"], cli_env).stdout
     assert f"{tmp_path / 'sip'} ({getpass.getuser()}@{HOST}): 2 of 3 frequencies done, 1 queued" in out
     # Once every frequency is retrieved the sipdir drops off the list.
-    _sql(db_url, "UPDATE inversions SET status = 'finished', downloaded = true WHERE id = ANY(%s)", (ids,))
+    _sql(db_url, "UPDATE inversions SET status = 'finished', result_sha256 = input_sha256, downloaded = true WHERE id = ANY(%s)", (ids,))
     assert status(cli_env)["sipdirs"] == {"count": 0, "listed": 0, "items": []}
 
 
