@@ -440,8 +440,10 @@ END $$;
 -- No login but the owner updates state columns: users keep only their registration's settings, workers nothing; the functions do the rest.
 REVOKE UPDATE ON inversions FROM crh_admin, crh_worker, crh_user;
 REVOKE INSERT ON events FROM crh_worker;
+REVOKE USAGE ON SEQUENCE events_id_seq FROM crh_worker;
 GRANT UPDATE (sim_type, model_first, crh_file, priority, job_group, threads, timeout_s, max_attempts, sipdir,
               datetime_init) ON inversions TO crh_admin, crh_user;
+-- The helpers run only inside the functions above (as the owner); nobody calls them directly.
 REVOKE ALL ON FUNCTION crh_caller_manages(), crh_caller_runs(bigint), crh_check_result(text),
     crh_guard_registration() FROM PUBLIC;
 REVOKE ALL ON FUNCTION
@@ -472,8 +474,6 @@ GRANT EXECUTE ON FUNCTION
     crh_release(bigint, integer, bigint, text, text, integer, jsonb),
     crh_rescue(double precision, integer, bigint, text, text, integer, jsonb)
 TO crh_admin, crh_worker;
-GRANT EXECUTE ON FUNCTION crh_caller_manages(), crh_caller_runs(bigint), crh_check_result(text)
-TO crh_admin, crh_worker, crh_user;
 
 -- name: policies
 -- A worker login no longer updates jobs directly, and reads an archive only while it is the input of a job one of its workers holds now, or its own upload until that becomes a job's result (sealing needs to see it).
@@ -499,6 +499,7 @@ USING (status IN ('queued', 'running')) WITH CHECK (true);
 REVOKE UPDATE ON inversions FROM crh_admin, crh_user;
 GRANT UPDATE ON inversions TO crh_admin;
 GRANT INSERT ON events TO crh_worker;
+GRANT USAGE ON SEQUENCE events_id_seq TO crh_worker;
 GRANT UPDATE (status, attempt, tries, worker_id, inv_computer, datetime_started, datetime_finished,
               datetime_queued, lease_expires, exit_code, failure_category, failure_reason, result_sha256)
 ON inversions TO crh_worker;
