@@ -91,7 +91,7 @@ def test_add_and_retrieve_with_the_database_down_fail_clearly_and_change_nothing
 
 
 # The renewal of a lease, which the worker sends inside a short transaction.
-RENEWAL = b"UPDATE inversions j SET lease_expires"
+RENEWAL = b"crh_renew("
 
 
 def _freeze_inside_a_renewal(proxy) -> None:
