@@ -172,6 +172,14 @@ def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) ->
             if progress is not None:
                 progress(item)
             continue
+        if job.status == JobStatus.FINISHED and job.result_sha256 is None:
+            # Never "0 files": a finish without its result is a fault (the database refuses it
+            # since migration 0005), and the .crh stays so nothing is lost.
+            report.problems.append(
+                f"{crh}: job {job.id} is marked finished but the database {db.redacted} has no result for it; "
+                f"nothing was changed and {crh.name} is kept. Ask the admin to look at it (crh show {job.id})."
+            )
+            continue
         work.append(Work(job, cf, crh, tomodir, item, blobs.get(job.result_sha256 or "")))
     return work
 

@@ -75,7 +75,7 @@ def _finish(db_url, job_id, days_ago=0.0, downloaded=False, result_sha=None):
     _sql(
         db_url,
         "UPDATE inversions SET status = 'finished', attempt = 1, tries = 1, exit_code = 0, "
-        "result_sha256 = coalesce(%(r)s, result_sha256), downloaded = %(d)s, "
+        "result_sha256 = coalesce(%(r)s, result_sha256, input_sha256), downloaded = %(d)s, "
         "datetime_downloaded = CASE WHEN %(d)s THEN now() END, "
         "datetime_started = now() - (%(days)s * interval '1 day') - interval '5 min', "
         "datetime_finished = now() - (%(days)s * interval '1 day') WHERE id = %(id)s",

@@ -91,7 +91,7 @@ def test_add_and_retrieve_with_the_database_down_fail_clearly_and_change_nothing
 
 
 # The renewal of a lease, which the worker sends inside a short transaction.
-RENEWAL = b"UPDATE inversions j SET lease_expires"
+RENEWAL = b"crh_renew("
 
 
 def _freeze_inside_a_renewal(proxy) -> None:
@@ -174,7 +174,7 @@ def test_completion_whose_answer_is_lost_is_retried_and_counted_once(lab, proxy)
     # committed, before the answer came back: the worker must retry, and the
     # retry must recognise the completion as its own rather than as a refusal.
     [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
-    proxy.cut_after(b"SET status = 'finished'")
+    proxy.cut_after(b"crh_complete(")
     w = lab.worker("w", "-q", env={**lab.env, "CRH_DATABASE_URL": proxy_url(proxy, lab.db_url)})
 
     code, report = w.finish()

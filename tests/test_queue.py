@@ -104,7 +104,9 @@ def test_batch_finish_queues_in_order_with_the_ranks_and_events_of_single_finish
     assert jobs.finish_registrations(conn, list(zip(ids, shas)), ACTOR) == set(), "only registering jobs"
     rows = conn.execute("SELECT id, status, input_sha256, fair_rank FROM inversions WHERE id = ANY(%s) ORDER BY id", (ids,)).fetchall()
     assert [(r[0], r[1], r[2]) for r in rows] == [(i, "queued", sha) for i, sha in zip(ids, shas)]
-    assert [r[3] for r in rows] == [1, 2, 3], "consecutive ranks from the front, in the batch's order"
+    # Fair share is by login (migration 0005): "bob" here is the same login, so the batch
+    # follows its waiting job.
+    assert [r[3] for r in rows] == [2, 3, 4], "consecutive ranks after the login's last waiting job, in the batch's order"
     details = conn.execute("SELECT job_id, detail->>'sha256' FROM events WHERE event = 'queued' AND job_id = ANY(%s) ORDER BY job_id", (ids,)).fetchall()
     assert details == list(zip(ids, shas))
     actor = _worker(conn)

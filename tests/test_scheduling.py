@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import psycopg
+import pytest
+from psycopg import conninfo
 
-from cr_queue.queries import jobs
+from cr_queue.queries import jobs, roles
 from cr_queue import store
 from cr_queue.tomodir import synth
 
@@ -14,20 +16,33 @@ from .conftest import run, script
 from .test_queue import ACTOR, _blob, _claim, _worker
 
 
-def _queued_as(conn, user: str, path: str, **kw) -> int:
+LOGINS = ("sched_alice", "sched_bob", "sched_carol")
+
+
+@pytest.fixture(scope="session")
+def logins(template_url: str) -> None:
+    """Fair share is by login (migration 0005): each user of these tests is a login of its own."""
+    with psycopg.connect(template_url, autocommit=True) as owner:
+        for name in LOGINS:
+            roles.grant(owner, name, roles.USER)
+
+
+def _queued_as(db_url: str, user: str, path: str, **kw) -> int:
+    """A job registered and queued by the login ``sched_<user>``, as crh_add would."""
     new = jobs.NewJob(
         sim_type="inv", model_first=False, source_path=path, crh_file=path + ".crh",
         username=user, source_computer="ws", **kw,
     )
-    job_id = jobs.begin_registration(conn, new, ACTOR)
-    assert jobs.finish_registration(conn, job_id, _blob(conn, path.encode()), ACTOR)
+    with psycopg.connect(conninfo.make_conninfo(db_url, user=f"sched_{user}"), autocommit=True) as conn:
+        job_id = jobs.begin_registration(conn, new, ACTOR)
+        assert jobs.finish_registration(conn, job_id, _blob(conn, path.encode()), ACTOR)
     return job_id
 
 
-def test_users_take_turns_within_a_priority(conn):
-    big = [_queued_as(conn, "alice", f"/a/{i}") for i in range(50)]
-    small = [_queued_as(conn, "bob", f"/b/{i}") for i in range(3)]
-    urgent = _queued_as(conn, "carol", "/c/0", priority=10)
+def test_users_take_turns_within_a_priority(conn, db_url, logins):
+    big = [_queued_as(db_url, "alice", f"/a/{i}") for i in range(50)]
+    small = [_queued_as(db_url, "bob", f"/b/{i}") for i in range(3)]
+    urgent = _queued_as(db_url, "carol", "/c/0", priority=10)
     actor = _worker(conn)
     order = [_claim(conn, actor).id for _ in range(8)]
     assert order[0] == urgent
@@ -36,12 +51,12 @@ def test_users_take_turns_within_a_priority(conn):
     assert order[7] == big[3]
 
 
-def test_late_small_user_is_not_stuck_behind_a_long_queue(conn):
+def test_late_small_user_is_not_stuck_behind_a_long_queue(conn, db_url, logins):
     actor = _worker(conn)
-    big = [_queued_as(conn, "alice", f"/a/{i}") for i in range(30)]
+    big = [_queued_as(db_url, "alice", f"/a/{i}") for i in range(30)]
     served = [_claim(conn, actor).id for _ in range(20)]
     assert served == big[:20]
-    late = _queued_as(conn, "bob", "/b/late")
+    late = _queued_as(db_url, "bob", "/b/late")
     assert [_claim(conn, actor).id for _ in range(2)] in ([late, big[20]], [big[20], late])
 
 

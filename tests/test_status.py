@@ -111,7 +111,7 @@ def busy(tmp_path, cli_env, db_url):
     return {"tree": tree, "worker_id": wid, "running": running}
 
 
-def test_json_shape_and_numbers(busy, cli_env):
+def test_json_shape_and_numbers(busy, cli_env, db_url):
     report = status(cli_env)
     assert set(report) == TOP_KEYS and report["format"] == 1
     assert report["everyone"] is None  # the test role sees every job: no separate anonymous totals
@@ -134,7 +134,7 @@ def test_json_shape_and_numbers(busy, cli_env):
     assert set(job) == FAILED_JOB_KEYS and job["failure_reason"] and job["source_path"].endswith("bad")
 
     depth = {(d["username"], d["group"]): d for d in report["queue_depth"]}
-    me = getpass.getuser()
+    me = _login(db_url)  # the queue is grouped by login (db_role), as fair share is
     assert set(depth) == {(me, None), (me, "g1")}
     assert all(set(d) == DEPTH_KEYS for d in depth.values())
     assert depth[(me, None)]["queued"] + depth[(me, None)]["running"] == 3
@@ -192,7 +192,7 @@ def test_mine_shows_only_my_jobs_from_this_computer(busy, cli_env, db_url):
     assert mine["scope"] == {"mine": True, "username": getpass.getuser(), "host": HOST}
     assert mine["totals"]["total"] == 5 and mine["totals"]["finished"] == 0 and mine["totals"]["failed"] == 0
     assert mine["failed"]["jobs"] == []
-    assert {d["username"] for d in mine["queue_depth"]} == {getpass.getuser()}
+    assert {d["username"] for d in mine["queue_depth"]} == {_login(db_url)}
 
 
 def test_sipdir_is_one_line_with_k_of_n_done(tmp_path, cli_env, db_url):
@@ -201,7 +201,7 @@ def test_sipdir_is_one_line_with_k_of_n_done(tmp_path, cli_env, db_url):
     run([script("crh_add")], cli_env, cwd=tmp_path)
     ids = [r[0] for r in _sql(db_url, "SELECT id FROM inversions WHERE sipdir IS NOT NULL ORDER BY id")]
     assert len(ids) == 3
-    _sql(db_url, "UPDATE inversions SET status = 'finished', datetime_finished = now() WHERE id = ANY(%s)", (ids[:2],))
+    _sql(db_url, "UPDATE inversions SET status = 'finished', result_sha256 = input_sha256, datetime_finished = now() WHERE id = ANY(%s)", (ids[:2],))
     report = status(cli_env)
     (sip,) = report["sipdirs"]["items"]
     assert set(sip) == SIPDIR_KEYS and report["sipdirs"]["count"] == 1
@@ -210,7 +210,7 @@ def test_sipdir_is_one_line_with_k_of_n_done(tmp_path, cli_env, db_url):
     out = run([script("crh"), "status"], cli_env).stdout
     assert f"{tmp_path / 'sip'} ({getpass.getuser()}@{HOST}): 2 of 3 frequencies done, 1 queued" in out
     # Once every frequency is retrieved the sipdir drops off the list.
-    _sql(db_url, "UPDATE inversions SET status = 'finished', downloaded = true WHERE id = ANY(%s)", (ids,))
+    _sql(db_url, "UPDATE inversions SET status = 'finished', result_sha256 = input_sha256, downloaded = true WHERE id = ANY(%s)", (ids,))
     assert status(cli_env)["sipdirs"] == {"count": 0, "listed": 0, "items": []}
 
 
@@ -379,3 +379,8 @@ def test_show_unknown_job(cli_env, tmp_path):
     assert "job 424242: not in the database" in proc.stderr
     proc = run([script("crh"), "show", str(tmp_path / "nope")], cli_env, check=2)
     assert "neither a job id nor an existing path" in proc.stderr
+
+
+def _login(db_url: str) -> str:
+    """The database login the commands of these tests use: what crh status groups the queue by."""
+    return psycopg.conninfo.conninfo_to_dict(db_url)["user"]

@@ -147,7 +147,7 @@ inversions = Table(
     Column("source_path", Text, nullable=False),
     Column("crh_file", Text, nullable=False),
     Column("priority", Integer, nullable=False, server_default=text("0")),
-    # Within a priority, users take turns: a user's n-th waiting job has rank n.
+    # Within a priority, logins take turns: a login's n-th waiting job has rank n.
     Column("fair_rank", BigInteger, nullable=False, server_default=text("0")),
     Column("job_group", Text, nullable=True),
     Column("threads", Integer, nullable=False, server_default=text("1")),
@@ -184,6 +184,13 @@ inversions = Table(
     CheckConstraint("sim_type IN ('mod', 'inv')", name="sim_type"),
     CheckConstraint("threads >= 1", name="threads"),
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
+    # What must always hold, whoever writes the row (migration 0005): a finished job has its
+    # result; priority within crh_add's range; ranks and counters never negative nor near overflow.
+    CheckConstraint("status <> 'finished' OR result_sha256 IS NOT NULL", name="finished_has_result"),
+    CheckConstraint("priority BETWEEN -1000000 AND 1000000", name="priority"),
+    CheckConstraint("fair_rank BETWEEN 0 AND 1000000000000000", name="fair_rank"),
+    CheckConstraint("attempt >= 0 AND tries >= 0 AND tries <= attempt", name="counters"),
+    CheckConstraint("max_attempts BETWEEN 1 AND 1000", name="max_attempts_range"),
     # The claim query reads exactly this index: queued jobs, best first.
     Index(
         "ix_inversions_claim",
@@ -192,7 +199,8 @@ inversions = Table(
         "id",
         postgresql_where=text("status = 'queued'"),
     ),
-    Index("ix_inversions_user_rank", "username", "fair_rank", postgresql_where=text("status = 'queued'")),
+    # Fair share is by login (db_role), never by the username a client writes (migration 0005).
+    Index("ix_inversions_login_rank", "db_role", "fair_rank", postgresql_where=text("status = 'queued'")),
     # The front of the round robin, read at every registration (migration 0004).
     Index("ix_inversions_queued_rank", "fair_rank", postgresql_where=text("status = 'queued'")),
     Index("ix_inversions_running", "worker_id", postgresql_where=text("status = 'running'")),

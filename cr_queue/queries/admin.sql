@@ -67,8 +67,10 @@ GROUP BY 1
 ORDER BY jobs DESC, category;
 
 -- name: queue_depth
--- Queued and running jobs per user and group, with the top priority and the oldest waiting job.
-SELECT username, job_group AS "group",
+-- Queued and running jobs per login and group, with the top priority and the oldest waiting job.
+-- Grouped by login (db_role, filled in by the database), the unit of fair share: the
+-- username column is informational, whatever the client wrote; the key stays "username".
+SELECT db_role AS username, job_group AS "group",
        count(*) FILTER (WHERE status = 'queued') AS queued,
        count(*) FILTER (WHERE status = 'running') AS running,
        max(priority) FILTER (WHERE status = 'queued') AS top_priority,
@@ -76,8 +78,8 @@ SELECT username, job_group AS "group",
 FROM inversions
 WHERE status IN ('queued', 'running')
   AND (%(username)s::text IS NULL OR (username = %(username)s AND source_computer = %(host)s))
-GROUP BY username, job_group
-ORDER BY queued DESC, running DESC, username, job_group NULLS FIRST;
+GROUP BY db_role, job_group
+ORDER BY queued DESC, running DESC, db_role, job_group NULLS FIRST;
 
 -- name: sipdirs
 -- The most recently added sipdirs that still have a frequency to retrieve, each with its jobs counted by state.

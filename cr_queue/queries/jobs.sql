@@ -1,7 +1,9 @@
 -- The life of a job, one statement per step (wrappers: cr_queue/queries/jobs.py).
 --
--- Every statement that changes a job's state writes its event row in the same
--- statement (the CTE "e"), so the history can never disagree with the state.
+-- Every statement that changes a job's state calls a function of the database
+-- (migration 0005) that checks the caller, the transition and the fence, and
+-- writes its event row in the same statement, so the history can never
+-- disagree with the state and psql cannot go around it.
 -- A worker's writes about a job name the attempt it holds (fencing): a write
 -- for an attempt that is no longer current changes nothing, and the caller
 -- learns it was refused because no row comes back.
@@ -18,9 +20,9 @@ ORDER BY id LIMIT 1
 FOR UPDATE;
 
 -- name: update_registering
--- Take over a 'registering' row found by reuse_registering with this crh_add's settings.
+-- Take over a 'registering' row found by reuse_registering with this crh_add's settings (its username stays as registered).
 UPDATE inversions
-SET sim_type = %(sim_type)s, model_first = %(model_first)s, username = %(username)s, crh_file = %(crh_file)s,
+SET sim_type = %(sim_type)s, model_first = %(model_first)s, crh_file = %(crh_file)s,
     priority = %(priority)s, job_group = %(job_group)s, threads = %(threads)s, timeout_s = %(timeout_s)s,
     max_attempts = %(max_attempts)s, sipdir = %(sipdir)s, datetime_init = now()
 WHERE id = %(id)s;
@@ -43,41 +45,10 @@ SELECT id FROM u;
 
 -- name: finish_registrations
 -- Make registered jobs (parallel arrays ids, shas) claimable in the batch's order, each with its archive and fair-share rank.
-WITH req AS MATERIALIZED (
-    -- A new job's rank: after its user's last waiting job, but never behind the
-    -- front of the queue, so a user who adds 10 jobs behind another's 5,000 is
-    -- served in turns with them rather than after them (a user's jobs of one
-    -- batch get consecutive ranks).  The front comes from crh_queue_front():
-    -- with per-user roles, row security hides others' jobs.
-    SELECT r.id, r.sha256, r.ord, j.username
-    FROM unnest(%(ids)s::bigint[], %(shas)s::text[]) WITH ORDINALITY AS r(id, sha256, ord)
-    JOIN inversions j ON j.id = r.id AND j.status = 'registering'
-), front AS MATERIALIZED (
-    SELECT crh_queue_front() - 1 AS rank
-), base AS MATERIALIZED (
-    SELECT username, greatest(
-        (SELECT max(fair_rank) FROM inversions WHERE status = 'queued' AND username = users.username),
-        (SELECT rank FROM front),
-        0) AS rank
-    FROM (SELECT DISTINCT username FROM req) users
-), rank AS MATERIALIZED (
-    SELECT req.id, req.sha256,
-           base.rank + row_number() OVER (PARTITION BY req.username ORDER BY req.ord) AS fair_rank
-    FROM req JOIN base USING (username)
-), u AS (
-    UPDATE inversions
-    SET status = 'queued', input_sha256 = r.sha256, datetime_queued = now(), fair_rank = r.fair_rank
-    FROM rank r
-    WHERE inversions.id = r.id AND inversions.status = 'registering'
-    RETURNING inversions.id, inversions.status, inversions.attempt, inversions.input_sha256
-), e AS (
-    -- Each event's detail names the archive.
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'queued', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s,
-           jsonb_build_object('sha256', u.input_sha256)
-    FROM u
-)
-SELECT id FROM u;
+-- The database does it (migration 0005): it checks each archive is the job owner's, ranks
+-- each job after its login's last waiting one but never behind the queue's front (users
+-- take turns), and writes the 'queued' events.
+SELECT id FROM crh_finish_registrations(%(ids)s::bigint[], %(shas)s::text[], %(os_user)s::text, %(host)s::text, %(pid)s::int) AS id;
 
 -- name: find_duplicates
 -- For each new job (parallel arrays ids, paths, shas): a waiting or running job with the same content from the same directory.
@@ -90,7 +61,7 @@ FROM unnest(%(ids)s::bigint[], %(paths)s::text[], %(shas)s::text[]) AS r(job_id,
 
 -- name: drop_registration
 -- Forget a registration that will not be completed (nobody could ever have claimed it).
-DELETE FROM inversions WHERE id = %(id)s AND status = 'registering';
+DELETE FROM inversions WHERE id = %(id)s::bigint AND status = 'registering';
 
 -- name: get_jobs
 -- The jobs with these ids (those the caller may see), every column the Python Job carries.
@@ -110,171 +81,58 @@ ORDER BY id;
 
 -- name: claim
 -- Take the best queued job this worker can run, in one short transaction, and record the claim.
-WITH next AS (
-    -- Best: highest priority, then fair-share rank (users in turns), then id; the
-    -- plan walks ix_inversions_claim.  SKIP LOCKED passes over the row another
-    -- claimer is taking.
-    SELECT id FROM inversions
-    WHERE status = 'queued'
-      AND ((sim_type = 'mod' AND %(can_mod)s)
-           OR (sim_type = 'inv' AND %(can_inv)s AND (NOT model_first OR %(can_mod)s)))
-      AND (CASE WHEN cardinality(%(groups)s::text[]) = 0 THEN job_group IS NULL
-                ELSE job_group = ANY(%(groups)s::text[]) END)
-      AND (%(max_threads)s::int IS NULL OR threads <= %(max_threads)s::int)
-    ORDER BY priority DESC, fair_rank, id
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED
-), u AS (
-    -- A claim starts a new attempt (the fencing number every later write of
-    -- this worker names) and counts a try against max_attempts.
-    UPDATE inversions j
-    SET status = 'running', attempt = j.attempt + 1, tries = j.tries + 1,
-        worker_id = %(worker_id)s, inv_computer = %(host)s, datetime_started = now(),
-        lease_expires = now() + make_interval(secs => %(lease_s)s),
-        exit_code = NULL, failure_category = NULL, failure_reason = NULL
-    FROM next
-    WHERE j.id = next.id
-    RETURNING j.id, j.status, j.sim_type, j.model_first, j.username, j.source_computer, j.source_path,
-              j.crh_file, j.priority, j.job_group, j.sipdir, j.threads, j.timeout_s, j.attempt, j.tries,
-              j.max_attempts, j.worker_id, j.inv_computer, j.input_sha256, j.result_sha256, j.exit_code,
-              j.failure_category, j.failure_reason, j.datetime_init, j.datetime_started, j.datetime_finished,
-              j.downloaded
-), e AS (
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'claimed', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
-    FROM u
-)
-SELECT * FROM u;
+-- crh_claim (migration 0005) checks the worker is the caller's own, takes the best job
+-- (priority, fair-share rank, id; ix_inversions_claim, SKIP LOCKED), starts a new attempt
+-- (the fence every later write names) and writes the 'claimed' event.
+SELECT j.id, j.status, j.sim_type, j.model_first, j.username, j.source_computer, j.source_path,
+       j.crh_file, j.priority, j.job_group, j.sipdir, j.threads, j.timeout_s, j.attempt, j.tries,
+       j.max_attempts, j.worker_id, j.inv_computer, j.input_sha256, j.result_sha256, j.exit_code,
+       j.failure_category, j.failure_reason, j.datetime_init, j.datetime_started, j.datetime_finished,
+       j.downloaded
+FROM crh_claim(%(worker_id)s::bigint, %(can_mod)s::boolean, %(can_inv)s::boolean, %(groups)s::text[], %(max_threads)s::int,
+               %(lease_s)s::float8, %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS j;
 
 -- name: renew
 -- Extend the leases of the jobs a worker holds (parallel arrays ids, attempts); returns the ids still its own.
-UPDATE inversions j SET lease_expires = now() + make_interval(secs => %(lease_s)s)
-FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS held(id, attempt)
-WHERE j.id = held.id AND j.attempt = held.attempt AND j.status = 'running' AND j.worker_id = %(worker_id)s
-RETURNING j.id;
+SELECT id FROM crh_renew(%(worker_id)s::bigint, %(ids)s::bigint[], %(attempts)s::int[], %(lease_s)s::float8) AS id;
 
 -- name: complete
 -- Mark the worker's current attempt of a job finished, with its result; no row when the attempt is stale.
-WITH u AS (
-    UPDATE inversions
-    SET status = 'finished', result_sha256 = %(result_sha256)s, exit_code = %(exit_code)s,
-        datetime_finished = now(), lease_expires = NULL
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
-    RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'finished', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
-    FROM u
-)
-SELECT id FROM u;
+SELECT id FROM crh_complete(%(id)s::bigint, %(attempt)s::int, %(worker_id)s::bigint, %(result_sha256)s::text, %(exit_code)s::int,
+                            %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS id;
 
 -- name: fail
 -- Mark the worker's current attempt of a job failed by its solver, saying why; no row when the attempt is stale.
-WITH u AS (
-    UPDATE inversions
-    SET status = 'failed', result_sha256 = %(result_sha256)s, exit_code = %(exit_code)s,
-        failure_category = %(category)s, failure_reason = %(reason)s,
-        datetime_finished = now(), lease_expires = NULL
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
-    RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'failed', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
-    FROM u
-)
-SELECT id FROM u;
+SELECT id FROM crh_fail(%(id)s::bigint, %(attempt)s::int, %(worker_id)s::bigint, %(result_sha256)s::text, %(exit_code)s::int, %(category)s::text,
+                        %(reason)s::text, %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS id;
 
 -- name: release
 -- Give the worker's current attempt of a job back to the queue without counting its try (shutdown, broken node).
-WITH u AS (
-    UPDATE inversions
-    SET status = 'queued', tries = greatest(tries - 1, 0), worker_id = NULL, lease_expires = NULL,
-        datetime_queued = now()
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
-    RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'released', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
-    FROM u
-)
-SELECT id FROM u;
+SELECT id FROM crh_release(%(id)s::bigint, %(attempt)s::int, %(worker_id)s::bigint, %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS id;
 
 -- name: own_outcome
 -- Whether this worker's attempt already ended as status with this result (a retried write whose answer was lost).
 SELECT EXISTS (
     SELECT 1 FROM inversions
-    WHERE id = %(id)s AND attempt = %(attempt)s AND status = %(status)s AND worker_id = %(worker_id)s
-      AND result_sha256 IS NOT DISTINCT FROM %(result_sha256)s
+    WHERE id = %(id)s::bigint AND attempt = %(attempt)s::int AND status = %(status)s AND worker_id = %(worker_id)s::bigint
+      AND result_sha256 IS NOT DISTINCT FROM %(result_sha256)s::text
 );
 
 -- name: rescue
 -- Return running jobs whose worker is gone to the queue, or fail those out of tries, in one statement.
-WITH lost AS (
-    -- Gone: the lease ran out, or both signals of a live worker are missing: its
-    -- heartbeat is older than grace_s and nobody holds its liveness lock (the
-    -- advisory lock (lock_namespace, worker id) of its heartbeat connection).
-    -- Just after a server restart (which drops every lock) only leases count.
-    SELECT j.id
-    FROM inversions j
-    LEFT JOIN workers w ON w.id = j.worker_id
-    WHERE j.status = 'running'
-      AND (j.lease_expires < now()
-           OR (coalesce(w.last_heartbeat < now() - make_interval(secs => %(grace_s)s), true)
-               AND pg_postmaster_start_time() < now() - make_interval(secs => %(grace_s)s)
-               AND NOT EXISTS (
-                   SELECT 1 FROM pg_locks l
-                   WHERE l.locktype = 'advisory' AND l.granted
-                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                     AND l.classid = %(lock_namespace)s::int::oid AND l.objid::bigint = j.worker_id
-                     AND l.objsubid = 2)))
-    FOR UPDATE OF j SKIP LOCKED
-), u AS (
-    UPDATE inversions j
-    SET status = CASE WHEN j.tries >= j.max_attempts THEN 'failed' ELSE 'queued' END,
-        failure_category = CASE WHEN j.tries >= j.max_attempts THEN 'lost_worker' END,
-        failure_reason = CASE WHEN j.tries >= j.max_attempts
-            THEN 'its worker was lost on each of its ' || j.tries || ' tries' END,
-        datetime_finished = CASE WHEN j.tries >= j.max_attempts THEN now() END,
-        datetime_queued = now(), worker_id = NULL, lease_expires = NULL
-    FROM lost
-    WHERE j.id = lost.id
-    RETURNING j.id, j.status, j.attempt
-), e AS (
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'rescued', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
-    FROM u
-)
-SELECT id, status FROM u;
+-- Gone (crh_rescue, migration 0005): the lease ran out, or both signals of a live worker are
+-- missing: its heartbeat is older than grace_s and nobody holds its liveness lock (the
+-- advisory lock (lock_namespace, worker id) of its heartbeat connection).
+SELECT id, status FROM crh_rescue(%(grace_s)s::float8, %(lock_namespace)s::int, %(worker_id)s::bigint,
+                                  %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb);
 
 -- name: cancel
 -- Cancel jobs not yet ended; a NOTIFY on crh_cancel tells the worker of a running one to stop its solver.
-WITH u AS (
-    UPDATE inversions
-    SET status = 'cancelled', datetime_finished = now(), lease_expires = NULL
-    WHERE id = ANY(%(ids)s::bigint[]) AND status IN ('registering', 'queued', 'running')
-    RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'cancelled', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
-    FROM u
-)
-SELECT id, pg_notify('crh_cancel', id::text) FROM u;
+SELECT id FROM crh_cancel(%(ids)s::bigint[], %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS id;
 
 -- name: requeue
 -- Send failed or cancelled jobs (not yet retrieved) to the queue again, with all their tries back.
-WITH u AS (
-    UPDATE inversions
-    SET status = 'queued', tries = 0, exit_code = NULL, failure_category = NULL, failure_reason = NULL,
-        result_sha256 = NULL, datetime_finished = NULL, datetime_queued = now(), worker_id = NULL,
-        lease_expires = NULL
-    WHERE id = ANY(%(ids)s::bigint[]) AND status IN ('failed', 'cancelled') AND NOT downloaded
-    RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'requeued', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
-    FROM u
-)
-SELECT id FROM u;
+SELECT id FROM crh_requeue(%(ids)s::bigint[], %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS id;
 
 -- name: failed_of
 -- A user's failed, not yet retrieved jobs added from one computer (what `crh requeue --failed` takes).
@@ -284,31 +142,11 @@ ORDER BY id;
 
 -- name: set_priority
 -- Change the priority of jobs not yet ended.
-WITH u AS (
-    UPDATE inversions
-    SET priority = %(priority)s
-    WHERE id = ANY(%(ids)s::bigint[]) AND status IN ('registering', 'queued', 'running')
-    RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'priority', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
-    FROM u
-)
-SELECT id FROM u;
+SELECT id FROM crh_set_priority(%(ids)s::bigint[], %(priority)s::int, %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS id;
 
 -- name: mark_downloaded
 -- Record that the results of ended jobs were brought back (the status stays, as in cr_hydra).
-WITH u AS (
-    UPDATE inversions
-    SET downloaded = true, datetime_downloaded = now()
-    WHERE id = ANY(%(ids)s::bigint[]) AND status IN ('finished', 'failed')
-    RETURNING id, status, attempt
-), e AS (
-    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
-    SELECT u.id, 'downloaded', u.status, u.attempt, %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
-    FROM u
-)
-SELECT id FROM u;
+SELECT id FROM crh_mark_downloaded(%(ids)s::bigint[], %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS id;
 
 -- name: count_claimable
 -- How many jobs wait in the queue.
