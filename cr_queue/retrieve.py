@@ -41,6 +41,7 @@ from cr_queue.db.connection import Database
 from cr_queue.util.imports import command_process
 from cr_queue.util.pause import pause_point
 from cr_queue.util.spool import Spool
+from cr_queue.tomodir import disk_full
 
 # Beside a file the user changed: the result (tomodir/placement.py).
 CONFLICT_SUFFIX = placement.CONFLICT_SUFFIX
@@ -326,7 +327,21 @@ def _retrieve_one(conn, where: store.Store, w: Work, limits: archive.Limits) -> 
         _bring_back(conn, where, w, limits)
     except (archive.ArchiveError, store.BlobMissing) as exc:
         return f"{w.crh}: job {w.job.id}'s result cannot be used: {exc}"
+    except disk_full.DiskFull as full:
+        # A full disk is this tomodir's trouble, not the run's: what was
+        # begun beside it goes, and the other tomodirs are brought back.
+        _drop_beside(w)
+        return full.message(w.tomodir, w.job.id)
     return None
+
+
+def _drop_beside(w: Work) -> None:
+    """Remove what an unfinished retrieval put beside the tomodir (before its exchange)."""
+    parent, name, job_id = w.tomodir.parent, w.tomodir.name, w.job.id
+    if not (w.tomodir / f"{MARKER_PREFIX}{job_id}").exists():
+        _remove_tree(parent / f".{name}.crh-new-{job_id}")
+    _remove_tree(parent / f".{name}.crh-staging-{job_id}")
+    (parent / f".{name}.crh-{job_id}.tar.zst").unlink(missing_ok=True)
 
 
 def _bring_back(conn, where: store.Store, w: Work, limits: archive.Limits) -> None:
@@ -347,7 +362,7 @@ def _bring_back(conn, where: store.Store, w: Work, limits: archive.Limits) -> No
     if job.result_sha256 is None:
         return
     # Typical results stay in memory; large ones spill to a file beside the tomodir.
-    with Spool(SPOOL_BYTES, parent, packed.name) as download:
+    with Spool(SPOOL_BYTES, parent, packed.name) as download, disk_full.watching(parent, download):
         size = store.fetch(conn, where, job.result_sha256, download, row=w.blob)
         pause_point("retrieve:downloaded")
         try:
