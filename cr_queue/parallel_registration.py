@@ -24,7 +24,7 @@ from cr_queue import store
 from cr_queue.add import AddOptions, AddReport
 from cr_queue.db.connection import Database
 from cr_queue.queries import jobs, session
-from cr_queue.registration import add_one, new_job, register_each, skipping_duplicates, stored
+from cr_queue.registration import add_one, lock_tomodirs, new_job, register_each, skipping_duplicates, stored
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
 from cr_queue.tomodir import discover
@@ -37,9 +37,17 @@ def register_all(
     """Register every tomodir of ``todo`` into ``report``: in threads (:func:`_add_parallel`) when
     there is more than one or helper processes pack them, else as registration.py does one."""
     actor = jobs.Actor()
-    if helpers is not None or (len(todo) > 1 and ADD_THREADS > 1 and not os.environ.get("CRH_PAUSE_AT")):
-        return _add_parallel(db, todo, options, actor, report, progress, helpers)
-    return register_each(db, todo, options, actor, report, progress)
+    # Held until every job of this run is queued: a second crh_add on the same
+    # tree leaves these tomodirs to this one (and a killed run's locks go with its connection).
+    locks = db.connect(f"crh_add (pid {actor.pid} on {actor.host})")
+    try:
+        busy = lock_tomodirs(locks, todo, actor)
+        if helpers is not None or (len(todo) - len(busy) > 1 and ADD_THREADS > 1 and not os.environ.get("CRH_PAUSE_AT")):
+            return _add_parallel(db, todo, options, actor, report, progress, helpers, busy)
+        report.skipped.extend((todo[i].path.resolve(), reason) for i, reason in busy.items())
+        return register_each(db, [td for i, td in enumerate(todo) if i not in busy], options, actor, report, progress)
+    finally:
+        locks.close()
 
 
 # Tomodirs packed and uploaded at the same time, each thread on its own connection:
@@ -58,7 +66,8 @@ STORE_BATCH = 16
 
 
 def _add_parallel(
-    db: Database, todo, options: AddOptions, actor: jobs.Actor, report: AddReport, progress, helpers: packers.Packers | None
+    db: Database, todo, options: AddOptions, actor: jobs.Actor, report: AddReport, progress, helpers: packers.Packers | None,
+    busy: dict[int, str],
 ) -> AddReport:
     """Like the loop in :func:`add`, but packing and uploading in threads, and in
     helper processes (``helpers``, see packers.py) where there are any.
@@ -85,11 +94,15 @@ def _add_parallel(
                 conns.append(conn)
         return conn
 
-    fresh_indices = helpers.indices if helpers is not None else packers.unregistered(todo, options.force)
+    # Looked at again now that this run holds their locks: another crh_add may have
+    # registered some since they were found (they then go the way of those with a .crh).
+    fresh_indices = [i for i in packers.unregistered(todo, options.force) if i not in busy]
     fresh = {todo[i].path for i in fresh_indices}
-    others = forks.Indices(i for i in range(len(todo)) if todo[i].path not in fresh)
+    others = forks.Indices(i for i in range(len(todo)) if todo[i].path not in fresh and i not in busy)
     new_work = helpers.work if helpers is not None else forks.Indices(fresh_indices)
     futures: list[Future] = [Future() for _ in todo]
+    for i, reason in busy.items():
+        futures[i].set_result((None, [], [], [(todo[i].path.resolve(), reason)]))
     ids: Future[dict[Path, int]] = Future()
     stop = threading.Event()
 
@@ -127,6 +140,10 @@ def _add_parallel(
         duplicates looked up together, then each one's .crh and report."""
         try:
             unsettled = [d for d in batch if not futures[d.index].done()]
+            for d in [d for d in unsettled if todo[d.index].path not in fresh]:
+                # Registered by another crh_add since it was packed: skipped as add_one says.
+                _fulfil(futures[d.index], functools.partial(one, d.index))
+                unsettled.remove(d)
             if not unsettled:
                 return
             conn = conn_of()

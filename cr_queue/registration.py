@@ -13,7 +13,8 @@ and the user's directory is only read, never changed (the .crh is a sibling).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +35,24 @@ class Duplicate(Exception):
     def __init__(self, job_id: int) -> None:
         super().__init__(job_id)
         self.job_id = job_id
+
+
+def lock_tomodirs(conn, todo: Sequence[discover.Tomodir], actor: jobs.Actor) -> dict[int, str]:
+    """Lock every tomodir of ``todo`` for this crh_add (on ``conn``, until it closes); the
+    indices of those another crh_add holds, each with why it is skipped."""
+    keys = [_registration_key(actor.host, td.path.resolve()) for td in todo]
+    held = jobs.lock_registrations(conn, keys)
+    busy = {}
+    for i, key in enumerate(keys):
+        if key in held:
+            who = held[key] if held[key].startswith("crh_add (") else "crh_add"
+            busy[i] = f"another {who} is registering it at this moment; it is left to that one"
+    return busy
+
+
+def _registration_key(host: str, path: Path) -> int:
+    """The lock of one directory of one host: 64 bits of a hash, as PostgreSQL's advisory locks take."""
+    return int.from_bytes(hashlib.sha256(f"crh_add\0{host}\0{path}".encode()).digest()[:8], "big", signed=True)
 
 
 def register_each(
