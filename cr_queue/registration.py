@@ -41,7 +41,7 @@ def lock_tomodirs(conn, todo: Sequence[discover.Tomodir], actor: jobs.Actor) -> 
     """Lock every tomodir of ``todo`` for this crh_add (on ``conn``, until it closes); the
     indices of those another crh_add holds, each with why it is skipped."""
     keys = [_registration_key(actor.host, td.path.resolve()) for td in todo]
-    held = jobs.lock_registrations(conn, keys)
+    held = jobs.try_locks(conn, keys)
     busy = {}
     for i, key in enumerate(keys):
         if key in held:

@@ -19,6 +19,7 @@ result is put beside it as ``NAME.crh-result`` and the report says so.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import queue as _queue
 import shutil
@@ -69,6 +70,8 @@ class RetrieveReport:
     failed: list[Item] = field(default_factory=list)
     pending: list[Item] = field(default_factory=list)
     cancelled: list[Item] = field(default_factory=list)
+    # Brought back by another crh_retrieve at the same time: (item, what to say).
+    elsewhere: list[tuple[Item, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -80,6 +83,7 @@ class RetrieveReport:
         self.failed += other.failed
         self.cancelled += other.cancelled
         self.problems += other.problems
+        self.elsewhere = other.elsewhere
         self.pending = other.pending
 
 
@@ -106,8 +110,12 @@ def retrieve(
     if not controls:
         return report
     conn = db.connect("crh_retrieve")
+    actor = jobs.Actor()
+    # Held until the end: a second crh_retrieve leaves these tomodirs to this one
+    # (and a killed run's locks go with its connection).
+    locks = db.connect(f"crh_retrieve (pid {actor.pid} on {actor.host})")
     try:
-        work = _sort_out(conn, db, controls, report, progress)
+        work = _claim(locks, _sort_out(conn, db, controls, report, progress), report)
         sink = _Report(report, progress)
         shared = False
         if retrieve_helper.wanted(len(work), processes):
@@ -121,6 +129,7 @@ def retrieve(
             _Runner(db, conn, work, forks.Indices(range(len(work))).take, threads, sink, limits=limits).run()
     finally:
         conn.close()
+        locks.close()
     order = {w.tomodir: i for i, w in enumerate(work)}
     for items in (report.retrieved, report.failed):
         items.sort(key=lambda item: order.get(item.path, -1))
@@ -175,6 +184,29 @@ def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) ->
             continue
         work.append(Work(job, cf, crh, tomodir, item, blobs.get(job.result_sha256 or "")))
     return work
+
+
+def _claim(locks, work: list[Work], report: RetrieveReport) -> list[Work]:
+    """The tomodirs of ``work`` this run brings back: each locked (on ``locks``, until it
+    closes) and its ``.crh`` still there; those another crh_retrieve has or had go into
+    ``report.elsewhere``."""
+    keys = [_retrieval_key(w.job.id) for w in work]
+    held = jobs.try_locks(locks, keys)
+    mine: list[Work] = []
+    for w, key in zip(work, keys):
+        if key in held:
+            who = held[key] if held[key].startswith("crh_retrieve (") else "crh_retrieve"
+            report.elsewhere.append((w.item, f"another {who} is bringing back {w.tomodir}"))
+        elif not w.crh.exists():
+            report.elsewhere.append((w.item, f"{w.tomodir} was brought back by another crh_retrieve meanwhile"))
+        else:
+            mine.append(w)
+    return mine
+
+
+def _retrieval_key(job_id: int) -> int:
+    """The lock of one job's retrieval: 64 bits, as PostgreSQL's advisory locks take."""
+    return int.from_bytes(hashlib.sha256(f"crh_retrieve\0{job_id}".encode()).digest()[:8], "big", signed=True)
 
 
 class _Report:
@@ -437,7 +469,7 @@ def wait_retrieve(
         total.merge(this_round)
         if on_round is not None:
             on_round(total)
-        if not this_round.pending:
+        if not this_round.pending and not this_round.elsewhere:
             return total
         if max_wait_s is not None and time.monotonic() - started > max_wait_s:
             return total

@@ -91,3 +91,52 @@ def test_retrieve_on_a_full_disk_reports_the_tomodir_leaves_it_as_it_was_and_goe
     again = json.loads(run([script("crh_retrieve"), "--json", str(small_tree)], lab.env).stdout)
     assert [Path(i["path"]) for i in again["retrieved"]] == [full_td] and not again["problems"]
     assert (full_td / "mod" / "volt.dat").exists() or any((full_td / "mod").iterdir())
+
+
+def _retrieved_everything(lab, tds, ids) -> None:
+    from cr_queue.tomodir import discover
+
+    for td in tds:
+        assert discover.classify(td) == discover.Done(td)
+        assert not td.with_suffix(".crh").exists()
+        assert not list(td.glob(".crh-retrieved-*")), "no retrieval marker left"
+        assert not [p for p in td.parent.iterdir() if p.name.startswith(f".{td.name}.crh")], "nothing left beside it"
+    assert lab.sql("SELECT count(*) FROM inversions WHERE downloaded AND id = ANY(%s)", (ids,)) == [(len(ids),)]
+
+
+def test_a_second_crh_retrieve_leaves_a_tomodir_to_the_one_bringing_it_back(lab):
+    tds = lab.tomodirs(2, cfg="sleep = 0")
+    ids = lab.add()
+    code, report = lab.worker("w", "-q").finish()
+    assert code == 0 and report["finished"] == 2
+    first = lab.run_until_paused([script("crh_retrieve"), "--json", str(lab.tree)], "retrieve:downloaded")
+
+    second = run([script("crh_retrieve"), str(lab.tree)], lab.env)
+    assert "Traceback" not in second.stderr
+    for td in tds:
+        assert f"another crh_retrieve (pid {first.pid} on " in second.stdout
+        assert f"is bringing back {td}" in second.stdout, second.stdout
+    assert "2 left to another crh_retrieve" in second.stdout
+
+    first.kill()
+    first.wait()
+    out = json.loads(run([script("crh_retrieve"), "--json", str(lab.tree)], lab.env).stdout)
+    assert sorted(i["job_id"] for i in out["retrieved"]) == sorted(ids) and not out["problems"]
+    _retrieved_everything(lab, tds, ids)
+
+
+def test_two_crh_retrieve_at_once_complete_every_tomodir_without_a_traceback(lab):
+    tds = lab.tomodirs(40, cfg="sleep = 0")
+    ids = lab.add()
+    code, report = lab.worker("w", "-q", "--jobs", "4").finish()
+    assert code == 0 and report["finished"] == 40
+    procs = [lab.spawn([script("crh_retrieve"), "--json", str(lab.tree)]) for _ in range(2)]
+    retrieved = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert "Traceback" not in stderr, stderr
+        out = json.loads(stdout)
+        assert proc.returncode == 0 and not out["problems"], (out["problems"], stderr)
+        retrieved += [i["job_id"] for i in out["retrieved"]]
+    assert sorted(retrieved) == sorted(ids), "each tomodir was brought back by exactly one of the two"
+    _retrieved_everything(lab, tds, ids)

@@ -363,13 +363,14 @@ def count_pending(conn: psycopg.Connection, ids: Sequence[int]) -> int:
     return conn.execute(SQL.count_pending, {"ids": list(ids)}).fetchone()[0]
 
 
-# ------------------------------------------------------------ registration locks
+# ------------------------------------------------------------ command locks
 
 
-def lock_registrations(conn: psycopg.Connection, keys: Sequence[int]) -> dict[int, str]:
-    """Lock ``keys`` (one per tomodir) for this session; those another session holds,
-    each with that session's application_name ("" where it cannot be seen)."""
-    busy = [row[0] for row in conn.execute(SQL.lock_registrations, {"keys": list(keys)})]
+def try_locks(conn: psycopg.Connection, keys: Sequence[int]) -> dict[int, str]:
+    """Lock ``keys`` (crh_add: one per tomodir, crh_retrieve: one per job) for this session;
+    those another session holds, each with that session's application_name ("" where it
+    cannot be seen)."""
+    busy = [row[0] for row in conn.execute(SQL.try_locks, {"keys": list(keys)})]
     if not busy:
         return {}
     holders = {key: name for key, name in conn.execute(SQL.lock_holders, {"keys": busy})}

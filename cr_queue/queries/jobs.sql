@@ -319,13 +319,13 @@ SELECT count(*) FROM inversions WHERE status = 'queued';
 SELECT count(*) FROM inversions
 WHERE id = ANY(%(ids)s::bigint[]) AND status IN ('registering', 'queued', 'running');
 
--- name: lock_registrations
--- Take a session lock per tomodir crh_add is about to register (keys: one bigint per directory); returns the keys another session holds.
--- The locks last until the crh_add's connection ends, which a killed crh_add's does too.
+-- name: try_locks
+-- Take a session lock per key (crh_add: one per tomodir it registers; crh_retrieve: one per job it brings back); returns the keys another session holds.
+-- The locks last until the command's connection ends, which a killed command's does too.
 SELECT k.key FROM unnest(%(keys)s::bigint[]) AS k(key) WHERE NOT pg_try_advisory_lock(k.key);
 
 -- name: lock_holders
--- Who holds these registration locks (keys as in lock_registrations): each key with its session's application_name.
+-- Who holds these session locks (keys as in try_locks): each key with its session's application_name.
 SELECT (l.classid::bigint << 32) | l.objid::bigint AS key, a.application_name
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1

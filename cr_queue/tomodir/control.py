@@ -237,6 +237,8 @@ def gather(paths: Iterable[Path | str]) -> Found:
         try:
             found.files.append((crh, read(crh)))
         except ControlFileError as exc:
+            if not os.path.lexists(crh):
+                continue  # gone since the search: another crh_retrieve brought that tomodir back
             found.files.append((crh, None))
             found.problems.append(str(exc))
     return found
