@@ -42,6 +42,7 @@ def lock_tomodirs(conn, todo: Sequence[discover.Tomodir], actor: jobs.Actor) -> 
     indices of those another crh_add holds, each with why it is skipped."""
     keys = [_registration_key(actor.host, td.path.resolve()) for td in todo]
     held = jobs.try_locks(conn, keys)
+    control.remove_leftovers([td.path.resolve() for i, td in enumerate(todo) if keys[i] not in held])
     busy = {}
     for i, key in enumerate(keys):
         if key in held:
@@ -169,8 +170,8 @@ def stored(
     (finish or jobs.finish_registration)(conn, job_id, packed.sha256, actor)
     for rel in packed.skipped:
         report.problems.append(
-            f"{path / rel}: a symlink pointing outside the tomodir was not sent with job {job_id}; "
-            "replace it with the file it points to if the solver needs it, then crh_add --force"
+            f"{path / rel}: {control.special_kind(path / rel)} was not sent with job {job_id}; "
+            "replace it with the file it stands for if the solver needs it, then crh_add --force"
         )
     return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resumed)
 

@@ -4,6 +4,8 @@ on the same tree, kill -9 and Ctrl-C, special files, a user login with --local."
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 from .conftest import run, script
@@ -48,3 +50,38 @@ def test_two_crh_add_at_once_register_each_tomodir_once(lab):
         for s in out["skipped"]:
             assert "another crh_add" in s["reason"] or "already registered" in s["reason"], s
     assert lab.sql("SELECT count(*) FROM inversions WHERE status <> 'queued'") == [(0,)]
+
+
+def test_a_rerun_removes_the_temporary_crh_a_killed_crh_add_left(lab):
+    [td] = lab.tomodirs(1, cfg="sleep = 0")
+    add = lab.run_until_paused([script("crh_add"), "--json", str(lab.tree)], "add:control_tmp")
+    add.kill()
+    add.wait()
+    [tmp] = [p for p in lab.tree.iterdir() if p.name.startswith(f".{td.name}.crh.") and p.name.endswith(".tmp")]
+    unrelated = lab.tree / ".notes.crh.0123456789ab.tmp"  # not beside a tomodir of this run: the user's
+    unrelated.write_text("mine")
+
+    out = json.loads(run([script("crh_add"), "--json", str(lab.tree)], lab.env).stdout)
+    assert [Path(a["path"]) for a in out["added"]] == [td]
+    assert not tmp.exists(), "the killed run's temporary .crh is gone"
+    assert unrelated.read_text() == "mine"
+    assert sorted(p.name for p in lab.tree.iterdir()) == sorted([td.name, f"{td.name}.crh", unrelated.name])
+    assert _jobs_per_tomodir(lab) == {str(td): 1}
+
+
+def test_special_files_are_named_as_what_they_are(lab):
+    [td] = lab.tomodirs(1, cfg="sleep = 0")
+    os.mkfifo(td / "exe" / "pipe")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(td / "exe" / "sock"))
+    try:
+        (td / "exe" / "outside").symlink_to("/etc/hostname")
+        done = run([script("crh_add"), "--json", str(lab.tree)], lab.env, check=1)
+    finally:
+        sock.close()
+    problems = json.loads(done.stdout)["problems"]
+    text = "\n".join(problems)
+    assert f"{td / 'exe' / 'pipe'}: a named pipe (FIFO) was not sent" in text
+    assert f"{td / 'exe' / 'sock'}: a socket was not sent" in text
+    assert f"{td / 'exe' / 'outside'}: a symlink pointing outside the tomodir was not sent" in text
+    assert len(problems) == 3
