@@ -85,3 +85,20 @@ def test_special_files_are_named_as_what_they_are(lab):
     assert f"{td / 'exe' / 'sock'}: a socket was not sent" in text
     assert f"{td / 'exe' / 'outside'}: a symlink pointing outside the tomodir was not sent" in text
     assert len(problems) == 3
+
+
+def test_crh_add_local_under_a_user_login_refuses_before_registering_anything(lab):
+    from psycopg import conninfo
+
+    run([script("crh"), "db", "grant-user", "cmd_local_user"], lab.env)
+    [td] = lab.tomodirs(1, cfg="sleep = 0")
+    env = {**lab.env, "CRH_DATABASE_URL": conninfo.make_conninfo(lab.db_url, user="cmd_local_user")}
+    done = run([script("crh_add"), "--local", str(lab.tree)], env, check=2)
+    assert "Traceback" not in done.stderr
+    assert "crh_add --local runs a worker" in done.stderr and "Nothing was registered" in done.stderr
+    assert "crh db grant-worker cmd_local_user" in done.stderr
+    assert lab.sql("SELECT count(*) FROM inversions") == [(0,)]
+    assert not td.with_suffix(".crh").exists()
+    # Without --local the same login registers the job for the pool.
+    out = json.loads(run([script("crh_add"), "--json", str(lab.tree)], env).stdout)
+    assert [Path(a["path"]) for a in out["added"]] == [td]
