@@ -51,6 +51,17 @@ def lock_tomodirs(conn, todo: Sequence[discover.Tomodir], actor: jobs.Actor) -> 
     return busy
 
 
+def interrupted(conn, todo: Sequence[discover.Tomodir], busy: dict[int, str], actor: jobs.Actor, report: AddReport) -> None:
+    """After Ctrl-C: record in ``report`` which tomodirs this run left 'registering' and how
+    many it never began (``conn``: an idle connection, this run's locks)."""
+    report.interrupted = True
+    done = {item.path for item in report.added} | {path for path, _ in report.skipped}
+    left = [td.path.resolve() for i, td in enumerate(todo) if i not in busy and td.path.resolve() not in done]
+    registering = jobs.registering_at(conn, actor.host, [str(p) for p in left])
+    report.left_registering = [(p, registering[str(p)]) for p in left if str(p) in registering]
+    report.not_begun = len(left) - len(report.left_registering)
+
+
 def _registration_key(host: str, path: Path) -> int:
     """The lock of one directory of one host: 64 bits of a hash, as PostgreSQL's advisory locks take."""
     return int.from_bytes(hashlib.sha256(f"crh_add\0{host}\0{path}".encode()).digest()[:8], "big", signed=True)

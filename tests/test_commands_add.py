@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -102,3 +103,47 @@ def test_crh_add_local_under_a_user_login_refuses_before_registering_anything(la
     # Without --local the same login registers the job for the pool.
     out = json.loads(run([script("crh_add"), "--json", str(lab.tree)], env).stdout)
     assert [Path(a["path"]) for a in out["added"]] == [td]
+
+
+def test_ctrl_c_during_crh_add_says_what_was_queued_and_what_a_rerun_resumes(lab):
+    tds = lab.tomodirs(6, cfg="sleep = 0")
+    add = lab.run_until_paused([script("crh_add"), str(lab.tree)], "add:queuing")
+    # Paused where uploads are done and their jobs are not claimable yet: nothing may say "queued".
+    statuses = dict(lab.sql("SELECT source_path, status FROM inversions"))
+    assert statuses and set(statuses.values()) == {"registering"}
+    add.send_signal(signal.SIGINT)
+    stdout, stderr = add.communicate(timeout=120)
+    assert add.returncode == 130, stderr
+    assert "Aborted!" not in stderr and "Traceback" not in stderr
+    assert "queued job" not in stdout, "no job was claimable, so none was said to be queued"
+    left = {line.rsplit(": ", 1)[1] for line in stdout.splitlines() if line.startswith("left registering job ")}
+    registering = {path for path, status in lab.sql("SELECT source_path, status FROM inversions") if status == "registering"}
+    assert left == registering and left
+    assert f"interrupted: 0 job(s) queued, {len(left)} left registering, {len(tds) - len(left)} not begun" in stderr
+    assert "run crh_add again in the same tree: it resumes what was left" in stderr
+
+    dry = run([script("crh_add"), "--dry-run", str(lab.tree)], lab.env).stdout
+    with_crh = [td for td in tds if td.with_suffix(".crh").exists()]
+    assert with_crh, "the paused run had written .crh files of jobs it had not queued"
+    for td in with_crh:
+        assert f"): {td}" in dry and "would resume job" in dry
+    assert f"would queue {len(tds)} job(s) ({len(with_crh)} of them to be resumed)" in dry
+
+    out = json.loads(run([script("crh_add"), "--json", str(lab.tree)], lab.env).stdout)
+    assert sorted(Path(a["path"]) for a in out["added"]) == tds
+    assert sum(a["resumed"] for a in out["added"]) == len(with_crh)
+    assert _jobs_per_tomodir(lab) == {str(td): 1 for td in tds}
+    assert lab.sql("SELECT DISTINCT status FROM inversions") == [("queued",)]
+
+
+def test_queued_is_printed_only_once_the_job_is_claimable(lab):
+    tds = lab.tomodirs(4, cfg="sleep = 0")
+    add = lab.spawn([script("crh_add"), str(lab.tree)])
+    seen = 0
+    for line in add.stdout:
+        if line.startswith("queued job "):
+            job_id = int(line.split()[2])
+            assert lab.status(job_id) == "queued", line
+            seen += 1
+    add.wait()
+    assert add.returncode == 0 and seen == len(tds)

@@ -375,3 +375,8 @@ def try_locks(conn: psycopg.Connection, keys: Sequence[int]) -> dict[int, str]:
         return {}
     holders = {key: name for key, name in conn.execute(SQL.lock_holders, {"keys": busy})}
     return {key: holders.get(key) or "" for key in busy}
+
+
+def registering_at(conn: psycopg.Connection, host: str, paths: Sequence[str]) -> dict[str, int]:
+    """The 'registering' jobs of these directories of ``host``: path -> job id."""
+    return {path: job_id for job_id, path in conn.execute(SQL.registering_at, {"host": host, "paths": list(paths)})}

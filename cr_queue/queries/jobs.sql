@@ -330,3 +330,9 @@ SELECT (l.classid::bigint << 32) | l.objid::bigint AS key, a.application_name
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND ((l.classid::bigint << 32) | l.objid::bigint) = ANY(%(keys)s::bigint[]);
+
+-- name: registering_at
+-- The jobs still 'registering' for these directories of one host (what an interrupted crh_add leaves for the next to resume).
+SELECT id, source_path FROM inversions
+WHERE status = 'registering' AND source_computer = %(host)s AND source_path = ANY(%(paths)s::text[])
+ORDER BY id;
