@@ -51,10 +51,21 @@ class AddReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     done: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # Ctrl-C: the run stopped early; the tomodirs whose jobs it left 'registering'
+    # (path, job id: the next crh_add resumes them) and how many it never began.
+    interrupted: bool = False
+    left_registering: list[tuple[Path, int]] = field(default_factory=list)
+    not_begun: int = 0
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted:
+            return INTERRUPTED
         return 1 if self.problems else 0
+
+
+# The exit status of a command stopped by Ctrl-C (128 + SIGINT, as the shell reports it).
+INTERRUPTED = 130
 
 
 _REGISTERING = "cr_queue.parallel_registration"
@@ -80,8 +91,10 @@ def run(
     so the packers may be forked (they start packing while this process
     imports the database driver and connects: ``open_database()``)."""
     if options.dry_run or not found.todo:
-        # Nothing to register: the report of what would be (or is already) done.
-        return add(None, paths, options if options.dry_run else AddOptions(dry_run=True), found=found)
+        # Nothing to register: the report of what would be (or is already) done.  A .crh
+        # among them needs the database to tell a registration the rerun resumes.
+        db = open_database() if options.dry_run and _any_control_file(found.todo) else None
+        return add(db, paths, options if options.dry_run else AddOptions(dry_run=True), found=found)
     helpers = packers.start(found.todo, force=options.force, processes=packers.default_processes()) if may_fork else None
     try:
         # The database driver and the store, imported now that the packers run (util/imports.py).
@@ -90,6 +103,10 @@ def run(
     finally:
         if helpers is not None:
             helpers.close()
+
+
+def _any_control_file(todo) -> bool:
+    return any(control.control_path(td.path).exists() for td in todo)
 
 
 def add(
@@ -109,9 +126,13 @@ def add(
     report.problems.extend(found.errors)
     report.problems.extend(inc.message for inc in found.incomplete)
     if options.dry_run:
+        resumable = load_module(_REGISTERING).resumable(db, found.todo) if db is not None and not options.force else {}
         for td in found.todo:
             crh = control.control_path(td.path)
-            if crh.exists() and not options.force:
+            if td.path.resolve() in resumable:
+                added = Added(td.path.resolve(), resumable[td.path.resolve()], td.sim_type, td.steps, resumed=True)
+                report.added.append(added)
+            elif crh.exists() and not options.force:
                 report.skipped.append((td.path, f"{crh.name} exists: already registered"))
             else:
                 report.added.append(Added(td.path.resolve(), None, td.sim_type, td.steps))

@@ -73,6 +73,7 @@ def ensure_schema(db: Database, *, upgrade: bool) -> None:
         raise DatabaseError(unreachable_message(db.url, db.source, exc)) from None
     if have == expected:
         return
+    migrate.check_not_newer(have)
     if upgrade:
         log.info("upgrading the schema of %s from %s to %s", db.redacted, have, expected)
         migrate.upgrade(db.url)

@@ -17,6 +17,7 @@ from cr_queue import add, config, retrieve
 from cr_queue import worker
 from cr_queue.db.connection import Database
 from cr_queue.job_states import JobStatus
+from cr_queue.queries import roles
 from cr_queue.solvers import solvers
 from cr_queue.tomodir import archive
 
@@ -76,6 +77,7 @@ def run_local(
     (default :func:`default_jobs`); ``on_event``: every line of the worker's
     log; ``on_job_end``: each job of this run that ended, counted."""
     paths = [Path(p) for p in paths]
+    check_may_run_a_worker(db)
     group = f"local-{uuid.uuid4().hex[:12]}"
     options = add.AddOptions(**{**options.__dict__, "group": group})
     added = add.add(db, paths, options, progress=on_added, found=found)
@@ -99,6 +101,29 @@ def run_local(
         else retrieve.RetrieveReport()
     )
     return LocalRun(group, added, w, got)
+
+
+class WorkerNotAllowed(config.ConfigError):
+    """This database login may add jobs but not run the worker --local needs."""
+
+
+def check_may_run_a_worker(db: Database) -> None:
+    """Refuse --local before anything is registered when the login may not run a worker:
+    a user login (``crh db grant-user``) may add and retrieve jobs, but only a worker
+    login may register a worker and claim them, so the jobs would wait for ever."""
+    conn = db.connect("crh_add")
+    try:
+        may = roles.access(conn)
+        login = conn.info.user
+    finally:
+        conn.close()
+    if may not in ("admin", "worker"):
+        raise WorkerNotAllowed(
+            f"crh_add --local runs a worker on this machine, which the database login {login} may not "
+            f"(it is a {may} login: it may add and retrieve jobs, not claim them). Nothing was registered. "
+            f"Run crh_add without --local and let the pool's workers run the jobs, or ask the admin for "
+            f"`crh db grant-worker {login}` as well."
+        )
 
 
 class _Counter:

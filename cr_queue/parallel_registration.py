@@ -23,12 +23,14 @@ from cr_queue import packers
 from cr_queue import store
 from cr_queue.add import AddOptions, AddReport
 from cr_queue.db.connection import Database
+from cr_queue.job_states import JobStatus
 from cr_queue.queries import jobs, session
-from cr_queue.registration import add_one, new_job, register_each, skipping_duplicates, stored
+from cr_queue.registration import add_one, interrupted, lock_tomodirs, new_job, register_each, skipping_duplicates, stored
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
 from cr_queue.tomodir import discover
 from cr_queue.util import forks
+from cr_queue.util.pause import pause_point
 
 
 def register_all(
@@ -37,9 +39,53 @@ def register_all(
     """Register every tomodir of ``todo`` into ``report``: in threads (:func:`_add_parallel`) when
     there is more than one or helper processes pack them, else as registration.py does one."""
     actor = jobs.Actor()
-    if helpers is not None or (len(todo) > 1 and ADD_THREADS > 1 and not os.environ.get("CRH_PAUSE_AT")):
-        return _add_parallel(db, todo, options, actor, report, progress, helpers)
-    return register_each(db, todo, options, actor, report, progress)
+    # Held until every job of this run is queued: a second crh_add on the same
+    # tree leaves these tomodirs to this one (and a killed run's locks go with its connection).
+    locks = db.connect(f"crh_add (pid {actor.pid} on {actor.host})")
+    try:
+        busy = lock_tomodirs(locks, todo, actor)
+        try:
+            if helpers is not None or (
+                len(todo) - len(busy) > 1 and ADD_THREADS > 1 and os.environ.get("CRH_PAUSE_AT", PAUSE_QUEUING) == PAUSE_QUEUING
+            ):
+                return _add_parallel(db, todo, options, actor, report, progress, helpers, busy)
+            report.skipped.extend((todo[i].path.resolve(), reason) for i, reason in busy.items())
+            return register_each(db, [td for i, td in enumerate(todo) if i not in busy], options, actor, report, progress)
+        except KeyboardInterrupt:
+            # Ctrl-C: say what is queued and what the next crh_add resumes, rather than "Aborted!".
+            interrupted(locks, todo, busy, actor, report)
+            return report
+    finally:
+        locks.close()
+
+
+def resumable(db: Database, todo: list[discover.Tomodir]) -> dict[Path, int]:
+    """For a dry run: the tomodirs whose .crh names a job still 'registering' (a rerun
+    resumes it rather than skipping it), each with its job id."""
+    controls = {}
+    for td in todo:
+        crh = control.control_path(td.path.resolve())
+        try:
+            controls[td.path.resolve()] = control.read(crh).job_id
+        except control.ControlFileError:
+            continue
+    if not controls:
+        return {}
+    conn = db.connect("crh_add")
+    try:
+        found = jobs.get_jobs(conn, list(controls.values()))
+    finally:
+        conn.close()
+    return {
+        path: job_id
+        for path, job_id in controls.items()
+        if job_id in found and found[job_id].status == JobStatus.REGISTERING
+    }
+
+
+# The one pause point (CRH_PAUSE_AT, see pause.py) that keeps the threads: it stops
+# where uploads are done and their jobs not yet claimable, for the Ctrl-C test.
+PAUSE_QUEUING = "add:queuing"
 
 
 # Tomodirs packed and uploaded at the same time, each thread on its own connection:
@@ -58,7 +104,8 @@ STORE_BATCH = 16
 
 
 def _add_parallel(
-    db: Database, todo, options: AddOptions, actor: jobs.Actor, report: AddReport, progress, helpers: packers.Packers | None
+    db: Database, todo, options: AddOptions, actor: jobs.Actor, report: AddReport, progress, helpers: packers.Packers | None,
+    busy: dict[int, str],
 ) -> AddReport:
     """Like the loop in :func:`add`, but packing and uploading in threads, and in
     helper processes (``helpers``, see packers.py) where there are any.
@@ -85,11 +132,15 @@ def _add_parallel(
                 conns.append(conn)
         return conn
 
-    fresh_indices = helpers.indices if helpers is not None else packers.unregistered(todo, options.force)
+    # Looked at again now that this run holds their locks: another crh_add may have
+    # registered some since they were found (they then go the way of those with a .crh).
+    fresh_indices = [i for i in packers.unregistered(todo, options.force) if i not in busy]
     fresh = {todo[i].path for i in fresh_indices}
-    others = forks.Indices(i for i in range(len(todo)) if todo[i].path not in fresh)
+    others = forks.Indices(i for i in range(len(todo)) if todo[i].path not in fresh and i not in busy)
     new_work = helpers.work if helpers is not None else forks.Indices(fresh_indices)
     futures: list[Future] = [Future() for _ in todo]
+    for i, reason in busy.items():
+        futures[i].set_result((None, [], [], [(todo[i].path.resolve(), reason)]))
     ids: Future[dict[Path, int]] = Future()
     stop = threading.Event()
 
@@ -127,6 +178,10 @@ def _add_parallel(
         duplicates looked up together, then each one's .crh and report."""
         try:
             unsettled = [d for d in batch if not futures[d.index].done()]
+            for d in [d for d in unsettled if todo[d.index].path not in fresh]:
+                # Registered by another crh_add since it was packed: skipped as add_one says.
+                _fulfil(futures[d.index], functools.partial(one, d.index))
+                unsettled.remove(d)
             if not unsettled:
                 return
             conn = conn_of()
@@ -279,13 +334,25 @@ def _queue_in_order(main, futures: list[Future], actor: jobs.Actor, report: AddR
     in batches: one statement for what is ready once the next outcome keeps us waiting,
     and there are QUEUE_BATCH of them or the first has waited QUEUE_DELAY_S."""
     ready: list[tuple[int, str]] = []
+    waiting: list = []  # the items of ``ready``: reported once their jobs are claimable
     since = 0.0
+
+    def make_claimable() -> None:
+        if ready:
+            pause_point(PAUSE_QUEUING)
+            jobs.finish_registrations(main, ready, actor)
+        for item in waiting:
+            report.added.append(item)
+            if progress is not None:
+                progress(item)
+        ready.clear()
+        waiting.clear()
+
     for future in futures:
         if ready and not future.done():
             left = since + QUEUE_DELAY_S - time.monotonic()
             if len(ready) >= QUEUE_BATCH or left <= 0 or not wait([future], timeout=left).done:
-                jobs.finish_registrations(main, ready, actor)
-                ready.clear()
+                make_claimable()
         item, deferred, problems, skipped = future.result()
         if deferred and not ready:
             since = time.monotonic()
@@ -293,10 +360,8 @@ def _queue_in_order(main, futures: list[Future], actor: jobs.Actor, report: AddR
         report.problems.extend(problems)
         report.skipped.extend(skipped)
         if item is not None:
-            report.added.append(item)
-            if progress is not None:
-                progress(item)
-    jobs.finish_registrations(main, ready, actor)
+            waiting.append(item)
+    make_claimable()
 
 
 # Jobs made claimable by one statement.  A statement per job that happened to be

@@ -13,7 +13,8 @@ and the user's directory is only read, never changed (the .crh is a sibling).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +35,36 @@ class Duplicate(Exception):
     def __init__(self, job_id: int) -> None:
         super().__init__(job_id)
         self.job_id = job_id
+
+
+def lock_tomodirs(conn, todo: Sequence[discover.Tomodir], actor: jobs.Actor) -> dict[int, str]:
+    """Lock every tomodir of ``todo`` for this crh_add (on ``conn``, until it closes); the
+    indices of those another crh_add holds, each with why it is skipped."""
+    keys = [_registration_key(actor.host, td.path.resolve()) for td in todo]
+    held = jobs.try_locks(conn, keys)
+    control.remove_leftovers([td.path.resolve() for i, td in enumerate(todo) if keys[i] not in held])
+    busy = {}
+    for i, key in enumerate(keys):
+        if key in held:
+            who = held[key] if held[key].startswith("crh_add (") else "crh_add"
+            busy[i] = f"another {who} is registering it at this moment; it is left to that one"
+    return busy
+
+
+def interrupted(conn, todo: Sequence[discover.Tomodir], busy: dict[int, str], actor: jobs.Actor, report: AddReport) -> None:
+    """After Ctrl-C: record in ``report`` which tomodirs this run left 'registering' and how
+    many it never began (``conn``: an idle connection, this run's locks)."""
+    report.interrupted = True
+    done = {item.path for item in report.added} | {path for path, _ in report.skipped}
+    left = [td.path.resolve() for i, td in enumerate(todo) if i not in busy and td.path.resolve() not in done]
+    registering = jobs.registering_at(conn, actor.host, [str(p) for p in left])
+    report.left_registering = [(p, registering[str(p)]) for p in left if str(p) in registering]
+    report.not_begun = len(left) - len(report.left_registering)
+
+
+def _registration_key(host: str, path: Path) -> int:
+    """The lock of one directory of one host: 64 bits of a hash, as PostgreSQL's advisory locks take."""
+    return int.from_bytes(hashlib.sha256(f"crh_add\0{host}\0{path}".encode()).digest()[:8], "big", signed=True)
 
 
 def register_each(
@@ -150,8 +181,8 @@ def stored(
     (finish or jobs.finish_registration)(conn, job_id, packed.sha256, actor)
     for rel in packed.skipped:
         report.problems.append(
-            f"{path / rel}: a symlink pointing outside the tomodir was not sent with job {job_id}; "
-            "replace it with the file it points to if the solver needs it, then crh_add --force"
+            f"{path / rel}: {control.special_kind(path / rel)} was not sent with job {job_id}; "
+            "replace it with the file it stands for if the solver needs it, then crh_add --force"
         )
     return Added(path, job_id, td.sim_type, td.steps, packed.size, resumed=resumed)
 

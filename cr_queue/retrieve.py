@@ -19,6 +19,7 @@ result is put beside it as ``NAME.crh-result`` and the report says so.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import queue as _queue
 import shutil
@@ -41,6 +42,7 @@ from cr_queue.db.connection import Database
 from cr_queue.util.imports import command_process
 from cr_queue.util.pause import pause_point
 from cr_queue.util.spool import Spool
+from cr_queue.tomodir import disk_full
 
 # Beside a file the user changed: the result (tomodir/placement.py).
 CONFLICT_SUFFIX = placement.CONFLICT_SUFFIX
@@ -68,6 +70,8 @@ class RetrieveReport:
     failed: list[Item] = field(default_factory=list)
     pending: list[Item] = field(default_factory=list)
     cancelled: list[Item] = field(default_factory=list)
+    # Brought back by another crh_retrieve at the same time: (item, what to say).
+    elsewhere: list[tuple[Item, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -79,6 +83,7 @@ class RetrieveReport:
         self.failed += other.failed
         self.cancelled += other.cancelled
         self.problems += other.problems
+        self.elsewhere = other.elsewhere
         self.pending = other.pending
 
 
@@ -105,8 +110,12 @@ def retrieve(
     if not controls:
         return report
     conn = db.connect("crh_retrieve")
+    actor = jobs.Actor()
+    # Held until the end: a second crh_retrieve leaves these tomodirs to this one
+    # (and a killed run's locks go with its connection).
+    locks = db.connect(f"crh_retrieve (pid {actor.pid} on {actor.host})")
     try:
-        work = _sort_out(conn, db, controls, report, progress)
+        work = _claim(locks, _sort_out(conn, db, controls, report, progress), report)
         sink = _Report(report, progress)
         shared = False
         if retrieve_helper.wanted(len(work), processes):
@@ -120,6 +129,7 @@ def retrieve(
             _Runner(db, conn, work, forks.Indices(range(len(work))).take, threads, sink, limits=limits).run()
     finally:
         conn.close()
+        locks.close()
     order = {w.tomodir: i for i, w in enumerate(work)}
     for items in (report.retrieved, report.failed):
         items.sort(key=lambda item: order.get(item.path, -1))
@@ -182,6 +192,29 @@ def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) ->
             continue
         work.append(Work(job, cf, crh, tomodir, item, blobs.get(job.result_sha256 or "")))
     return work
+
+
+def _claim(locks, work: list[Work], report: RetrieveReport) -> list[Work]:
+    """The tomodirs of ``work`` this run brings back: each locked (on ``locks``, until it
+    closes) and its ``.crh`` still there; those another crh_retrieve has or had go into
+    ``report.elsewhere``."""
+    keys = [_retrieval_key(w.job.id) for w in work]
+    held = jobs.try_locks(locks, keys)
+    mine: list[Work] = []
+    for w, key in zip(work, keys):
+        if key in held:
+            who = held[key] if held[key].startswith("crh_retrieve (") else "crh_retrieve"
+            report.elsewhere.append((w.item, f"another {who} is bringing back {w.tomodir}"))
+        elif not w.crh.exists():
+            report.elsewhere.append((w.item, f"{w.tomodir} was brought back by another crh_retrieve meanwhile"))
+        else:
+            mine.append(w)
+    return mine
+
+
+def _retrieval_key(job_id: int) -> int:
+    """The lock of one job's retrieval: 64 bits, as PostgreSQL's advisory locks take."""
+    return int.from_bytes(hashlib.sha256(f"crh_retrieve\0{job_id}".encode()).digest()[:8], "big", signed=True)
 
 
 class _Report:
@@ -334,7 +367,21 @@ def _retrieve_one(conn, where: store.Store, w: Work, limits: archive.Limits) -> 
         _bring_back(conn, where, w, limits)
     except (archive.ArchiveError, store.BlobMissing) as exc:
         return f"{w.crh}: job {w.job.id}'s result cannot be used: {exc}"
+    except disk_full.DiskFull as full:
+        # A full disk is this tomodir's trouble, not the run's: what was
+        # begun beside it goes, and the other tomodirs are brought back.
+        _drop_beside(w)
+        return full.message(w.tomodir, w.job.id)
     return None
+
+
+def _drop_beside(w: Work) -> None:
+    """Remove what an unfinished retrieval put beside the tomodir (before its exchange)."""
+    parent, name, job_id = w.tomodir.parent, w.tomodir.name, w.job.id
+    if not (w.tomodir / f"{MARKER_PREFIX}{job_id}").exists():
+        _remove_tree(parent / f".{name}.crh-new-{job_id}")
+    _remove_tree(parent / f".{name}.crh-staging-{job_id}")
+    (parent / f".{name}.crh-{job_id}.tar.zst").unlink(missing_ok=True)
 
 
 def _bring_back(conn, where: store.Store, w: Work, limits: archive.Limits) -> None:
@@ -355,7 +402,7 @@ def _bring_back(conn, where: store.Store, w: Work, limits: archive.Limits) -> No
     if job.result_sha256 is None:
         return
     # Typical results stay in memory; large ones spill to a file beside the tomodir.
-    with Spool(SPOOL_BYTES, parent, packed.name) as download:
+    with Spool(SPOOL_BYTES, parent, packed.name) as download, disk_full.watching(parent, download):
         size = store.fetch(conn, where, job.result_sha256, download, row=w.blob)
         pause_point("retrieve:downloaded")
         try:
@@ -430,7 +477,7 @@ def wait_retrieve(
         total.merge(this_round)
         if on_round is not None:
             on_round(total)
-        if not this_round.pending:
+        if not this_round.pending and not this_round.elsewhere:
             return total
         if max_wait_s is not None and time.monotonic() - started > max_wait_s:
             return total

@@ -50,15 +50,25 @@ def add_command(paths, force, dry_run, priority, group, threads, timeout_s, max_
         timeout_s=int(timeout_s) if timeout_s is not None else None,
         max_attempts=max_attempts,
     )
-    found = add_service.find(paths)
-    if local and not dry_run:
-        _run_local(out, paths, options, found, local_jobs, crtomo, crmod, db_url)
-        return
-    if out.interactive and found.todo and not dry_run:
-        with click.progressbar(length=len(found.todo), label="adding", file=click.get_text_stream("stderr")) as bar:
-            report = _add(paths, options, found, db_url, lambda _item: bar.update(1))
-    else:
-        report = _add(paths, options, found, db_url, lambda item: out.line(_queued(item)))
+    try:
+        found = add_service.find(paths)
+        if local and not dry_run:
+            _run_local(out, paths, options, found, local_jobs, crtomo, crmod, db_url)
+            return
+        if out.interactive and found.todo and not dry_run:
+            with click.progressbar(length=len(found.todo), label="adding", file=click.get_text_stream("stderr")) as bar:
+                report = _add(paths, options, found, db_url, lambda _item: bar.update(1))
+        else:
+            report = _add(paths, options, found, db_url, lambda item: out.line(_queued(item)))
+    except KeyboardInterrupt:
+        # Ctrl-C before any registration began (registrations report their own interruption).
+        out.warn("interrupted before anything was registered; nothing was queued")
+        raise SystemExit(add_service.INTERRUPTED) from None
+    if not found.todo and not found.done and not found.incomplete and not found.errors:
+        out.warn(
+            f"no tomodir found below {', '.join(map(str, paths))}: a tomodir is a directory holding exe/, config/, "
+            "rho/, mod/ and inv/; run crh_add in the directory above your tomodirs, or name them"
+        )
     _print(out, report, dry_run)
     raise SystemExit(report.exit_code)
 
@@ -94,20 +104,41 @@ def _print(out: Output, report: add_service.AddReport, dry_run: bool) -> None:
             "skipped": [{"path": str(p), "reason": r} for p, r in report.skipped],
             "done": [str(p) for p in report.done],
             "problems": report.problems,
+            "interrupted": report.interrupted,
+            "left_registering": [{"path": str(p), "job_id": j} for p, j in report.left_registering],
+            "not_begun": report.not_begun,
         }
     )
     if dry_run:
         for a in report.added:
-            out.line(f"would queue ({'+'.join(a.steps)}): {a.path}")
+            if a.resumed:
+                out.line(f"would resume job {a.job_id} ({'+'.join(a.steps)}): {a.path}")
+            else:
+                out.line(f"would queue ({'+'.join(a.steps)}): {a.path}")
     for path, reason in report.skipped:
         out.line(f"skipped {path}: {reason}")
     for problem in report.problems:
         out.warn(problem)
+    if report.interrupted:
+        _print_interrupted(out, report)
+        return
     verb = "would queue" if dry_run else "queued"
+    resumed = sum(1 for a in report.added if a.resumed)
+    of_them = f" ({resumed} of them {'to be ' if dry_run else ''}resumed)" if resumed else ""
     out.line(
-        f"{verb} {len(report.added)} job(s); {len(report.skipped)} skipped, "
+        f"{verb} {len(report.added)} job(s){of_them}; {len(report.skipped)} skipped, "
         f"{len(report.done)} already done, {len(report.problems)} problem(s)",
         fg="green" if not report.problems else "yellow",
+    )
+
+
+def _print_interrupted(out: Output, report: add_service.AddReport) -> None:
+    for path, job_id in report.left_registering:
+        out.line(f"left registering job {job_id}: {path}")
+    out.warn(
+        f"interrupted: {len(report.added)} job(s) queued, {len(report.left_registering)} left registering, "
+        f"{report.not_begun} not begun; run crh_add again in the same tree: it resumes what was left "
+        "(no job is queued twice)"
     )
 
 

@@ -32,6 +32,8 @@ def upgrade(revision, db_url, out):
         before = migrate.current(database.url)
         migrate.upgrade(database.url, revision)
         after = migrate.current(database.url)
+    except migrate.SchemaTooNew:
+        raise  # its remedy is on this machine, not the owner's
     except Exception as exc:
         raise DatabaseError(
             f"upgrading {database.redacted} failed: {_first_line(exc)}; run it as the database owner "

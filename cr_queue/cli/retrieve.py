@@ -46,16 +46,20 @@ def _report(out: Output, report: retrieve_service.RetrieveReport) -> None:
             "failed": [_item(i) for i in report.failed],
             "pending": [_item(i) for i in report.pending],
             "cancelled": [_item(i) for i in report.cancelled],
+            "elsewhere": [{**_item(i), "message": text} for i, text in report.elsewhere],
             "problems": report.problems,
         }
     )
     for item in report.pending:
         out.line(f"job {item.job_id} is still {item.status}: {item.path}")
+    for _item_elsewhere, text in report.elsewhere:
+        out.line(text)
     for problem in report.problems:
         out.warn(problem)
+    elsewhere = f", {len(report.elsewhere)} left to another crh_retrieve" if report.elsewhere else ""
     out.line(
-        f"{len(report.retrieved)} retrieved, {len(report.failed)} failed, "
-        f"{len(report.pending)} still pending, {len(report.problems)} problem(s)",
+        f"{len(report.retrieved)} retrieved, {len(report.failed)} failed, {len(report.cancelled)} cancelled, "
+        f"{len(report.pending)} still pending{elsewhere}, {len(report.problems)} problem(s)",
         fg="green" if report.exit_code == 0 else "yellow",
     )
 

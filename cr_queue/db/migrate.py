@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
+from cr_queue.db.connection import DatabaseError
+
 if TYPE_CHECKING:
     from alembic.config import Config
     from sqlalchemy import Connection
@@ -56,7 +58,35 @@ class ForeignSchema(Exception):
 _CR_HYDRA_TABLES = ("binary_data", "inversions")
 
 
+class SchemaTooNew(DatabaseError):
+    """The database's schema was made by a newer cr_queue than this one."""
+
+
+def check_not_newer(have: str | None) -> None:
+    """Raise :class:`SchemaTooNew` when ``have`` is a revision this cr_queue does not know.
+
+    Such a schema was upgraded by a newer cr_queue: nothing here may touch it
+    (an upgrade would fail, a downgrade would lose data), and the remedy is
+    on this machine, not in the database."""
+    if have is None or have == head() or _known(have):
+        return
+    raise SchemaTooNew(
+        f"the database schema is {have}, newer than this cr_queue ({head()}): upgrade cr_queue here "
+        "(pip install -U cr_queue, or the package of your distribution) to the version that made it"
+    )
+
+
+def _known(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+
+    try:
+        return ScriptDirectory.from_config(_config()).get_revision(revision) is not None
+    except Exception:  # alembic's "Can't locate revision" (its error types vary between versions)
+        return False
+
+
 def upgrade(url: str, revision: str = "head") -> None:
+    check_not_newer(current(url))
     _run(url, _upgrade_own_schema, revision)
 
 

@@ -361,3 +361,22 @@ def count_claimable(conn: psycopg.Connection) -> int:
 
 def count_pending(conn: psycopg.Connection, ids: Sequence[int]) -> int:
     return conn.execute(SQL.count_pending, {"ids": list(ids)}).fetchone()[0]
+
+
+# ------------------------------------------------------------ command locks
+
+
+def try_locks(conn: psycopg.Connection, keys: Sequence[int]) -> dict[int, str]:
+    """Lock ``keys`` (crh_add: one per tomodir, crh_retrieve: one per job) for this session;
+    those another session holds, each with that session's application_name ("" where it
+    cannot be seen)."""
+    busy = [row[0] for row in conn.execute(SQL.try_locks, {"keys": list(keys)})]
+    if not busy:
+        return {}
+    holders = {key: name for key, name in conn.execute(SQL.lock_holders, {"keys": busy})}
+    return {key: holders.get(key) or "" for key in busy}
+
+
+def registering_at(conn: psycopg.Connection, host: str, paths: Sequence[str]) -> dict[str, int]:
+    """The 'registering' jobs of these directories of ``host``: path -> job id."""
+    return {path: job_id for job_id, path in conn.execute(SQL.registering_at, {"host": host, "paths": list(paths)})}

@@ -156,3 +156,21 @@ SELECT count(*) FROM inversions WHERE status = 'queued';
 -- How many of these jobs have not ended yet.
 SELECT count(*) FROM inversions
 WHERE id = ANY(%(ids)s::bigint[]) AND status IN ('registering', 'queued', 'running');
+
+-- name: try_locks
+-- Take a session lock per key (crh_add: one per tomodir it registers; crh_retrieve: one per job it brings back); returns the keys another session holds.
+-- The locks last until the command's connection ends, which a killed command's does too.
+SELECT k.key FROM unnest(%(keys)s::bigint[]) AS k(key) WHERE NOT pg_try_advisory_lock(k.key);
+
+-- name: lock_holders
+-- Who holds these session locks (keys as in try_locks): each key with its session's application_name.
+SELECT (l.classid::bigint << 32) | l.objid::bigint AS key, a.application_name
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND ((l.classid::bigint << 32) | l.objid::bigint) = ANY(%(keys)s::bigint[]);
+
+-- name: registering_at
+-- The jobs still 'registering' for these directories of one host (what an interrupted crh_add leaves for the next to resume).
+SELECT id, source_path FROM inversions
+WHERE status = 'registering' AND source_computer = %(host)s AND source_path = ANY(%(paths)s::text[])
+ORDER BY id;

@@ -63,6 +63,8 @@ def read_only_snapshot(conn: psycopg.Connection) -> Iterator[psycopg.Connection]
 
 def schema_revision(conn: psycopg.Connection) -> str | None:
     """The alembic revision of the database's schema; None when it has none (no migration ran)."""
+    if not conn.execute(SQL.has_schema_revision).fetchone()[0]:
+        return None
     try:
         with conn.transaction():
             row = conn.execute(SQL.schema_revision).fetchone()

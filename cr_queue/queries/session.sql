@@ -20,3 +20,7 @@ SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 -- name: schema_revision
 -- The alembic revision the database's schema is at (fails when no migration ever ran).
 SELECT version_num FROM alembic_version;
+
+-- name: has_schema_revision
+-- Whether the database has alembic's table at all (asked first, so that no ERROR for a missing table lands in the server's log).
+SELECT to_regclass('alembic_version') IS NOT NULL;

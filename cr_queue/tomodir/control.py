@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from cr_queue.tomodir.walk import not_hidden, walk
+from cr_queue.util.pause import pause_point
 
 SUFFIX = ".crh"
 VERSION = 1
@@ -55,18 +58,61 @@ def write(cf: ControlFile, path: Path | str) -> None:
     torn one, because a lost .crh means a result nobody can retrieve."""
     path = Path(path)
     data = render(cf).encode()
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        pause_point("add:control_tmp")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+_TMP_SUFFIX = ".tmp"
+# What write() names its temporary file: .NAME.crh.<12 hex digits>.tmp
+_TMP_NAME = re.compile(r"^\.(?P<crh>.+\.crh)\.[0-9a-f]{12}\.tmp$")
+
+
+def remove_leftovers(tomodirs: Iterable[Path]) -> None:
+    """Remove the temporary ``.crh`` files a killed crh_add left beside these tomodirs.
+
+    Only a crh_add that holds the tomodirs' registration locks calls this, so no
+    other process is writing one of them; each parent directory is listed once."""
+    by_parent: dict[Path, set[str]] = {}
+    for td in tomodirs:
+        by_parent.setdefault(td.parent, set()).add(control_path(td).name)
+    for parent, names in by_parent.items():
+        try:
+            with os.scandir(parent) as entries:
+                stale = [e.name for e in entries if (m := _TMP_NAME.match(e.name)) and m["crh"] in names]
+        except OSError:
+            continue
+        for name in stale:
+            (parent / name).unlink(missing_ok=True)
+
+
+def special_kind(path: Path) -> str:
+    """What a tomodir entry that is not packed is, in words (crh_add names it so)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "an entry that vanished while it was packed"
+    if stat.S_ISLNK(mode):
+        return "a symlink pointing outside the tomodir"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "neither a file, a directory nor a symlink"
 
 
 def render(cf: ControlFile) -> str:
@@ -237,6 +283,8 @@ def gather(paths: Iterable[Path | str]) -> Found:
         try:
             found.files.append((crh, read(crh)))
         except ControlFileError as exc:
+            if not os.path.lexists(crh):
+                continue  # gone since the search: another crh_retrieve brought that tomodir back
             found.files.append((crh, None))
             found.problems.append(str(exc))
     return found
