@@ -33,6 +33,9 @@ __all__ = ["ConfigError", "Settings", "load", "redact", "SYSTEM_CONFIG"]
 SYSTEM_CONFIG = Path("/etc/cr_queue/config.toml")
 LEGACY_NAME = ".crhydra.cfg"
 SOLVERS = ("crtomo", "crmod")
+# A server that accepts the connection and never answers must not hold a command
+# for psycopg's own default (130 s): every command gives up after this long.
+DEFAULT_CONNECT_TIMEOUT = 10
 
 
 class ConfigError(Exception):
@@ -49,6 +52,9 @@ class Settings:
     crmod: str | None
     config_path: Path | None
     raw: dict[str, Any] = field(default_factory=dict)
+    # Seconds a connection may take before the command gives up on the server
+    # (CRH_CONNECT_TIMEOUT, else [database] connect_timeout, else 10).
+    connect_timeout: int = DEFAULT_CONNECT_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ def load(
         crmod=solvers["crmod"],
         config_path=files[0].path if files else None,
         raw=_merge([f.data for f in reversed(files)]),
+        connect_timeout=_resolve_connect_timeout(env, files),
     )
 
 
@@ -168,6 +175,12 @@ def _validate(config: _ConfigFile) -> None:
         for key in keys:
             _check_text(path, section, key, table.get(key))
     _validate_archive(path, _table(path, data, "archive"))
+    timeout = _table(path, data, "database").get("connect_timeout")
+    if timeout is not None and _seconds(timeout) is None:
+        raise ConfigError(
+            f"{path}: [database] connect_timeout = {timeout!r} is not a whole number of seconds >= 1; "
+            f"write e.g. connect_timeout = {DEFAULT_CONNECT_TIMEOUT}"
+        )
     if _has_password(data):
         _require_private(path, system=config.system)
 
@@ -232,6 +245,33 @@ def archive_limits(settings: Settings) -> Limits:
 
     table = settings.raw.get("archive") or {}
     return Limits(**{ARCHIVE_KEYS[key]: _archive_value(key, value) for key, value in table.items() if key in ARCHIVE_KEYS})
+
+
+def _seconds(value: Any) -> int | None:
+    """A connect timeout: whole seconds, at least 1 (a string of digits is taken too, as from the environment)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    return value if isinstance(value, int) and value >= 1 else None
+
+
+def _resolve_connect_timeout(env: Mapping[str, str], files: list[_ConfigFile]) -> int:
+    """CRH_CONNECT_TIMEOUT, else [database] connect_timeout of the first file that has one, else the default."""
+    from_env = env.get("CRH_CONNECT_TIMEOUT")
+    if from_env:
+        seconds = _seconds(from_env)
+        if seconds is None:
+            raise ConfigError(
+                f"CRH_CONNECT_TIMEOUT={from_env!r} is not a whole number of seconds >= 1; "
+                f"set it to e.g. {DEFAULT_CONNECT_TIMEOUT}, or unset it"
+            )
+        return seconds
+    for config in files:
+        value = config.data.get("database", {}).get("connect_timeout")
+        if value is not None:
+            return _seconds(value) or DEFAULT_CONNECT_TIMEOUT
+    return DEFAULT_CONNECT_TIMEOUT
 
 
 def _has_password(data: Mapping[str, Any]) -> bool:

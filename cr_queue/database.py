@@ -34,7 +34,7 @@ def open_database(
     touched.  The Database returned carries it to the services."""
     chosen = store.configured(settings)
     db = _open(settings, start_embedded=start_embedded, check_schema=check_schema)
-    return Database(url=db.url, source=db.source, embedded=db.embedded, store=chosen)
+    return Database(url=db.url, source=db.source, embedded=db.embedded, connect_timeout=db.connect_timeout, store=chosen)
 
 
 def _open(settings: config.Settings, *, start_embedded: bool, check_schema: bool) -> Database:
@@ -52,7 +52,12 @@ def _open(settings: config.Settings, *, start_embedded: bool, check_schema: bool
             # The private cluster is ours to keep current: nobody else would run the upgrade.
             ensure_schema(db, upgrade=True)
         return db
-    db = Database(url=settings.database_url, source=settings.database_source, embedded=False)
+    db = Database(
+        url=settings.database_url,
+        source=settings.database_source,
+        embedded=False,
+        connect_timeout=settings.connect_timeout,
+    )
     if check_schema:
         ensure_schema(db, upgrade=False)
     return db
@@ -68,15 +73,17 @@ def ensure_schema(db: Database, *, upgrade: bool) -> None:
     if _revision(db) == expected:
         return
     try:
-        have = migrate.current(db.url)
+        have = migrate.current(db.url, connect_timeout=db.connect_timeout)
+    except DatabaseError:
+        raise
     except Exception as exc:  # sqlalchemy wraps psycopg's errors
-        raise DatabaseError(unreachable_message(db.url, db.source, exc)) from None
+        raise DatabaseError(unreachable_message(db.url, db.source, exc, db.connect_timeout)) from None
     if have == expected:
         return
     migrate.check_not_newer(have)
     if upgrade:
         log.info("upgrading the schema of %s from %s to %s", db.redacted, have, expected)
-        migrate.upgrade(db.url)
+        migrate.upgrade(db.url, connect_timeout=db.connect_timeout)
         return
     raise DatabaseError(
         f"the database {db.redacted} has schema version {have or 'none'}, this cr_queue needs {expected}. "
@@ -85,9 +92,12 @@ def ensure_schema(db: Database, *, upgrade: bool) -> None:
 
 
 def _revision(db: Database) -> str | None:
-    """The database's schema revision by one plain query; None when that cannot tell (the full check says why)."""
-    try:
-        with psycopg.connect(db.url, autocommit=True, connect_timeout=10) as conn:
+    """The database's schema revision by one plain query; None when that cannot tell (the full check says why).
+
+    A server that cannot be reached is reported at once (DatabaseError): trying
+    again through alembic would only double the wait on a silent server."""
+    with db.connect("cr_queue schema check") as conn:
+        try:
             return session.schema_revision(conn)
-    except psycopg.Error:
-        return None
+        except psycopg.Error:
+            return None

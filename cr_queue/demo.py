@@ -63,6 +63,7 @@ def prepare(db_url: str | None) -> Demo:
             crmod=settings.crmod,
             config_path=settings.config_path,
             raw=settings.raw,
+            connect_timeout=settings.connect_timeout,
         )
     )
     solver_map, standin = _solvers(settings)

@@ -3,6 +3,15 @@
 The cluster is started by the suite itself (never a server someone started by
 hand).  Each test gets its own database, cloned from a template that already
 carries the migrated schema, so tests cannot see each other's jobs.
+
+The suite leaves the machine as it found it (tests/hygiene.py): every
+temporary file of the session, pytest's own tmp_path included, lives under
+one session directory in /tmp that is removed at the end; a test that needs
+an unprivileged OS user or traverse permission on directories above the
+checkout gets them from :func:`unprivileged_user` / :func:`traverse`, which
+undo them; and the session fails if /tmp, the modes of /root and of the
+directories above the interpreter and the checkout, or the system's users
+and groups differ at the end from the start.
 """
 
 from __future__ import annotations
@@ -22,9 +31,72 @@ from psycopg import conninfo, sql
 from cr_queue.db import migrate
 from cr_queue.db.embedded import PORT, Cluster
 
+from . import hygiene
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXAMPLES = REPO.parent / "shared" / "examples" / "tomodirs.tar.gz"
 TEMPLATE = "crh_template"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test makes a temp file: the session directory, and the host as found."""
+    if not hasattr(config, "workerinput"):
+        config._crh_host = hygiene.start_session()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After every fixture is torn down: remove the session directory, then compare the host."""
+    state = getattr(session.config, "_crh_host", None)
+    if state is None:
+        return
+    problems = hygiene.finish_session(state)
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "the test session changed the machine (restored where it could be):\n  " + "\n  ".join(problems)
+        if reporter is not None:
+            reporter.write_sep("=", "host changed", red=True)
+            reporter.write_line(text)
+        else:
+            print(text, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def unprivileged_user():
+    """An OS account that is not root, for tests that switch to one (root only).
+
+    ``nobody`` where the system has it; otherwise a system user made for this
+    test and deleted after it, so /etc/passwd is as it was."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    with hygiene.unprivileged_user() as user:
+        yield user
+
+
+@pytest.fixture
+def remove_new_users():
+    """Accounts cr_queue itself creates during the test (the embedded server's crh-embedded) are deleted after it.
+
+    Request it before the fixtures that start servers as such a user: fixtures
+    are torn down in reverse, so the servers are stopped first."""
+    import pwd
+
+    before = {entry.pw_name for entry in pwd.getpwall()}
+    yield
+    for entry in pwd.getpwall():
+        if entry.pw_name not in before and entry.pw_name.startswith("crh"):
+            hygiene.remove_user(entry.pw_name)
+
+
+@pytest.fixture
+def traverse():
+    """``traverse(user, *paths)``: let ``user`` pass through every directory above ``paths`` for this test only.
+
+    cr_queue's interpreter or checkout may sit under /root (0700); a test
+    running cr_queue as another user needs the search bit there, and gets it
+    back off at teardown, whatever the order of tests."""
+    with hygiene.traverse_grants() as grant:
+        yield grant
 
 
 def _url(cluster: Cluster, dbname: str) -> str:

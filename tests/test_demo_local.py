@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def embedded_env(cli_env):
     env.update({"CRH_EMBEDDED_DIR": str(home / "pg"), "HOME": str(home), "XDG_DATA_HOME": str(home / "data")})
     yield env
     run([script("crh"), "db", "stop"], env, check=None)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def test_demo_on_the_embedded_database(embedded_env):
@@ -45,25 +47,26 @@ def test_add_local_runs_and_retrieves(tmp_path, embedded_env):
         assert not td.with_suffix(".crh").exists()
 
 
-def test_demo_as_an_unprivileged_user(tmp_path):
-    """Real users are not root: the embedded database then runs as the user themselves."""
+def test_demo_as_an_unprivileged_user(unprivileged_user, traverse):
+    """Real users are not root: the embedded database then runs as the user themselves.
+
+    The account is ``nobody`` (or one made for this test and deleted after
+    it); the directories above the interpreter and the checkout are made
+    passable for this test only (conftest's ``traverse``), so the result
+    does not depend on what an earlier test left."""
     import os
-    import pwd
-    import shutil
     import subprocess
     import sys
 
+    import cr_queue
+
     runuser = shutil.which("runuser")
-    if os.geteuid() != 0 or not runuser:
-        pytest.skip("needs root to switch to an unprivileged user")
-    user = "crh-test-user"
-    try:
-        pwd.getpwnam(user)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--shell", "/bin/sh", user], check=True)
+    if not runuser:
+        pytest.skip("needs runuser to switch to an unprivileged user")
+    user = unprivileged_user.pw_name
+    traverse(unprivileged_user, Path(sys.executable).resolve(), Path(sys.executable).parent / "crh", Path(cr_queue.__file__))
     home = Path(tempfile.mkdtemp(prefix="crh-test-home-"))
-    os.chown(home, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
-    os.chmod(home.parent, os.stat(home.parent).st_mode | 0o001)
+    os.chown(home, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
     bindir = Path(sys.executable).parent
     if subprocess.run([runuser, "-u", user, "--", "test", "-x", str(bindir / "crh")]).returncode != 0:
         pytest.skip(f"{bindir / 'crh'} cannot be run by an unprivileged user on this machine (a directory above it is private)")

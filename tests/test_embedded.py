@@ -30,9 +30,10 @@ TEST_USER = "crh-test"
 @contextmanager
 def scratch_dir() -> Iterator[Path]:
     """A temp dir outside pytest's: every pytest session run as root resets
-    /tmp/pytest-of-root to 0700, which would lock a concurrent run's server
-    user out of its own data directory."""
-    path = Path(tempfile.mkdtemp(prefix="crh-test-", dir="/tmp"))
+    pytest-of-root to 0700, which would lock a concurrent run's server user out
+    of its own data directory.  In the session's directory (tests/hygiene.py),
+    which the server user may pass."""
+    path = Path(tempfile.mkdtemp(prefix="crh-test-"))
     try:
         yield path
     finally:
@@ -288,8 +289,8 @@ def test_root_runs_the_server_as_an_unprivileged_user(cluster: Cluster) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the root path needs root")
-def test_root_honours_crh_embedded_user(make_cluster) -> None:
-    user = _other_user()
+def test_root_honours_crh_embedded_user(unprivileged_user, make_cluster) -> None:
+    user = unprivileged_user
     cluster = make_cluster(env={**os.environ, "CRH_EMBEDDED_USER": user.pw_name})
     cluster.start()
     assert cluster.status()["server_user"] == user.pw_name
@@ -299,7 +300,7 @@ def test_root_honours_crh_embedded_user(make_cluster) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the root path needs root")
 def test_root_without_postgres_user_uses_crh_embedded(
-    make_cluster, monkeypatch: pytest.MonkeyPatch
+    remove_new_users, make_cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_getpwnam = pwd.getpwnam
 
@@ -344,20 +345,6 @@ def test_pgserver_wheel_binaries(scratch: Path) -> None:
         cluster.stop()
 
 
-def _other_user() -> pwd.struct_passwd:
-    """A non-root account for the normal-user path; created once, then reused."""
-    for name in ("nobody", TEST_USER):
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            continue
-    subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-        check=True,
-    )
-    return pwd.getpwnam(TEST_USER)
-
-
 NON_ROOT_SCRIPT = """
 import json, os
 import psycopg
@@ -381,13 +368,12 @@ print(json.dumps({"euid": os.geteuid(), "row": list(row), "status": status,
     os.geteuid() != 0,
     reason="not root, so no other user to switch to; every other test already runs as this user",
 )
-def test_normal_user_runs_everything_as_itself() -> None:
-    user = _other_user()
+def test_normal_user_runs_everything_as_itself(unprivileged_user, traverse) -> None:
+    user = unprivileged_user
     groups = os.getgrouplist(user.pw_name, user.pw_gid)
-    account = server_user.ServerUser(user.pw_name, user.pw_uid, user.pw_gid, tuple(groups))
-    for needed in (Path(sys.executable).resolve(), Path(cr_queue.__file__), Path(psycopg.__file__)):
-        server_user.grant_traverse(needed, account)
-    home = Path(tempfile.mkdtemp(prefix="crh-user-", dir="/tmp"))
+    # The interpreter may sit under /root (0700): passable for this test only.
+    traverse(user, Path(sys.executable).resolve(), Path(cr_queue.__file__), Path(psycopg.__file__))
+    home = Path(tempfile.mkdtemp(prefix="crh-user-"))
     os.chown(home, user.pw_uid, user.pw_gid)
     env = {
         "PATH": os.environ.get("PATH", os.defpath),

@@ -3,6 +3,12 @@
 :class:`Database` says where the database is; :func:`connect` opens a
 connection to it.  Which database a command talks to, started and at the
 right schema, is decided by ``cr_queue.database.open_database``.
+
+Every connection cr_queue opens to a configured server goes through
+:func:`connect`, with a connect timeout (``[database] connect_timeout``,
+``CRH_CONNECT_TIMEOUT``, default 10 s): a server that accepts the connection
+and never answers would otherwise hold each command for psycopg's default of
+130 s, per attempt.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class Database:
     url: str
     source: str
     embedded: bool
+    connect_timeout: int = config.DEFAULT_CONNECT_TIMEOUT
     # Where archives go (a cr_queue.store.Store: the database, or the [store] path
     # directory).  cr_queue.database.open_database has the store layer, above this
     # one, choose it (store.configured); this layer only carries it to the services.
@@ -45,7 +52,12 @@ class Database:
         self, application_name: str = "cr_queue", *, autocommit: bool = True, keepalive: bool = False
     ) -> psycopg.Connection:
         return connect(
-            self.url, application_name=application_name, autocommit=autocommit, source=self.source, keepalive=keepalive
+            self.url,
+            application_name=application_name,
+            autocommit=autocommit,
+            source=self.source,
+            keepalive=keepalive,
+            connect_timeout=self.connect_timeout,
         )
 
 
@@ -55,27 +67,43 @@ def connect(
     application_name: str = "cr_queue",
     autocommit: bool = True,
     source: str = "",
-    connect_timeout: int = 10,
+    connect_timeout: int = config.DEFAULT_CONNECT_TIMEOUT,
     keepalive: bool = False,
 ) -> psycopg.Connection:
+    """Open a connection, or raise DatabaseError naming the server and the remedy.
+
+    ``connect_timeout`` bounds each attempt, unless the URL sets its own
+    (``?connect_timeout=N``), which libpq's users expect to count."""
     # A worker must notice a dead network within seconds, not the kernel's
     # fifteen minutes of retransmissions (ignored on Unix sockets).
-    extra = KEEPALIVE if keepalive else {}
+    extra = dict(KEEPALIVE) if keepalive else {}
+    if not _names_timeout(url):
+        extra["connect_timeout"] = connect_timeout
     try:
-        return psycopg.connect(
-            url,
-            autocommit=autocommit,
-            application_name=application_name,
-            connect_timeout=connect_timeout,
-            **extra,
-        )
+        return psycopg.connect(url, autocommit=autocommit, application_name=application_name, **extra)
     except psycopg.OperationalError as exc:
-        raise DatabaseError(unreachable_message(url, source, exc)) from None
+        raise DatabaseError(unreachable_message(url, source, exc, connect_timeout)) from None
 
 
-def unreachable_message(url: str, source: str, exc: BaseException) -> str:
+def _names_timeout(url: str) -> bool:
+    try:
+        return "connect_timeout" in psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return False  # a malformed URL: psycopg.connect says what is wrong with it
+
+
+def unreachable_message(url: str, source: str, exc: BaseException, timeout: int | None = None) -> str:
     detail = config.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     where = f" (from {source})" if source else ""
+    if isinstance(exc, psycopg.errors.ConnectionTimeout) or "timeout expired" in detail:
+        # Reached, but no answer: a hung or overloaded server, or a firewall that drops packets.
+        limit = f"within {timeout} s" if timeout else "in time"
+        return (
+            f"the database server {config.redact(url)}{where} did not answer {limit} (connect timeout). "
+            "Check that the server is running, not overloaded, and that a firewall lets its answers through, "
+            "and that the URL names a PostgreSQL server (--db, CRH_DATABASE_URL or [database] url in the config); "
+            "to wait longer, set CRH_CONNECT_TIMEOUT or [database] connect_timeout (seconds)."
+        )
     if "password" in detail and ("no password supplied" in detail or "authentication failed" in detail):
         # The server wants a password: say where it belongs (never in a shared file or a URL).
         return (

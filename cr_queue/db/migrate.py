@@ -13,8 +13,8 @@ from __future__ import annotations
 from importlib import resources
 from typing import TYPE_CHECKING
 
-import psycopg
-
+from cr_queue import config
+from cr_queue.db import connection
 from cr_queue.db.connection import DatabaseError
 
 if TYPE_CHECKING:
@@ -30,17 +30,22 @@ def _config() -> Config:
     return cfg
 
 
-def _engine(url: str):
+def _engine(url: str, connect_timeout: int = config.DEFAULT_CONNECT_TIMEOUT):
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
     # A creator keeps libpq in charge of the URL: Unix-socket hosts, conninfo
-    # strings and ~/.pgpass all work exactly as for the rest of cr_queue.
-    return create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(url), poolclass=NullPool)
+    # strings and ~/.pgpass all work exactly as for the rest of cr_queue, and the
+    # connection is opened the one way cr_queue opens them (connect timeout
+    # included; a failure is a DatabaseError, which SQLAlchemy passes through).
+    def creator():
+        return connection.connect(url, application_name="cr_queue migrate", autocommit=False, connect_timeout=connect_timeout)
+
+    return create_engine("postgresql+psycopg://", creator=creator, poolclass=NullPool)
 
 
-def _run(url: str, fn, *args) -> None:
-    engine = _engine(url)
+def _run(url: str, fn, *args, connect_timeout: int = config.DEFAULT_CONNECT_TIMEOUT) -> None:
+    engine = _engine(url, connect_timeout)
     try:
         with engine.begin() as conn:
             cfg = _config()
@@ -85,9 +90,9 @@ def _known(revision: str) -> bool:
         return False
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    check_not_newer(current(url))
-    _run(url, _upgrade_own_schema, revision)
+def upgrade(url: str, revision: str = "head", *, connect_timeout: int = config.DEFAULT_CONNECT_TIMEOUT) -> None:
+    check_not_newer(current(url, connect_timeout=connect_timeout))
+    _run(url, _upgrade_own_schema, revision, connect_timeout=connect_timeout)
 
 
 def _upgrade_own_schema(cfg: Config, revision: str) -> None:
@@ -131,8 +136,8 @@ def current_of(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
-def current(url: str) -> str | None:
-    engine = _engine(url)
+def current(url: str, *, connect_timeout: int = config.DEFAULT_CONNECT_TIMEOUT) -> str | None:
+    engine = _engine(url, connect_timeout)
     try:
         with engine.connect() as conn:
             return current_of(conn)
