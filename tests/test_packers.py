@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import fcntl
 import os
 import signal
-import time
+import struct
+import termios
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,16 @@ from cr_queue.tomodir import archive
 from cr_queue.tomodir import discover
 from cr_queue.util import forks
 from cr_queue.tomodir import synth
+
+from .faults import wait_for
+
+F_GETPIPE_SZ = 1032  # linux/fcntl.h
+
+
+def _pipe_half_full(fd: int) -> bool:
+    """More in the pipe than any frame but an archive's data can be (a pipe fills by pages, never quite whole)."""
+    waiting = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return waiting >= fcntl.fcntl(fd, F_GETPIPE_SZ) // 2
 
 
 def _tomodirs(root: Path, n: int) -> list[Path]:
@@ -89,7 +101,10 @@ def test_a_killed_helper_fails_exactly_what_it_had_taken(tmp_path):
     group = packers.Packers(roots, list(range(6)), helpers=1, budget=0)
     helper = group.helpers[0]
     try:
-        time.sleep(1)
+        # Synchronised on the pipe, not a sleep: once it holds archive data, the
+        # helper has reported taking tomodir 0 and is sending it; its megabyte
+        # cannot pass the unread pipe, so it takes nothing else.
+        wait_for(lambda: _pipe_half_full(helper._up.fileno()), "the helper to send tomodir 0 into its pipe", 120)
         os.kill(helper.pid, signal.SIGKILL)
         with pytest.raises(packers.HelperDied, match=f"signal {signal.SIGKILL}"):
             for delivery in helper.deliveries():

@@ -38,11 +38,25 @@ def test_exit_status_and_output_of_a_short_solver(tmp_path: Path, waiting: str) 
     assert (tmp_path / "log").read_bytes().endswith(b"ran in exe\n")
 
 
-def test_timeout_kills_the_solver_and_its_children(tmp_path: Path, waiting: str) -> None:
+class _ClockJumpingAt:
+    """``time`` for run_step whose clock jumps an hour ahead once ``path`` exists.
+
+    The timeout then passes right after the solver's child is known, however
+    slowly a loaded machine starts it, and never before."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def monotonic(self) -> float:
+        return time.monotonic() + (3600.0 if self.path.exists() else 0.0)
+
+
+def test_timeout_kills_the_solver_and_its_children(tmp_path: Path, waiting: str, monkeypatch) -> None:
     pids = tmp_path / "pids"
-    solver, tomodir = _solver(tmp_path, f"sleep 60 & echo $! > {pids}\nwait\n")
+    solver, tomodir = _solver(tmp_path, f"sleep 60 & echo $! > {pids}.tmp && mv {pids}.tmp {pids}\nwait\n")
+    monkeypatch.setattr(solvers, "time", _ClockJumpingAt(pids))
     with open(tmp_path / "log", "wb") as log:
-        outcome = solvers.run_step(solver, tomodir, step="inv", threads=1, log=log, timeout=0.3)
+        outcome = solvers.run_step(solver, tomodir, step="inv", threads=1, log=log, timeout=1800)
     assert outcome.timed_out and not outcome.aborted
     # SIGKILLed with its group: soon gone, or a zombie until whoever inherited it reaps it.
     stat = Path(f"/proc/{int(pids.read_text())}/stat")

@@ -341,3 +341,84 @@ def test_real_examples_are_solved(examples_dir: Path, name: str, solver: str) ->
     assert proc.returncode == 0, err
     assert not (td / "exe/error.dat").exists()
     assert isinstance(classify(td), Done)
+
+
+# ------------------------------------------------ behaviours of the fault run
+
+
+@pytest.mark.parametrize("code", ["1", "77", "255"])
+def test_fail_exit_with_a_chosen_status(mod_dir: Path, code: str) -> None:
+    settings(mod_dir, f"fail = exit\nexit_code = {code}\n")
+    proc, _, err = run("crmod", mod_dir)
+    assert proc.returncode == int(code) and f"status {code}" in err
+    assert not (mod_dir / "mod/volt.dat").exists() and not (mod_dir / "exe/error.dat").exists()
+
+
+@pytest.mark.parametrize("name,sig", [("TERM", signal.SIGTERM), ("SIGSEGV", signal.SIGSEGV), ("abrt", signal.SIGABRT), ("INT", signal.SIGINT)])
+def test_fail_signal_with_a_chosen_signal(inv_dir: Path, name: str, sig: int) -> None:
+    settings(inv_dir, f"fail = signal\nsignal = {name}\n")
+    proc, _, _ = run("crtomo", inv_dir)
+    assert proc.returncode == -sig
+    assert isinstance(classify(inv_dir), Tomodir), "a partial inversion, not a result"
+
+
+@pytest.mark.parametrize(
+    "text,problem",
+    [("exit_code = 0", "exit_code must be 1-255"), ("signal = NOPE", "unknown signal"),
+     ("large = -1", "large must be"), ("tag = a/b", "tag 'a/b'"), ("large = lots", "bad stand-in setting")],
+)
+def test_bad_new_settings_exit_2_naming_the_setting(mod_dir: Path, text: str, problem: str) -> None:
+    settings(mod_dir, text + "\n")
+    proc, _, err = run("crmod", mod_dir)
+    assert proc.returncode == 2 and problem in err and "standin.cfg" in err
+
+
+@pytest.mark.parametrize("solver,where", [("crmod", "mod"), ("crtomo", "inv")])
+def test_large_output_is_deterministic_and_incompressible(tmp_path: Path, solver: str, where: str) -> None:
+    import zlib
+
+    tds = [synth.make_tomodir(tmp_path / f"td{i}", "mod" if solver == "crmod" else "inv", seed=i) for i in range(2)]
+    for td in tds:
+        settings(td, "large = 3000000\n")
+        proc, _, _ = run(solver, td)
+        assert proc.returncode == 0
+        assert isinstance(classify(td), Done)
+    first, second = ((td / where / "large.bin").read_bytes() for td in tds)
+    assert len(first) == 3_000_000 and first == second
+    assert len(zlib.compress(first[:100_000])) > 99_000
+
+
+def test_runs_record_what_they_wrote_by_digest(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    both = synth.make_tomodir(tmp_path / "both", "both")
+    settings(both, "tag = td-both\nlarge_crtomo = 1000\n")
+    bad = synth.make_tomodir(tmp_path / "bad", "mod")
+    settings(bad, "tag = td-bad\nfail = error_dat\n")
+    killed = synth.make_tomodir(tmp_path / "killed", "inv")
+    settings(killed, "tag = td-killed\nfail = signal\n")
+    empty = synth.make_tomodir(tmp_path / "empty", "mod")
+    settings(empty, "tag = td-empty\nfail = missing_output\n")
+    for solver, td in (("crmod", both), ("crtomo", both), ("crmod", bad), ("crtomo", killed), ("crmod", empty)):
+        run(solver, td, CRH_STANDIN_MARK=str(marks))
+    records = {}
+    for path in (marks / "written").iterdir():
+        entry = json.loads(path.read_text())
+        assert path.name == f"{entry['tag']}-{entry['solver']}-{entry['pid']}.json"
+        records[(entry["tag"], entry["solver"])] = entry
+    assert set(records) == {("td-both", "crmod"), ("td-both", "crtomo"), ("td-bad", "crmod"), ("td-empty", "crmod")}, (
+        "a killed run records nothing"
+    )
+    for (tag, _solver), entry in records.items():
+        td = tmp_path / tag[3:]
+        for rel, digest in entry["files"].items():
+            assert hashlib.sha256((td / rel).read_bytes()).hexdigest() == digest, rel
+    assert "mod/volt.dat" in records[("td-both", "crmod")]["files"]
+    assert {"inv/large.bin", "inv/inv.ctr", "exe/inv.lastmod"} <= set(records[("td-both", "crtomo")]["files"])
+    assert records[("td-bad", "crmod")]["outcome"] == "error_dat"
+    assert set(records[("td-bad", "crmod")]["files"]) == {"exe/error.dat"}
+    assert records[("td-empty", "crmod")] == {**records[("td-empty", "crmod")], "outcome": "missing_output", "files": {}}
+    assert not list((marks / "written").glob("*.tmp"))

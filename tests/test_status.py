@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psycopg
@@ -25,6 +26,7 @@ from cr_queue.queries import roles
 from cr_queue.tomodir import synth
 
 from .conftest import run, script
+from .faults import wait_for
 
 HOST = socket.gethostname()
 
@@ -250,25 +252,44 @@ def test_tree_mode_shows_each_crh_below_a_directory(tmp_path, cli_env, db_url):
     assert report["counts"]["unreadable"] == 1 and report["counts"]["unknown"] == 1
 
 
-def test_watch_redraws_until_interrupted(busy, cli_env):
-    proc = subprocess.Popen(
-        [script("crh"), "status", "--watch", "0.5"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    time.sleep(4)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+def _watch_until(args, env, drawn, what, timeout=120.0):
+    """Run a --watch command until ``drawn(text so far)`` holds, then Ctrl-C it; returns its stdout.
+
+    Synchronised on what it printed, not on a sleep: on a loaded machine a
+    redraw may take seconds, and the test waits for it rather than failing."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: drawn("".join(lines)) or proc.poll() is not None, what, timeout)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+        reader.join(timeout=60)
     assert proc.returncode == 0, err
+    return "".join(lines)
+
+
+def test_watch_redraws_until_interrupted(busy, cli_env):
+    # The third heading has appeared: the first two blocks are whole.
+    out = _watch_until(
+        [script("crh"), "status", "--watch", "0.5"], cli_env,
+        lambda text: text.count("cr_queue status at") >= 3, "three redraws of crh status --watch",
+    )
     assert out.count("cr_queue status at") >= 2  # plain repeated blocks: stdout is not a terminal
     assert "\x1b[2J" not in out
 
-    proc = subprocess.Popen(
-        [script("crh"), "status", "--watch", "0.5", "--json"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
+    out = _watch_until(
+        [script("crh"), "status", "--watch", "0.5", "--json"], cli_env,
+        lambda text: text.count("\n") >= 2, "two JSON documents from crh status --watch --json",
     )
-    time.sleep(4)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
     docs = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert len(docs) >= 2 and all(set(d) == TOP_KEYS for d in docs)
 
@@ -295,13 +316,16 @@ def test_a_scientist_sees_own_jobs_and_everyone_else_only_as_numbers(tmp_path, c
     assert str(tmp_path / "b") not in json.dumps(report)  # no names or paths of others
 
 
-def _read_pty(args, env, seconds) -> str:
-    """Run with stdout on a pseudo-terminal for a while, then Ctrl-C; returns what it drew."""
+def _read_pty(args, env, enough, timeout: float = 120.0) -> str:
+    """Run with stdout on a pseudo-terminal until ``enough(text drawn)`` holds, then Ctrl-C; returns what it drew."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(args, env=env, stdout=slave, stderr=subprocess.PIPE)
     os.close(slave)
-    chunks, deadline = [], time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    chunks, deadline = [], time.monotonic() + timeout
+    while not enough(b"".join(chunks).decode(errors="replace")):
+        assert time.monotonic() < deadline and proc.poll() is None, (
+            f"{args} drew only {b''.join(chunks)!r} (exit {proc.poll()})"
+        )
         ready, _, _ = select.select([master], [], [], 0.2)
         if ready:
             try:
@@ -309,7 +333,7 @@ def _read_pty(args, env, seconds) -> str:
             except OSError:
                 break
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
+    proc.wait(timeout=60)
     while select.select([master], [], [], 0.2)[0]:
         try:
             data = os.read(master, 65536)
@@ -323,12 +347,17 @@ def _read_pty(args, env, seconds) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+def _redrawn(times: int):
+    """Enough of a terminal watch: ``times`` screens cleared, and the one before the last whole."""
+    return lambda text: text.count("\x1b[2J") >= times and "Ctrl-C to stop" in text
+
+
 def test_on_a_terminal_watch_redraws_in_place_and_colour_follows_no_color(busy, cli_env):
     env = {k: v for k, v in cli_env.items() if k != "NO_COLOR"}
-    drawn = _read_pty([script("crh"), "status", "--watch", "0.5"], env, 6)
+    drawn = _read_pty([script("crh"), "status", "--watch", "0.5"], env, _redrawn(3))
     assert drawn.count("\x1b[H\x1b[2J") >= 2 and "Ctrl-C to stop" in drawn
     assert "\x1b[1m" in drawn  # bold headings: a terminal, NO_COLOR unset
-    plain = _read_pty([script("crh"), "status", "--watch", "0.5"], cli_env, 6)  # NO_COLOR=1
+    plain = _read_pty([script("crh"), "status", "--watch", "0.5"], cli_env, _redrawn(3))  # NO_COLOR=1
     assert plain.count("\x1b[2J") >= 2 and "\x1b[1m" not in plain and "\x1b[3" not in plain
 
 

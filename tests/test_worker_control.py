@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
 
 import psycopg
 
@@ -79,21 +78,41 @@ def test_admin_drain_and_stop_through_the_database(tmp_path, cli_env, db_url):
 
 
 def test_inactive_node_claims_nothing_until_reactivated(tmp_path, cli_env, db_url):
-    synth.make_tree(tmp_path, n_mod=2)
-    run([script("crh_add")], cli_env, cwd=tmp_path)
+    synth.make_tree(tmp_path / "tree", n_mod=2)
+    run([script("crh_add")], cli_env, cwd=tmp_path / "tree")
     host = socket.gethostname()
+    err_path = tmp_path / "worker.err"
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("INSERT INTO node_settings (host, active, nice) VALUES (%s, false, 5)", (host,))
-        proc = subprocess.Popen(
-            [script("crh_worker"), "-q", "--json", "--poll", "0.3"],
-            env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        time.sleep(4)
-        assert conn.execute("SELECT count(*) FROM inversions WHERE status = 'queued'").fetchone()[0] == 2
-        assert proc.poll() is None
-        conn.execute("UPDATE node_settings SET active = true WHERE host = %s", (host,))
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
+        with open(err_path, "wb") as err_file:
+            proc = subprocess.Popen(
+                [script("crh_worker"), "-q", "--json", "--poll", "0.3", "--log-level", "info"],
+                env=cli_env, stdout=subprocess.PIPE, stderr=err_file, text=True,
+            )
+        try:
+            # Synchronised on events: the worker says it read the inactive setting
+            # (before its slots start), then beats again: its slots have been
+            # going round (every 0.3 s) for a heartbeat's time without claiming.
+            wait_for(
+                lambda: "claiming no more jobs" in err_path.read_text() or proc.poll() is not None,
+                "the worker to report its node inactive",
+            )
+            assert proc.poll() is None, err_path.read_text()
+            first = conn.execute("SELECT max(last_heartbeat) FROM workers").fetchone()[0]
+            wait_for(
+                lambda: conn.execute("SELECT max(last_heartbeat) FROM workers").fetchone()[0] > first
+                or proc.poll() is not None,
+                "a heartbeat of the inactive worker",
+            )
+            assert conn.execute("SELECT count(*) FROM inversions WHERE status = 'queued'").fetchone()[0] == 2
+            assert proc.poll() is None, err_path.read_text()
+            conn.execute("UPDATE node_settings SET active = true WHERE host = %s", (host,))
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err_path.read_text()
         assert json.loads(out)["finished"] == 2
 
 

@@ -6,37 +6,34 @@ paths taken from crmod.cfg / crtomo.cfg relative to exe/, a pid file while
 running, output files in mod/ or inv/, and failures that exit with status 0
 and leave exe/error.dat. The numbers it writes are fake but deterministic.
 
-Failures can be injected per tomodir through exe/standin.cfg (``key =
-value`` lines) or the environment, so one job of a batch can fail:
-
-    fail        none | error_dat | exit | signal | missing_output | partial | hang
-    sleep       seconds to sleep before working (float)
-    iterations  CRTomo iterations to write (default 3)
-
-A key may be made solver specific (``fail_crtomo = error_dat`` fails only
-the inversion of a modelling+inversion job). Lookup order per key:
-standin.cfg ``key_solver``, standin.cfg ``key``, env
-``CRH_STANDIN_KEY_SOLVER``, env ``CRH_STANDIN_KEY``.
-``CRH_STANDIN_MARK=<dir>`` appends ``<pid> <solver> <cwd>`` to
-``<dir>/runs.log`` at every start, so tests can count solver runs.
+Failures (error.dat, exit codes, signals, no output, hangs) and large
+outputs can be injected per tomodir through exe/standin.cfg (``key = value``
+lines) or the environment, so one job of a batch can fail: the settings are
+described in standin_settings.py.  ``CRH_STANDIN_MARK=<dir>`` appends
+``<pid> <solver> <cwd>`` to ``<dir>/runs.log`` at every start, so tests can
+count solver runs, and records what each run wrote (standin_settings.record).
 
 This module is spawned once per job: it imports nothing beyond a few
-builtin stdlib modules and nothing from cr_queue.
+builtin stdlib modules and nothing from cr_queue but standin_settings.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
 import signal
 import sys
 import time
 import zlib
 
-FAIL_MODES = ("none", "error_dat", "exit", "signal", "missing_output", "partial", "hang")
+from cr_queue.solvers.standin_settings import SETTINGS_FILE, Settings, UsageError, record
+
 SOLVERS = ("crmod", "crtomo")
-SETTINGS_FILE = "standin.cfg"
-EXIT_STATUS = 3
+LARGE_NAME = "large.bin"
+
+# Every file this run wrote or appended to, relative to exe/ (see standin_settings.record).
+_WRITTEN: set[str] = set()
 
 _ERROR_TEXT = {1: "Error opening", 2: "End of file", 3: "Error reading"}
 
@@ -51,52 +48,8 @@ class SolverError(Exception):
         self.detail = detail
 
 
-class UsageError(Exception):
-    """A mistake in the stand-in's own settings: exit 2 so a test notices."""
-
-
 def _say(*parts: object) -> None:
     print(*parts, flush=True)
-
-
-def _settings(solver: str) -> dict[str, str]:
-    cfg: dict[str, str] = {}
-    if os.path.exists(SETTINGS_FILE):
-        with open(SETTINGS_FILE, encoding="utf-8") as fh:
-            for number, raw in enumerate(fh, 1):
-                line = raw.split("#", 1)[0].strip()
-                if not line:
-                    continue
-                key, sep, value = line.partition("=")
-                if not sep:
-                    raise UsageError(f"{SETTINGS_FILE} line {number}: expected 'key = value', got {raw.strip()!r}")
-                cfg[key.strip().lower()] = value.strip()
-    found = {}
-    for key in ("fail", "sleep", "iterations"):
-        for value in (
-            cfg.get(f"{key}_{solver}"),
-            cfg.get(key),
-            os.environ.get(f"CRH_STANDIN_{key.upper()}_{solver.upper()}"),
-            os.environ.get(f"CRH_STANDIN_{key.upper()}"),
-        ):
-            if value is not None and value != "":
-                found[key] = value
-                break
-    return found
-
-
-def _parse_settings(raw: dict[str, str]) -> tuple[str, float, int]:
-    fail = raw.get("fail", "none").lower()
-    if fail not in FAIL_MODES:
-        raise UsageError(f"unknown fail mode {fail!r}: use one of {', '.join(FAIL_MODES)}")
-    try:
-        sleep = float(raw.get("sleep", "0"))
-        iterations = int(raw.get("iterations", "3"))
-    except ValueError as exc:
-        raise UsageError(f"bad stand-in setting: {exc}") from None
-    if iterations < 1:
-        raise UsageError("iterations must be at least 1")
-    return fail, sleep, iterations
 
 
 def _mark(solver: str) -> None:
@@ -225,12 +178,29 @@ def _split_output(path: str, index: int) -> str:
     return f"{stem}{index:04d}{ext}"
 
 
-def _write(path: str, text: str) -> None:
+def _write(path: str, text: str | bytes) -> None:
+    _WRITTEN.add(path)
     try:
-        with open(path, "w") as fh:
+        with open(path, "wb" if isinstance(text, bytes) else "w") as fh:
             fh.write(text)
-    except OSError:
-        raise SolverError(path, 1) from None
+    except OSError as exc:
+        raise SolverError(path, 1, exc.strerror or "") from None
+
+
+def _append(path: str, text: str) -> None:
+    _WRITTEN.add(path)
+    try:
+        with open(path, "a") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise SolverError(path, 1, exc.strerror or "") from None
+
+
+def _write_large(directory: str, size: int, solver: str) -> None:
+    """``size`` incompressible bytes, the same for every run of the same size and solver."""
+    if size:
+        _say(f" Writing {size} bytes of {LARGE_NAME}")
+        _write(os.path.join(directory, LARGE_NAME), random.Random(f"{solver}:{size}").randbytes(size))
 
 
 class _Crmod:
@@ -356,14 +326,11 @@ class _Crtomo:
             for ab, mn, r, p in self.data
         ))
         rms = 1.0 + 10.0 * shrink
-        with open(self._path("inv.ctr"), "a") as fh:
-            fh.write(f"IT  {it:3d}  {rms:10.4f}  {1000.0 * shrink:10.4f}\n")
-        with open(self._path("run.ctr"), "a") as fh:
-            fh.write(f" Iteration {it:3d} : RMS {rms:.4f}\n")
+        _append(self._path("inv.ctr"), f"IT  {it:3d}  {rms:10.4f}  {1000.0 * shrink:10.4f}\n")
+        _append(self._path("run.ctr"), f" Iteration {it:3d} : RMS {rms:.4f}\n")
 
     def finish(self) -> None:
-        with open(self._path("inv.ctr"), "a") as fh:
-            fh.write(f"***finished*** after {self.iterations} iterations (stand-in)\n")
+        _append(self._path("inv.ctr"), f"***finished*** after {self.iterations} iterations (stand-in)\n")
         _write("inv.lastmod", os.path.join(self.inv, f"rho{self.iterations:02d}.mag") + "\n")
 
 
@@ -373,14 +340,18 @@ def _hang() -> None:
         time.sleep(3600)
 
 
-def _kill_self() -> None:
+def _kill_self(sig: int = signal.SIGKILL) -> None:
     sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if sig != signal.SIGKILL:
+        signal.signal(sig, signal.SIG_DFL)  # Python's own handlers (SIGINT) would not end the process
+    os.kill(os.getpid(), sig)
+    time.sleep(60)  # a signal whose default is not to end (none of the usual): stay until killed
 
 
 def _run(solver: str) -> int:
     _mark(solver)
-    fail, sleep, iterations = _parse_settings(_settings(solver))
+    settings = Settings(solver)
+    fail, sleep, iterations = settings.fail, settings.sleep, settings.iterations
     name = "CRMod" if solver == "crmod" else "CRTomo"
     _say(f"######### {name} stand-in (cr_queue) ############")
     _say(f" {name} Process_ID :: {os.getpid()}")
@@ -388,6 +359,7 @@ def _run(solver: str) -> int:
     if fail == "missing_output":
         time.sleep(sleep)
         _say(" Modelling completed" if solver == "crmod" else " ***finished***")
+        record(solver, settings.tag, "missing_output", _WRITTEN)
         return 0
     pid_file = f"{solver}.pid"
     _write_pid(pid_file)
@@ -395,8 +367,8 @@ def _run(solver: str) -> int:
     if fail == "hang":
         _hang()
     if fail == "exit":
-        print(f"{name} stand-in: failure injected (fail = exit)", file=sys.stderr)
-        return EXIT_STATUS
+        print(f"{name} stand-in: failure injected (fail = exit, status {settings.exit_code})", file=sys.stderr)
+        return settings.exit_code
     try:
         _say(" Reading Input-Files")
         job = _Crmod() if solver == "crmod" else _Crtomo(iterations)
@@ -410,6 +382,7 @@ def _run(solver: str) -> int:
                 job.write_partial()
             else:
                 job.write_outputs()
+                _write_large(os.path.dirname(job.dvolt) or ".", settings.large, solver)
         else:
             job.start()
             last = 1 if fail in ("signal", "partial") else iterations
@@ -417,17 +390,21 @@ def _run(solver: str) -> int:
                 _say(f" Iteration {it:3d} : Updating")
                 job.iteration(it)
             if fail not in ("signal", "partial"):
+                _write_large(job.inv, settings.large, solver)
                 job.finish()
         if fail == "signal":
-            _kill_self()
+            _kill_self(settings.signal)
     except SolverError as err:
         _write_error_dat(solver, err)
+        _WRITTEN.add("error.dat")
         print("STOP -1", file=sys.stderr)
+        record(solver, settings.tag, "error_dat", _WRITTEN)
         return 0
     if solver == "crtomo":
         # The real CRMod never deletes crmod.pid; CRTomo does on success.
         os.remove(pid_file)
     _say(" Modelling completed" if solver == "crmod" else " ***finished***")
+    record(solver, settings.tag, "partial" if fail == "partial" else "ok", _WRITTEN)
     return 0
 
 
