@@ -178,6 +178,9 @@ inversions = Table(
     _time("datetime_finished"),
     Column("downloaded", Boolean, nullable=False, server_default=text("false")),
     _time("datetime_downloaded"),
+    # When crh_cleanup purged the archives of this retrieved job (migration 0006);
+    # the row and its events stay, the hashes let go are in its 'purged' event.
+    _time("datetime_purged"),
     # The sipdir a frequency's tomodir belongs to: one line in status, one retrieve.
     Column("sipdir", Text, nullable=True),
     CheckConstraint(STATUS_CHECK, name="status"),
