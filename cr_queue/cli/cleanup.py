@@ -118,11 +118,8 @@ def cleanup_command(dry_run, yes, retention_days, keep_retrieved_s, kinds, db_ur
 
 
 def _what(plan: cleanup.Plan) -> str:
-    purge = f", purge the archives of {fmt.plural(len(plan.purge), 'retrieved job')}" if plan.purge else ""
-    return (
-        f"{fmt.plural(plan.n_jobs, 'job')}{purge} and {fmt.plural(len(plan.blobs), 'archive')} "
-        f"({fmt.size(plan.blob_bytes)})"
-    )
+    purge = f" (those of {fmt.plural(len(plan.purge), 'retrieved job')} included)" if plan.purge else ""
+    return f"{fmt.plural(plan.n_jobs, 'job')} and {fmt.plural(len(plan.blobs), 'archive')} ({fmt.size(plan.blob_bytes)}){purge}"
 
 
 def _finish(problems: list[str], out: Output) -> None:
@@ -146,12 +143,13 @@ def _report_plan(plan: cleanup.Plan, out: Output) -> None:
         if len(jobs) > SHOWN:
             out.line(f"  ... and {len(jobs) - SHOWN:,} more (--json lists all)")
     if plan.purge:
+        keep = plan.options.keep_retrieved_s
+        when = f"more than {fmt.duration(keep)} ago" if keep else "(--keep-retrieved 0: at once)"
         out.line(
-            f"jobs retrieved more than {fmt.duration(plan.options.keep_retrieved_s) if plan.options.keep_retrieved_s else '0 s'} "
-            f"ago whose archives are purged (the jobs and their history stay): {len(plan.purge):,}"
+            f"jobs retrieved {when} whose archives are purged (the jobs and their history stay): {len(plan.purge):,}"
         )
         for job in plan.purge[:SHOWN]:
-            out.line(_job_line(job))
+            out.line(_job_line({**job, "why": f"retrieved {fmt.when(job['since'])}"}))
         if len(plan.purge) > SHOWN:
             out.line(f"  ... and {len(plan.purge) - SHOWN:,} more (--json lists all)")
     if plan.blobs:
