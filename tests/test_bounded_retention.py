@@ -181,3 +181,22 @@ def test_apply_deletes_only_the_planned_archives(tmp_path, cli_env, db_url):
     remaining = {r[0] for r in _sql(db_url, "SELECT sha256 FROM blobs")}
     assert remaining == {late}
     assert len(result.deleted_blobs) == 1
+
+
+def test_archives_of_cancelled_jobs_deleted_in_a_run_go_in_the_same_run(tmp_path, cli_env, db_url):
+    """Issue 19: deleting cancelled jobs freed "0 archives" (an undocumented grace held them), and the next dry run
+    said "nothing to clean up" while their orphans existed."""
+    tree = tmp_path / "tree"
+    synth.make_tree(tree, n_mod=3)
+    run([script("crh_add")], cli_env, cwd=tree)
+    run([script("crh_cancel"), str(tree)], cli_env)
+    _sql(db_url, "UPDATE inversions SET datetime_finished = now() - interval '2 days'")
+    inputs = {r[0] for r in _sql(db_url, "SELECT input_sha256 FROM inversions")}
+    assert len(inputs) == 3 and _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'cancelled'")[0][0] == 3
+    report = json.loads(run([script("crh_cleanup"), "--retention", "1", "--yes", "--json"], cli_env).stdout)
+    assert len(report["result"]["deleted_jobs"]) == 3
+    assert {b["sha256"] for b in report["plan"]["blobs"]} == inputs
+    assert len(report["result"]["deleted_blobs"]) == 3 and report["result"]["bytes_freed"] > 0
+    assert _sql(db_url, "SELECT count(*) FROM blobs")[0][0] == 0
+    again = run([script("crh_cleanup"), "--retention", "1", "--dry-run"], cli_env)
+    assert "nothing to clean up" in again.stdout
