@@ -175,6 +175,7 @@ def _validate(config: _ConfigFile) -> None:
         for key in keys:
             _check_text(path, section, key, table.get(key))
     _validate_archive(path, _table(path, data, "archive"))
+    _validate_cleanup(path, _table(path, data, "cleanup"))
     timeout = _table(path, data, "database").get("connect_timeout")
     if timeout is not None and _seconds(timeout) is None:
         raise ConfigError(
@@ -272,6 +273,49 @@ def _resolve_connect_timeout(env: Mapping[str, str], files: list[_ConfigFile]) -
         if value is not None:
             return _seconds(value) or DEFAULT_CONNECT_TIMEOUT
     return DEFAULT_CONNECT_TIMEOUT
+
+
+# [cleanup] keep_retrieved: how long crh_cleanup keeps the archives of retrieved jobs.
+DEFAULT_KEEP_RETRIEVED_S = 30 * 86400.0
+CLEANUP_KEYS = ("keep_retrieved",)
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds of a duration written 0, 90 (seconds), 90s, 15m, 12h, 30d, 2w or 1d12h; None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value >= 0 else None
+    text = str(value).strip().lower().replace(" ", "")
+    if not text:
+        return None
+    total, at = 0.0, 0
+    for match in _DURATION.finditer(text):
+        if match.start() != at:
+            return None
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+        at = match.end()
+    return total if at == len(text) else None
+
+
+def _validate_cleanup(path: Path, table: Mapping[str, Any]) -> None:
+    for key, value in table.items():
+        if key not in CLEANUP_KEYS:
+            raise ConfigError(f"{path}: [cleanup] {key} is not a setting; the settings are {', '.join(CLEANUP_KEYS)}")
+        if parse_duration(value) is None:
+            raise ConfigError(
+                f"{path}: [cleanup] {key} = {value!r} is not a duration; write e.g. {key} = \"30d\" "
+                "(s, m, h, d, w; \"0\" purges the archives of retrieved jobs at once)"
+            )
+
+
+def keep_retrieved_s(settings: Settings) -> float:
+    """How long crh_cleanup keeps the archives of retrieved jobs ([cleanup] keep_retrieved, default 30 days)."""
+    value = (settings.raw.get("cleanup") or {}).get("keep_retrieved")
+    seconds = parse_duration(value) if value is not None else None
+    return DEFAULT_KEEP_RETRIEVED_S if seconds is None else seconds
 
 
 def _has_password(data: Mapping[str, Any]) -> bool:

@@ -75,17 +75,18 @@ def unprivileged_user():
 
 @pytest.fixture
 def remove_new_users():
-    """Accounts cr_queue itself creates during the test (the embedded server's crh-embedded) are deleted after it.
+    """The account cr_queue itself creates (the embedded server's crh-embedded), deleted after the test if it made it.
 
-    Request it before the fixtures that start servers as such a user: fixtures
+    Request it before the fixtures that start servers as that user: fixtures
     are torn down in reverse, so the servers are stopped first."""
     import pwd
 
+    from cr_queue.db.embedded.server_user import FALLBACK_USER
+
     before = {entry.pw_name for entry in pwd.getpwall()}
     yield
-    for entry in pwd.getpwall():
-        if entry.pw_name not in before and entry.pw_name.startswith("crh"):
-            hygiene.remove_user(entry.pw_name)
+    if FALLBACK_USER not in before and FALLBACK_USER in {entry.pw_name for entry in pwd.getpwall()}:
+        hygiene.remove_user(FALLBACK_USER)
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ from pathlib import Path
 from . import hygiene
 
 
-def test_a_leftover_in_tmp_a_changed_mode_and_a_new_account_are_reported(tmp_path: Path) -> None:
+def test_a_leftover_in_tmp_a_changed_mode_and_a_new_account_are_reported(tmp_path: Path, monkeypatch) -> None:
+    # Alone on the machine (another session running at the same time would leave modes to the last one).
+    monkeypatch.setattr(hygiene, "_other_live_sessions", lambda: [])
     outer = tempfile.tempdir
     state = hygiene.start_session()
     try:

@@ -74,6 +74,9 @@ def render_job(job: dict[str, Any], out: Output) -> list[str]:
         field("input", f"{job['input_sha256']} ({fmt.size(job['input_size'])})")
     if job["result_sha256"]:
         field("result", f"{job['result_sha256']} ({fmt.size(job['result_size'])})")
+    if job.get("datetime_purged"):
+        # crh_cleanup let the archives go after retrieval; the hashes are in the 'purged' event below.
+        field("archives", f"input and result archives purged {fmt.when(job['datetime_purged'])} (retrieved before)")
     field("exit code", job["exit_code"])
     if job["failure_category"] or job["failure_reason"]:
         field("failure", style(f"{job['failure_category']}: {job['failure_reason']}", "red"))
@@ -83,6 +86,7 @@ def render_job(job: dict[str, Any], out: Output) -> list[str]:
         ("started", "datetime_started"),
         ("finished", "datetime_finished"),
         ("retrieved", "datetime_downloaded"),
+        ("purged", "datetime_purged"),
     ):
         if job.get(key):
             field(label, fmt.when(job[key]))

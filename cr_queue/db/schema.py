@@ -178,6 +178,9 @@ inversions = Table(
     _time("datetime_finished"),
     Column("downloaded", Boolean, nullable=False, server_default=text("false")),
     _time("datetime_downloaded"),
+    # When crh_cleanup purged the archives of this retrieved job (migration 0006);
+    # the row and its events stay, the hashes let go are in its 'purged' event.
+    _time("datetime_purged"),
     # The sipdir a frequency's tomodir belongs to: one line in status, one retrieve.
     Column("sipdir", Text, nullable=True),
     CheckConstraint(STATUS_CHECK, name="status"),
@@ -186,7 +189,9 @@ inversions = Table(
     CheckConstraint("max_attempts >= 1", name="max_attempts"),
     # What must always hold, whoever writes the row (migration 0005): a finished job has its
     # result; priority within crh_add's range; ranks and counters never negative nor near overflow.
-    CheckConstraint("status <> 'finished' OR result_sha256 IS NOT NULL", name="finished_has_result"),
+    # A finished job has a result, unless it was purged after retrieval (migration 0006).
+    CheckConstraint("status <> 'finished' OR result_sha256 IS NOT NULL OR datetime_purged IS NOT NULL",
+                    name="finished_has_result"),
     CheckConstraint("priority BETWEEN -1000000 AND 1000000", name="priority"),
     CheckConstraint("fair_rank BETWEEN 0 AND 1000000000000000", name="fair_rank"),
     CheckConstraint("attempt >= 0 AND tries >= 0 AND tries <= attempt", name="counters"),

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from cr_queue.queries import loader, roles
 
@@ -192,9 +193,21 @@ def crh_candidates(conn: psycopg.Connection, host: str) -> list[dict[str, Any]]:
     return _rows(conn, SQL.crh_candidates, {"host": host})
 
 
-def orphan_blobs(conn: psycopg.Connection, doomed_jobs: Sequence[int], grace_s: float) -> list[dict[str, Any]]:
-    """Blobs no job refers to once ``doomed_jobs`` are gone, and interrupted uploads."""
-    return _rows(conn, SQL.orphan_blobs, {"doomed": list(doomed_jobs), "grace_s": grace_s})
+def retrieved_to_purge(conn: psycopg.Connection, keep_s: float) -> list[dict[str, Any]]:
+    return _rows(conn, SQL.retrieved_to_purge, {"keep_s": keep_s})
+
+
+def purge_archives(conn: psycopg.Connection, ids: Sequence[int], keep_s: float, actor: Any) -> list[dict[str, Any]]:
+    """Purge the archives of these retrieved jobs (checked again); returns each purged job with the hashes let go."""
+    params = {
+        "ids": list(ids),
+        "keep_s": keep_s,
+        "os_user": actor.os_user,
+        "host": actor.host,
+        "pid": actor.pid,
+        "detail": Jsonb({"why": "retrieved", "keep_retrieved_s": keep_s}),
+    }
+    return _rows(conn, SQL.purge_archives, params)
 
 
 def delete_jobs(
@@ -204,7 +217,8 @@ def delete_jobs(
     host: str,
     retention_days: float,
     stuck_s: float,
-) -> list[int]:
+) -> list[dict[str, Any]]:
+    """Delete the planned jobs still due; returns each with the hashes of the archives it referred to."""
     params = {
         "ids": [job_id for job_id, _ in planned],
         "reasons": [reason for _, reason in planned],
@@ -212,11 +226,7 @@ def delete_jobs(
         "retention_days": retention_days,
         "stuck_s": stuck_s,
     }
-    return [row[0] for row in conn.execute(SQL.delete_jobs, params)]
-
-
-def existing_blobs(conn: psycopg.Connection, ids: Sequence[int]) -> list[int]:
-    return [row[0] for row in conn.execute(SQL.existing_blobs, {"ids": list(ids)})]
+    return _rows(conn, SQL.delete_jobs, params)
 
 
 def store_size(conn: psycopg.Connection) -> dict[str, int]:

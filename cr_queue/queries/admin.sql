@@ -246,14 +246,16 @@ ORDER BY n.host;
 
 -- name: stuck_registering
 -- Jobs an interrupted crh_add left in 'registering' for longer than stuck_s.
-SELECT id, status, username, source_computer, source_path, crh_file, datetime_init AS since
+SELECT id, status, username, source_computer, source_path, crh_file, datetime_init AS since,
+       input_sha256, result_sha256
 FROM inversions
 WHERE status = 'registering' AND datetime_init < now() - make_interval(secs => %(stuck_s)s)
 ORDER BY id;
 
 -- name: expired
 -- Ended jobs never retrieved within the retention (retention_days after they ended).
-SELECT id, status, username, source_computer, source_path, crh_file, datetime_finished AS since
+SELECT id, status, username, source_computer, source_path, crh_file, datetime_finished AS since,
+       input_sha256, result_sha256
 FROM inversions
 WHERE status IN ('finished', 'failed', 'cancelled') AND NOT downloaded
   AND datetime_finished < now() - (%(retention_days)s * interval '1 day')
@@ -271,41 +273,37 @@ ORDER BY datetime_finished, id;
 
 -- name: crh_candidates
 -- The jobs of one computer, not yet retrieved, whose .crh files cleanup checks on disk.
-SELECT id, status, username, source_computer, source_path, crh_file, datetime_init AS since
+SELECT id, status, username, source_computer, source_path, crh_file, datetime_init AS since,
+       input_sha256, result_sha256
 FROM inversions
 -- Not while a worker runs the job, nor while crh_add is still writing it (stuck registrations have their own rule).
 WHERE source_computer = %(host)s AND NOT downloaded AND status IN ('queued', 'finished', 'failed', 'cancelled')
 ORDER BY id;
 
--- name: orphan_blobs
--- Archives no job refers to once the doomed jobs are gone, and uploads that never completed, both older than grace_s.
-WITH doomed AS (
-    SELECT unnest(%(doomed)s::bigint[]) AS id
-), refs AS (
-    -- Archive references by jobs that stay: an anti-join, never a probe per blob.
-    SELECT j.input_sha256 AS sha256 FROM inversions j
-    WHERE j.input_sha256 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM doomed d WHERE d.id = j.id)
-    UNION
-    SELECT j.result_sha256 FROM inversions j
-    WHERE j.result_sha256 IS NOT NULL AND NOT EXISTS (SELECT 1 FROM doomed d WHERE d.id = j.id)
-)
-SELECT b.id, b.sha256, b.complete, b.datetime_created AS created,
-       CASE WHEN b.complete THEN b.size
-            ELSE (SELECT coalesce(sum(pg_column_size(c.data)), 0) FROM binary_data c WHERE c.blob_id = b.id)
-       END::bigint AS bytes
-FROM blobs b
--- Only after a grace period, so an upload being sealed or registered right now is never taken.
-WHERE (b.complete AND coalesce(b.datetime_completed, b.datetime_created) < now() - make_interval(secs => %(grace_s)s)
-       AND NOT EXISTS (SELECT 1 FROM refs r WHERE r.sha256 = b.sha256))
-   OR (NOT b.complete AND b.datetime_created < now() - make_interval(secs => %(grace_s)s))
-ORDER BY b.id;
+-- name: retrieved_to_purge
+-- Retrieved jobs whose archives are still stored, retrieved more than keep_s seconds ago: their archives are purged, their rows and events stay.
+SELECT id, status, username, source_computer, source_path, crh_file, datetime_downloaded AS since,
+       input_sha256, result_sha256
+FROM inversions
+WHERE downloaded AND datetime_purged IS NULL AND status IN ('finished', 'failed', 'cancelled')
+  AND (input_sha256 IS NOT NULL OR result_sha256 IS NOT NULL)
+  AND datetime_downloaded <= now() - make_interval(secs => %(keep_s)s)
+ORDER BY id;
+
+-- name: purge_archives
+-- Let go of the archives of the planned retrieved jobs, each checked again (retrieved, not purged, past keep_s):
+-- the job keeps its row, marked with the time of the purge, and an event 'purged' records the hashes let go.
+-- crh_purge_archives (migration 0006, 0006_retention.sql) does it for admins and the owner.
+SELECT id, input_sha256, result_sha256
+FROM crh_purge_archives(%(ids)s::bigint[], %(keep_s)s::float8, %(os_user)s::text, %(host)s::text, %(pid)s::int,
+                        %(detail)s::jsonb);
 
 -- name: delete_jobs
 -- Delete the planned jobs (parallel arrays ids, reasons), each checked again against the rule that chose it.
 DELETE FROM inversions j
 USING unnest(%(ids)s::bigint[], %(reasons)s::text[]) AS p(id, reason)
 -- A job retrieved, claimed or completed since the plan is kept.  Events go with
--- their jobs (ON DELETE CASCADE); archives are left to orphan_blobs.
+-- their jobs (ON DELETE CASCADE); the archives they release go by blobs.sql's garbage.
 WHERE j.id = p.id AND (
     (p.reason = 'stuck_registering' AND j.status = 'registering'
         AND j.datetime_init < now() - make_interval(secs => %(stuck_s)s))
@@ -314,11 +312,7 @@ WHERE j.id = p.id AND (
     OR (p.reason = 'crh_missing' AND j.status IN ('queued', 'finished', 'failed', 'cancelled') AND NOT j.downloaded
         AND j.source_computer = %(host)s)
 )
-RETURNING j.id;
-
--- name: existing_blobs
--- Which of these archive rows still exist.
-SELECT id FROM blobs WHERE id = ANY(%(ids)s::bigint[]);
+RETURNING j.id, j.input_sha256, j.result_sha256;
 
 -- name: store_size
 -- The bytes the archive and job tables take on disk, indexes and TOAST included.

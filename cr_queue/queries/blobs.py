@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import NamedTuple
 
 import psycopg
@@ -42,10 +43,14 @@ class Seal(NamedTuple):
 
 
 class Garbage(NamedTuple):
+    """An archive nobody needs, as ``garbage`` in blobs.sql defines it."""
+
     id: int
     sha256: str | None  # None: an upload that never completed
-    size: int
+    complete: bool
     location: str
+    created: datetime
+    bytes: int  # its size, or for an incomplete upload what its chunks take
 
 
 def _run(conn: psycopg.Connection, statement: str, params: dict, *, begin: bool = False, commit: bool = False) -> psycopg.Cursor:
@@ -136,13 +141,31 @@ def read_chunks(conn: psycopg.Connection, blob_id: int, first: int, n: int) -> l
     return conn.execute(SQL.read_chunks, {"blob_id": blob_id, "first": first, "n": n}, binary=True).fetchall()
 
 
-def garbage(conn: psycopg.Connection, *, age_s: float, stale_s: float, limit: int) -> list[Garbage]:
-    rows = conn.execute(SQL.garbage, {"age": age_s, "stale": stale_s, "limit": limit}).fetchall()
-    return [Garbage(*row) for row in rows]
+def garbage(
+    conn: psycopg.Connection,
+    *,
+    grace_s: float,
+    stale_s: float,
+    doomed: Sequence[int] = (),
+    released: Sequence[str] = (),
+    ids: Sequence[int] | None = None,
+    limit: int | None = None,
+) -> list[Garbage]:
+    """The archives nobody needs (locked until the transaction ends); ``limit`` None: all of them."""
+    params = {
+        "grace": grace_s,
+        "stale": stale_s,
+        "doomed": list(doomed),
+        "released": list(released),
+        "ids": None if ids is None else list(ids),
+        "limit": limit,
+    }
+    return [Garbage(*row) for row in conn.execute(SQL.garbage, params).fetchall()]
 
 
-def delete_unreferenced(conn: psycopg.Connection, ids: Sequence[int]) -> list[Garbage]:
-    return [Garbage(*row) for row in conn.execute(SQL.delete_unreferenced, {"ids": list(ids)}).fetchall()]
+def delete_garbage(conn: psycopg.Connection, ids: Sequence[int]) -> list[int]:
+    """Delete archives ``garbage`` has just chosen and locked in this transaction."""
+    return [row[0] for row in conn.execute(SQL.delete_garbage, {"ids": list(ids)}).fetchall()]
 
 
 def known(conn: psycopg.Connection, shas: Sequence[str]) -> set[str]:

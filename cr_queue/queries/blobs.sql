@@ -101,27 +101,36 @@ ORDER BY chunk_no
 LIMIT %(n)s
 
 -- name: garbage
--- Archives to collect, locked: whole ones no job refers to (input or result) and
--- older than the grace (an archive is unreferenced for a moment between its upload
--- and the statement that names it), and uploads that never completed, older than
--- stale (an interrupted crh_add or worker).
-SELECT b.id, b.sha256, b.size, b.location
+-- The one definition of an archive nobody needs: crh_cleanup's plan (--dry-run) and its
+-- deletion both read it, so what is shown is what goes.  A whole archive that no job
+-- refers to (input or result), the jobs this run deletes or purges (doomed) not counted,
+-- and that either such a job released in this run (released: it goes with its job, no
+-- grace) or was sealed more than grace seconds ago (an upload is unreferenced for a
+-- moment between its seal and the statement that names it in its job); and an upload
+-- that never completed, older than stale (an interrupted crh_add or worker).  Only the
+-- ids given, when given.  Locked, so no job takes one up before it is deleted.
+SELECT b.id, b.sha256, b.complete, b.location, b.datetime_created AS created,
+       CASE WHEN b.complete THEN b.size
+            ELSE (SELECT coalesce(sum(pg_column_size(c.data)), 0) FROM binary_data c WHERE c.blob_id = b.id)
+       END::bigint AS bytes
 FROM blobs b
-WHERE (b.complete AND b.datetime_completed < now() - make_interval(secs => %(age)s)
-       AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.input_sha256 = b.sha256)
-       AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.result_sha256 = b.sha256))
-   OR (NOT b.complete AND b.datetime_created < now() - make_interval(secs => %(stale)s))
+WHERE (%(ids)s::bigint[] IS NULL OR b.id = ANY(%(ids)s::bigint[]))
+  AND ((b.complete
+        AND (b.sha256 = ANY(%(released)s::text[])
+             OR coalesce(b.datetime_completed, b.datetime_created) < now() - make_interval(secs => %(grace)s))
+        AND NOT EXISTS (SELECT 1 FROM inversions j
+                        WHERE j.input_sha256 = b.sha256 AND j.id <> ALL(%(doomed)s::bigint[]))
+        AND NOT EXISTS (SELECT 1 FROM inversions j
+                        WHERE j.result_sha256 = b.sha256 AND j.id <> ALL(%(doomed)s::bigint[])))
+       OR (NOT b.complete AND b.datetime_created < now() - make_interval(secs => %(stale)s)))
 ORDER BY b.id
 LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
+FOR UPDATE OF b SKIP LOCKED
 
--- name: delete_unreferenced
--- Delete those of the chosen archives that still no job refers to; their chunks go with them.
-DELETE FROM blobs b
-WHERE b.id = ANY(%(ids)s::bigint[])
-  AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.input_sha256 = b.sha256)
-  AND NOT EXISTS (SELECT 1 FROM inversions j WHERE j.result_sha256 = b.sha256)
-RETURNING b.id, b.sha256, b.size, b.location
+-- name: delete_garbage
+-- Delete the archives garbage chose and locked a moment ago in the same transaction; their chunks go with them.
+DELETE FROM blobs WHERE id = ANY(%(ids)s::bigint[])
+RETURNING id
 
 -- name: known
 -- Which of these hashes a blobs row knows (the directory sweep removes files no row knows).

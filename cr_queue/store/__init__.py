@@ -18,7 +18,7 @@ archives back (verified before anyone unpacks), garbage.py collects what no
 job needs.  Their statements are in cr_queue/queries/blobs.sql.
 """
 
-from cr_queue.queries.blobs import BlobRow
+from cr_queue.queries.blobs import BlobRow, Garbage
 from cr_queue.store.choice import DATABASE, DatabaseStore, Store, configured, from_settings
 from cr_queue.store.directory import DirectoryStore
 from cr_queue.store.errors import BlobMissing, StoreUnavailable
@@ -33,6 +33,7 @@ __all__ = [
     "BlobRow",
     "DatabaseStore",
     "DirectoryStore",
+    "Garbage",
     "GarbageReport",
     "Packed",
     "Produce",

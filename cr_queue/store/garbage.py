@@ -1,19 +1,25 @@
 """Garbage collection of archives: rows and chunks no job needs, and the directory store's files.
 
-``crh_cleanup`` calls :func:`collect_garbage`.  What counts as garbage here
-is the statements ``garbage`` and ``delete_unreferenced`` of blobs.sql.
+``crh_cleanup`` calls :func:`collect_garbage`, first with ``dry_run`` for
+its plan, then with the planned ids to delete them.  What counts as garbage
+is one statement, ``garbage`` of blobs.sql: the plan lists its rows and the
+deletion deletes the rows it returns (locked) among the planned ids, so
+``--dry-run`` shows exactly what is deleted, less whatever a job took up
+meanwhile.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 
 from cr_queue.queries import blobs
+from cr_queue.queries.blobs import Garbage
 from cr_queue.store.choice import Store
 from cr_queue.store.directory import SUFFIX, TEMP_SUFFIX, DirectoryStore
 
@@ -27,6 +33,7 @@ class GarbageReport:
     temp_files: int = 0  # abandoned uploads (.part) removed
     dry_run: bool = False
     errors: list[str] = field(default_factory=list)
+    rows: list[Garbage] = field(default_factory=list)  # the archives removed (or, dry run, to remove)
 
 
 def collect_garbage(
@@ -37,40 +44,57 @@ def collect_garbage(
     stale_upload_s: float = 86400.0,
     dry_run: bool = False,
     batch: int = 1000,
+    ids: Sequence[int] | None = None,
+    doomed: Sequence[int] = (),
+    released: Sequence[str] = (),
 ) -> GarbageReport:
-    """Delete archives no job refers to any more, from the database and the store ``where``.
+    """Delete archives no job needs any more, from the database and the store ``where``.
 
-    * complete archives referenced by no job (input or result) and older than
-      ``min_age_s`` (an archive is unreferenced for a moment between its
-      upload and the statement that names it);
+    * complete archives referenced by no job (input or result; the jobs in
+      ``doomed`` not counted) that a job released in this run (``released``:
+      their hashes) or that were sealed more than ``min_age_s`` ago (an
+      archive is unreferenced for a moment between its upload and the
+      statement that names it);
     * incomplete uploads older than ``stale_upload_s`` (an interrupted
       crh_add or worker);
+    * only those of ``ids``, when given (crh_cleanup deletes what it planned);
     * when ``where`` is a directory store: files of those archives, files no
       ``blobs`` row knows (older than ``min_age_s``), and abandoned ``.part``
       files older than ``stale_upload_s``.
 
-    Rows are deleted in batches of ``batch``, each one short transaction, and
-    a file only after its row is gone, so a reader never finds a row whose
-    file was removed.  Returns what was (or with ``dry_run`` would be) removed.
+    A dry run lists every archive at once.  Otherwise rows are chosen and
+    deleted in batches of ``batch``, each one short transaction that holds
+    the chosen rows locked until they are gone, and a file is removed only
+    after its row, so a reader never finds a row whose file was removed.
+    Returns what was (or with ``dry_run`` would be) removed.
     """
     directory = where if isinstance(where, DirectoryStore) else None
     report = GarbageReport(dry_run=dry_run)
-    last_ids: list[int] = []
-    while True:
+    pending = None if ids is None else sorted(set(ids))
+    while pending is None or pending:
+        chosen = None if pending is None else pending[:batch]
         with conn.transaction():
-            rows = blobs.garbage(conn, age_s=min_age_s, stale_s=stale_upload_s, limit=batch)
-            ids = [r.id for r in rows]
-            if not rows or ids == last_ids:
-                break
-            gone = rows if dry_run else blobs.delete_unreferenced(conn, ids)
-        for row in gone:
+            rows = blobs.garbage(
+                conn,
+                grace_s=min_age_s,
+                stale_s=stale_upload_s,
+                doomed=doomed,
+                released=released,
+                ids=chosen,
+                limit=None if dry_run else batch,
+            )
+            if rows and not dry_run:
+                blobs.delete_garbage(conn, [r.id for r in rows])
+        for row in rows:
+            report.rows.append(row)
             report.blobs += 1
-            report.bytes += row.size or 0
+            report.bytes += row.bytes or 0
             if row.location == "dir" and directory is not None and row.sha256:
                 _remove_file(directory.file_of(row.sha256), report, dry_run)
-        if dry_run or len(rows) < batch:
+        if pending is not None:
+            pending = pending[batch:]
+        elif dry_run or len(rows) < batch:
             break
-        last_ids = ids
     if directory is not None:
         _sweep_directory(conn, directory, report, min_age_s, stale_upload_s, dry_run)
     return report

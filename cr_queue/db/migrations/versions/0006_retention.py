@@ -1,0 +1,44 @@
+"""Retention of retrieved results: when a job's archives were purged.
+
+``crh_cleanup`` purges the input and result archives of jobs retrieved more
+than ``keep_retrieved`` ago and keeps their rows and events for provenance.
+A purged job no longer refers to its archives (the hashes let go are in its
+``purged`` event), so the foreign keys from ``inversions`` to ``blobs`` stay
+as they were and still guarantee that every archive a job refers to exists;
+``datetime_purged`` says that, and when, the archives went (``crh show``).
+A finished job keeps its result unless it was purged (the constraint of 0005
+admits that case), and the purge is the function ``crh_purge_archives``
+(SECURITY DEFINER, admins and the owner), so an admin login needs no update
+grant on the job's columns.  The statements are in 0006_retention.sql.
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-07
+"""
+
+from pathlib import Path
+
+from alembic import op
+
+from cr_queue.queries import loader
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+SQL = loader.parse(Path(__file__).with_suffix(".sql").read_text(encoding="utf-8"), "0006_retention.sql")
+
+UPGRADE = ("add_purged_column", "finished_has_result_or_purged", "purge_function")
+DOWNGRADE = ("drop_purge_function", "finished_has_result", "drop_purged_column")
+
+
+def upgrade() -> None:
+    for name in UPGRADE:
+        op.execute(SQL[name])
+
+
+def downgrade() -> None:
+    for name in DOWNGRADE:
+        op.execute(SQL[name])
