@@ -38,16 +38,25 @@ class Duplicate(Exception):
 
 
 def lock_tomodirs(conn, todo: Sequence[discover.Tomodir], actor: jobs.Actor) -> dict[int, str]:
-    """Lock every tomodir of ``todo`` for this crh_add (on ``conn``, until it closes); the
-    indices of those another crh_add holds, each with why it is skipped."""
-    keys = [_registration_key(actor.host, td.path.resolve()) for td in todo]
-    held = jobs.try_locks(conn, keys)
+    """Lock the directories holding the tomodirs of ``todo`` for this crh_add (on ``conn``,
+    until it closes); the indices of the tomodirs in a directory another crh_add holds,
+    each with why it is skipped.
+
+    One lock per parent directory, not per tomodir: a tree of ten thousand
+    tomodirs would otherwise fill PostgreSQL's shared lock table (about 64 per
+    allowed connection), and two runs on one tree still meet in every directory."""
+    parents = [td.path.resolve().parent for td in todo]
+    keys = [_directory_key("crh_add", actor.host, parent) for parent in parents]
+    held = jobs.try_locks(conn, sorted(set(keys)))
     control.remove_leftovers([td.path.resolve() for i, td in enumerate(todo) if keys[i] not in held])
     busy = {}
     for i, key in enumerate(keys):
         if key in held:
             who = held[key] if held[key].startswith("crh_add (") else "crh_add"
-            busy[i] = f"another {who} is registering it at this moment; it is left to that one"
+            busy[i] = (
+                f"another {who} is registering the tomodirs in {parents[i]} at this moment; this one is left "
+                "to it (run crh_add again once it has ended if it did not take this one)"
+            )
     return busy
 
 
@@ -62,9 +71,10 @@ def interrupted(conn, todo: Sequence[discover.Tomodir], busy: dict[int, str], ac
     report.not_begun = len(left) - len(report.left_registering)
 
 
-def _registration_key(host: str, path: Path) -> int:
-    """The lock of one directory of one host: 64 bits of a hash, as PostgreSQL's advisory locks take."""
-    return int.from_bytes(hashlib.sha256(f"crh_add\0{host}\0{path}".encode()).digest()[:8], "big", signed=True)
+def _directory_key(command: str, host: str, directory: Path) -> int:
+    """The lock of one command in one directory of one host: 64 bits of a hash, as
+    PostgreSQL's advisory locks take (crh_retrieve takes the same kind)."""
+    return int.from_bytes(hashlib.sha256(f"{command}\0{host}\0{directory}".encode()).digest()[:8], "big", signed=True)
 
 
 def register_each(

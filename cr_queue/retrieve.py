@@ -115,7 +115,7 @@ def retrieve(
     # (and a killed run's locks go with its connection).
     locks = db.connect(f"crh_retrieve (pid {actor.pid} on {actor.host})")
     try:
-        work = _claim(locks, _sort_out(conn, db, controls, report, progress), report)
+        work = _claim(locks, _sort_out(conn, db, controls, report, progress), report, actor.host)
         sink = _Report(report, progress)
         shared = False
         if retrieve_helper.wanted(len(work), processes):
@@ -186,17 +186,21 @@ def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) ->
     return work
 
 
-def _claim(locks, work: list[Work], report: RetrieveReport) -> list[Work]:
-    """The tomodirs of ``work`` this run brings back: each locked (on ``locks``, until it
-    closes) and its ``.crh`` still there; those another crh_retrieve has or had go into
-    ``report.elsewhere``."""
-    keys = [_retrieval_key(w.job.id) for w in work]
-    held = jobs.try_locks(locks, keys)
+def _claim(locks, work: list[Work], report: RetrieveReport, host: str) -> list[Work]:
+    """The tomodirs of ``work`` this run brings back: the directories holding them locked
+    (on ``locks``, until it closes; one lock per directory, as crh_add takes them) and
+    each ``.crh`` still there; those another crh_retrieve has or had go into ``report.elsewhere``."""
+    parents = [Path(os.path.abspath(w.tomodir)).parent for w in work]
+    keys = [_directory_key(host, parent) for parent in parents]
+    held = jobs.try_locks(locks, sorted(set(keys)))
     mine: list[Work] = []
-    for w, key in zip(work, keys):
+    for w, key, parent in zip(work, keys, parents):
         if key in held:
             who = held[key] if held[key].startswith("crh_retrieve (") else "crh_retrieve"
-            report.elsewhere.append((w.item, f"another {who} is bringing back {w.tomodir}"))
+            report.elsewhere.append(
+                (w.item, f"another {who} is bringing back the tomodirs in {parent}: {w.tomodir} is left to it "
+                 "(run crh_retrieve again once it has ended if its .crh is still there)")
+            )
         elif not w.crh.exists():
             report.elsewhere.append((w.item, f"{w.tomodir} was brought back by another crh_retrieve meanwhile"))
         else:
@@ -204,9 +208,9 @@ def _claim(locks, work: list[Work], report: RetrieveReport) -> list[Work]:
     return mine
 
 
-def _retrieval_key(job_id: int) -> int:
-    """The lock of one job's retrieval: 64 bits, as PostgreSQL's advisory locks take."""
-    return int.from_bytes(hashlib.sha256(f"crh_retrieve\0{job_id}".encode()).digest()[:8], "big", signed=True)
+def _directory_key(host: str, directory: Path) -> int:
+    """The lock of crh_retrieve in one directory of one host: 64 bits, as PostgreSQL's advisory locks take."""
+    return int.from_bytes(hashlib.sha256(f"crh_retrieve\0{host}\0{directory}".encode()).digest()[:8], "big", signed=True)
 
 
 class _Report:
