@@ -13,11 +13,11 @@ and the user's directory is only read, never changed (the .crh is a sibling).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cr_queue import directory_locks
 from cr_queue import store
 from cr_queue.add import Added, AddOptions, AddReport
 from cr_queue.db.connection import Database
@@ -38,26 +38,18 @@ class Duplicate(Exception):
 
 
 def lock_tomodirs(conn, todo: Sequence[discover.Tomodir], actor: jobs.Actor) -> dict[int, str]:
-    """Lock the directories holding the tomodirs of ``todo`` for this crh_add (on ``conn``,
-    until it closes); the indices of the tomodirs in a directory another crh_add holds,
-    each with why it is skipped.
-
-    One lock per parent directory, not per tomodir: a tree of ten thousand
-    tomodirs would otherwise fill PostgreSQL's shared lock table (about 64 per
-    allowed connection), and two runs on one tree still meet in every directory."""
-    parents = [td.path.resolve().parent for td in todo]
-    keys = [_directory_key("crh_add", actor.host, parent) for parent in parents]
-    held = jobs.try_locks(conn, sorted(set(keys)))
-    control.remove_leftovers([td.path.resolve() for i, td in enumerate(todo) if keys[i] not in held])
-    busy = {}
-    for i, key in enumerate(keys):
-        if key in held:
-            who = held[key] if held[key].startswith("crh_add (") else "crh_add"
-            busy[i] = (
-                f"another {who} is registering the tomodirs in {parents[i]} at this moment; this one is left "
-                "to it (run crh_add again once it has ended if it did not take this one)"
-            )
-    return busy
+    """Lock the directories holding the tomodirs of ``todo`` for this crh_add (directory_locks.py);
+    the indices of the tomodirs in a directory another crh_add holds, each with why it is
+    skipped.  The temporary .crh files a killed run left beside the others go."""
+    paths = [td.path.resolve() for td in todo]
+    holders = directory_locks.take(conn, "crh_add", actor.host, paths)
+    control.remove_leftovers([path for path, who in zip(paths, holders) if who is None])
+    return {
+        i: f"another {who} is registering the tomodirs in {paths[i].parent} at this moment; this one is left "
+        "to it (run crh_add again once it has ended if it did not take this one)"
+        for i, who in enumerate(holders)
+        if who is not None
+    }
 
 
 def interrupted(conn, todo: Sequence[discover.Tomodir], busy: dict[int, str], actor: jobs.Actor, report: AddReport) -> None:
@@ -69,12 +61,6 @@ def interrupted(conn, todo: Sequence[discover.Tomodir], busy: dict[int, str], ac
     registering = jobs.registering_at(conn, actor.host, [str(p) for p in left])
     report.left_registering = [(p, registering[str(p)]) for p in left if str(p) in registering]
     report.not_begun = len(left) - len(report.left_registering)
-
-
-def _directory_key(command: str, host: str, directory: Path) -> int:
-    """The lock of one command in one directory of one host: 64 bits of a hash, as
-    PostgreSQL's advisory locks take (crh_retrieve takes the same kind)."""
-    return int.from_bytes(hashlib.sha256(f"{command}\0{host}\0{directory}".encode()).digest()[:8], "big", signed=True)
 
 
 def register_each(
