@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 from .conftest import run, script
 from .faults import wait_for
@@ -22,6 +23,10 @@ def test_show_of_a_retrieved_tomodir_says_it_was_retrieved(lab):
     assert code == 0
     run([script("crh_retrieve"), str(lab.tree)], lab.env)
     assert not td.with_suffix(".crh").exists()
+    # A finished tomodir receives the solver's log too, and the user guide says so.
+    assert (td / "exe" / "crh_solver.log").exists()
+    guide = " ".join((Path(__file__).parents[1] / "docs" / "user-guide.md").read_text().split())
+    assert "A finished tomodir receives `exe/crh_solver.log` too" in guide
 
     shown = run([script("crh"), "show", str(td)], lab.env)
     assert f"job {job_id}: finished, retrieved " in shown.stdout
