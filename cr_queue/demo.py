@@ -113,3 +113,15 @@ def _solvers(settings: config.Settings) -> tuple[dict[str, solvers.Solver], bool
 def _standin(name: str) -> str:
     script = f"crh_standin_{name}"
     return shutil.which(script) or str(Path(sys.executable).parent / script)
+
+
+def left_behind(demo) -> list[str]:
+    """What the demo leaves on this machine once it is done, to say so: its jobs stay in
+    the database, and an embedded server it started keeps running."""
+    lines = [
+        f"the demo's {len(demo.tomodirs)} jobs stay in the database {demo.database.redacted} "
+        "(crh status and crh show list them)"
+    ]
+    if demo.database.embedded:
+        lines.append("the embedded PostgreSQL keeps running for the next command; `crh db stop` stops it")
+    return lines

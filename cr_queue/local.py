@@ -92,12 +92,14 @@ def run_local(
         on_event=on_event,
         on_job_end=ended,
     )
-    if added.added:
+    # Interrupted (Ctrl-C) while registering: nothing is run; the report says what a rerun resumes.
+    go = bool(added.added) and not added.interrupted
+    if go:
         w.run()
     got = (
         # In this process only: the worker's threads ran here (see retrieve_helper.wanted).
         retrieve.retrieve(db, [a.path for a in added.added], limits=limits, progress=on_retrieved, processes=1)
-        if added.added
+        if go
         else retrieve.RetrieveReport()
     )
     return LocalRun(group, added, w, got)

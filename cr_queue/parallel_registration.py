@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, wait
 from pathlib import Path
 
+from cr_queue import directory_locks
 from cr_queue import packers
 from cr_queue import store
 from cr_queue.add import AddOptions, AddReport
@@ -41,7 +42,7 @@ def register_all(
     actor = jobs.Actor()
     # Held until every job of this run is queued: a second crh_add on the same
     # tree leaves these tomodirs to this one (and a killed run's locks go with its connection).
-    locks = db.connect(f"crh_add (pid {actor.pid} on {actor.host})")
+    locks = db.connect(directory_locks.connection_name("crh_add", actor))
     try:
         busy = lock_tomodirs(locks, todo, actor)
         try:

@@ -13,11 +13,11 @@ and the user's directory is only read, never changed (the .crh is a sibling).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cr_queue import directory_locks
 from cr_queue import store
 from cr_queue.add import Added, AddOptions, AddReport
 from cr_queue.db.connection import Database
@@ -38,17 +38,18 @@ class Duplicate(Exception):
 
 
 def lock_tomodirs(conn, todo: Sequence[discover.Tomodir], actor: jobs.Actor) -> dict[int, str]:
-    """Lock every tomodir of ``todo`` for this crh_add (on ``conn``, until it closes); the
-    indices of those another crh_add holds, each with why it is skipped."""
-    keys = [_registration_key(actor.host, td.path.resolve()) for td in todo]
-    held = jobs.try_locks(conn, keys)
-    control.remove_leftovers([td.path.resolve() for i, td in enumerate(todo) if keys[i] not in held])
-    busy = {}
-    for i, key in enumerate(keys):
-        if key in held:
-            who = held[key] if held[key].startswith("crh_add (") else "crh_add"
-            busy[i] = f"another {who} is registering it at this moment; it is left to that one"
-    return busy
+    """Lock the directories holding the tomodirs of ``todo`` for this crh_add (directory_locks.py);
+    the indices of the tomodirs in a directory another crh_add holds, each with why it is
+    skipped.  The temporary .crh files a killed run left beside the others go."""
+    paths = [td.path.resolve() for td in todo]
+    holders = directory_locks.take(conn, "crh_add", actor.host, paths)
+    control.remove_leftovers([path for path, who in zip(paths, holders) if who is None])
+    return {
+        i: f"another {who} is registering the tomodirs in {paths[i].parent} at this moment; this one is left "
+        "to it (run crh_add again once it has ended if it did not take this one)"
+        for i, who in enumerate(holders)
+        if who is not None
+    }
 
 
 def interrupted(conn, todo: Sequence[discover.Tomodir], busy: dict[int, str], actor: jobs.Actor, report: AddReport) -> None:
@@ -60,11 +61,6 @@ def interrupted(conn, todo: Sequence[discover.Tomodir], busy: dict[int, str], ac
     registering = jobs.registering_at(conn, actor.host, [str(p) for p in left])
     report.left_registering = [(p, registering[str(p)]) for p in left if str(p) in registering]
     report.not_begun = len(left) - len(report.left_registering)
-
-
-def _registration_key(host: str, path: Path) -> int:
-    """The lock of one directory of one host: 64 bits of a hash, as PostgreSQL's advisory locks take."""
-    return int.from_bytes(hashlib.sha256(f"crh_add\0{host}\0{path}".encode()).digest()[:8], "big", signed=True)
 
 
 def register_each(

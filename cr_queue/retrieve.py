@@ -19,7 +19,6 @@ result is put beside it as ``NAME.crh-result`` and the report says so.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import queue as _queue
 import shutil
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from cr_queue import directory_locks
 from cr_queue import retrieve_helper
 from cr_queue.tomodir import archive
 from cr_queue.tomodir import control
@@ -113,9 +113,9 @@ def retrieve(
     actor = jobs.Actor()
     # Held until the end: a second crh_retrieve leaves these tomodirs to this one
     # (and a killed run's locks go with its connection).
-    locks = db.connect(f"crh_retrieve (pid {actor.pid} on {actor.host})")
+    locks = db.connect(directory_locks.connection_name("crh_retrieve", actor))
     try:
-        work = _claim(locks, _sort_out(conn, db, controls, report, progress), report)
+        work = _claim(locks, _sort_out(conn, db, controls, report, progress), report, actor.host)
         sink = _Report(report, progress)
         shared = False
         if retrieve_helper.wanted(len(work), processes):
@@ -194,27 +194,22 @@ def _sort_out(conn, db: Database, controls, report: RetrieveReport, progress) ->
     return work
 
 
-def _claim(locks, work: list[Work], report: RetrieveReport) -> list[Work]:
-    """The tomodirs of ``work`` this run brings back: each locked (on ``locks``, until it
-    closes) and its ``.crh`` still there; those another crh_retrieve has or had go into
-    ``report.elsewhere``."""
-    keys = [_retrieval_key(w.job.id) for w in work]
-    held = jobs.try_locks(locks, keys)
+def _claim(locks, work: list[Work], report: RetrieveReport, host: str) -> list[Work]:
+    """The tomodirs of ``work`` this run brings back: their directories locked (directory_locks.py)
+    and each ``.crh`` still there; those another crh_retrieve has or had go into ``report.elsewhere``."""
+    holders = directory_locks.take(locks, "crh_retrieve", host, [w.tomodir for w in work])
     mine: list[Work] = []
-    for w, key in zip(work, keys):
-        if key in held:
-            who = held[key] if held[key].startswith("crh_retrieve (") else "crh_retrieve"
-            report.elsewhere.append((w.item, f"another {who} is bringing back {w.tomodir}"))
+    for w, who in zip(work, holders):
+        if who is not None:
+            report.elsewhere.append(
+                (w.item, f"another {who} is bringing back the tomodirs in {Path(os.path.abspath(w.tomodir)).parent}: "
+                 f"{w.tomodir} is left to it (run crh_retrieve again once it has ended if its .crh is still there)")
+            )
         elif not w.crh.exists():
             report.elsewhere.append((w.item, f"{w.tomodir} was brought back by another crh_retrieve meanwhile"))
         else:
             mine.append(w)
     return mine
-
-
-def _retrieval_key(job_id: int) -> int:
-    """The lock of one job's retrieval: 64 bits, as PostgreSQL's advisory locks take."""
-    return int.from_bytes(hashlib.sha256(f"crh_retrieve\0{job_id}".encode()).digest()[:8], "big", signed=True)
 
 
 class _Report:

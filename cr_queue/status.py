@@ -27,6 +27,7 @@ import psycopg
 
 from cr_queue.job_states import JobStatus
 from cr_queue.queries import admin as aq
+from cr_queue.queries import jobs as jq
 from cr_queue.queries import session
 from cr_queue.tomodir import control
 
@@ -212,3 +213,13 @@ def tree(conn: psycopg.Connection, paths: Iterable[Path | str]) -> dict[str, Any
             "problems": problems,
         }
     )
+
+
+# ----------------------------------------------------------------- by path
+
+
+def jobs_registered_at(conn: psycopg.Connection, paths: Iterable[Path]) -> dict[Path, list[int]]:
+    """The jobs this host registered from each directory (or below it), found by path: a
+    retrieved tomodir has no .crh any more, but its jobs keep their source path."""
+    host = socket.gethostname()
+    return {Path(p): jq.jobs_at(conn, host, [os.path.abspath(p)]) for p in paths}

@@ -12,6 +12,8 @@ from cr_queue.tomodir import control
 class Selection:
     ids: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # Directories with no .crh here or below (each also a problem): not added, or retrieved already.
+    bare: list[str] = field(default_factory=list)
 
 
 def select(targets: list[str]) -> Selection:
@@ -36,7 +38,11 @@ def select(targets: list[str]) -> Selection:
         sibling = control.control_path(path) if path.is_dir() else None
         found = control.gather([sibling if sibling is not None and sibling.exists() else path])
         if not found.files and not found.problems:
-            selection.problems.append(f"{target}: no .crh file here or below; was it added with crh_add?")
+            selection.problems.append(
+                f"{target}: no .crh file here or below: not added with crh_add, or retrieved already "
+                "(crh show finds the jobs of a retrieved tomodir by its path)"
+            )
+            selection.bare.append(target)
         selection.problems.extend(found.problems)
         selection.ids.extend(cf.job_id for _, cf in found.readable)
     selection.ids = sorted(set(selection.ids))

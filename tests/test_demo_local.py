@@ -31,6 +31,8 @@ def test_demo_on_the_embedded_database(embedded_env):
     proc = run([script("crh"), "demo"], env, timeout=300)
     assert "STAND-IN" in proc.stdout
     assert "demo OK: 6 of 6 tomodirs finished and retrieved" in proc.stdout
+    assert "the demo's 6 jobs stay in the database" in proc.stdout
+    assert "the embedded PostgreSQL keeps running for the next command; `crh db stop` stops it" in proc.stdout
     status = json.loads(run([script("crh"), "db", "status", "--json"], env).stdout)
     assert status["running"] is True and status["source"] == "embedded"
     run([script("crh"), "db", "stop"], env)

@@ -54,4 +54,6 @@ def demo_command(db_url, keep, jobs, out):
         + ("" if keep else " (demo directory removed; --keep keeps it)"),
         fg="green" if result.ok else "red",
     )
+    for line in demo_service.left_behind(demo):
+        out.line(line)
     raise SystemExit(0 if result.ok else 1)

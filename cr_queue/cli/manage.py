@@ -25,6 +25,11 @@ def cancel_command(targets, db_url, out):
     out.emit({"cancelled": result.ids, "problems": result.problems})
     for job_id in result.ids:
         out.line(f"cancelled job {job_id}")
+    not_cancelled = len(selection.ids) - len(result.ids)
+    out.line(
+        f"{len(result.ids)} job(s) cancelled, {not_cancelled} not (already ended or unknown); "
+        "crh_retrieve reports them and removes their .crh files"
+    )
     _finish(out, result)
 
 

@@ -39,7 +39,13 @@ def _progress(out: Output):
     return show
 
 
-def _report(out: Output, report: retrieve_service.RetrieveReport) -> None:
+def _report(out: Output, report: retrieve_service.RetrieveReport, paths) -> None:
+    nothing = not (report.retrieved or report.failed or report.pending or report.cancelled or report.elsewhere)
+    if nothing and not report.problems:
+        out.warn(
+            f"no .crh file below {', '.join(map(str, paths))}: nothing there was added with crh_add, or all of it "
+            "is retrieved already; run crh_retrieve where you ran crh_add (crh show TOMODIR tells a tomodir's jobs)"
+        )
     out.emit(
         {
             "retrieved": [_item(i) for i in report.retrieved],
@@ -81,7 +87,7 @@ def _run(paths, wait: bool, poll_s: float, db_url, out) -> None:
         )
     else:
         report = retrieve_service.retrieve(database, paths, limits=limits, progress=_progress(out))
-    _report(out, report)
+    _report(out, report, paths)
     raise SystemExit(report.exit_code)
 
 

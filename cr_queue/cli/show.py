@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
 from cr_queue import admin
 from cr_queue.cli import fmt
-from cr_queue.cli.common import Output, db_option, open_db, reports, select_jobs, targets_argument
+from cr_queue.cli.common import Output, db_option, fail, open_db, reports, targets_argument
 
 
 @click.command("show")
@@ -23,9 +24,21 @@ def show_command(targets, db_url, out):
     JOB is a job id, a tomodir or its .crh file (a directory: every job
     whose .crh lies below it).  Exit 1 when a job is not in the database.
     """
-    selection = select_jobs(targets)
+    from cr_queue import status
+    from cr_queue.targets import select
+
+    selection = select(list(targets))
     _settings, database = open_db(db_url)
     with database.connect("crh_show") as conn:
+        # A retrieved tomodir has no .crh any more: its jobs are found by path.
+        by_path = status.jobs_registered_at(conn, [Path(t) for t in selection.bare]) if selection.bare else {}
+        for target in selection.bare:
+            ids = by_path.get(Path(target))
+            if ids:
+                selection.problems = [p for p in selection.problems if not p.startswith(f"{target}: no .crh file")]
+                selection.ids = sorted(set(selection.ids) | set(ids))
+        if not selection.ids and selection.problems:
+            fail("; ".join(selection.problems))
         found = admin.show(conn, selection.ids)
     problems = list(selection.problems)
     problems += [f"job {i}: not in the database {database.redacted}" for i in selection.ids if i not in found]

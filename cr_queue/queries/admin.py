@@ -16,11 +16,13 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from cr_queue.queries import loader, roles
+from cr_queue.queries import jobs, loader, roles
+from cr_queue.queries import workers as workers_q
 
 SQL = loader.load("admin")
 
-# A worker not stopped whose heartbeat is older than this is shown as lost.
+# A worker not stopped whose heartbeat is older than this is shown as lost (sooner when
+# its liveness lock is gone too: a killed worker's connection drops it at once).
 HEARTBEAT_STALE_S = 60
 
 
@@ -86,7 +88,13 @@ def sipdirs(conn: psycopg.Connection, mine: tuple[str, str] | None, limit: int) 
 
 
 def workers(conn: psycopg.Connection, *, include_stopped: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
-    params = {"include_stopped": include_stopped, "stale_s": HEARTBEAT_STALE_S, "limit": limit}
+    params = {
+        "include_stopped": include_stopped,
+        "stale_s": HEARTBEAT_STALE_S,
+        "grace_s": jobs.RESCUE_GRACE_S,
+        "lock_namespace": workers_q.LOCK_NAMESPACE,
+        "limit": limit,
+    }
     return _rows(conn, SQL.workers, params)
 
 

@@ -115,9 +115,19 @@ GROUP BY t.sipdir, t.source_computer
 ORDER BY max(t.added) DESC, t.sipdir;
 
 -- name: workers
--- The workers not stopped or stopped within the hour (every one with include_stopped), 'lost' when their heartbeat is older than stale_s.
+-- The workers not stopped or stopped within the hour (every one with include_stopped), 'lost' when their heartbeat is older than stale_s,
+-- or as the rescue sweep judges them (jobs.sql rescue): heartbeat older than grace_s and nobody holds the worker's liveness lock.
 SELECT w.id, w.name, w.host, w.pid, w.version, w.db_role,
-       CASE WHEN w.state <> 'stopped' AND w.last_heartbeat < now() - make_interval(secs => %(stale_s)s)
+       CASE WHEN w.state <> 'stopped'
+                 AND (w.last_heartbeat < now() - make_interval(secs => %(stale_s)s)
+                      OR (w.last_heartbeat < now() - make_interval(secs => %(grace_s)s)
+                          AND pg_postmaster_start_time() < now() - make_interval(secs => %(grace_s)s)
+                          AND NOT EXISTS (
+                              SELECT 1 FROM pg_locks l
+                              WHERE l.locktype = 'advisory' AND l.granted
+                                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                                AND l.classid = %(lock_namespace)s::int::oid AND l.objid::bigint = w.id
+                                AND l.objsubid = 2)))
             THEN 'lost' ELSE w.state END AS state,
        w.requested, w.jobs, w.threads,
        -- A CPU budget column may be added later; read it without naming it so this keeps working.

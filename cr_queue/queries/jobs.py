@@ -380,3 +380,8 @@ def try_locks(conn: psycopg.Connection, keys: Sequence[int]) -> dict[int, str]:
 def registering_at(conn: psycopg.Connection, host: str, paths: Sequence[str]) -> dict[str, int]:
     """The 'registering' jobs of these directories of ``host``: path -> job id."""
     return {path: job_id for job_id, path in conn.execute(SQL.registering_at, {"host": host, "paths": list(paths)})}
+
+
+def jobs_at(conn: psycopg.Connection, host: str, paths: Sequence[str]) -> list[int]:
+    """The ids of the jobs registered from these directories of ``host`` or from below them."""
+    return [row[0] for row in conn.execute(SQL.jobs_at, {"host": host, "paths": list(paths)})]

@@ -174,3 +174,11 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 SELECT id, source_path FROM inversions
 WHERE status = 'registering' AND source_computer = %(host)s AND source_path = ANY(%(paths)s::text[])
 ORDER BY id;
+
+-- name: jobs_at
+-- The jobs registered from these directories of one host, or from below them (what `crh show TOMODIR` finds once the .crh is gone with the retrieval), oldest first.
+SELECT id FROM inversions
+WHERE source_computer = %(host)s
+  AND EXISTS (SELECT 1 FROM unnest(%(paths)s::text[]) AS p(path)
+              WHERE source_path = p.path OR left(source_path, length(p.path) + 1) = p.path || '/')
+ORDER BY id;

@@ -283,6 +283,6 @@ def judge(outcome: Outcome, tomodir: Path, timeout: float | None = None) -> Verd
         state.needs_mod if outcome.step == "mod" else state.needs_inv
     )
     if still or isinstance(state, discover.Incomplete):
-        missing = "mod/volt.dat" if outcome.step == "mod" else "an inv/inv.ctr ending in ***finished***"
-        return Verdict(False, "output_missing", f"{solver} exited 0 but wrote no {missing}", rc)
+        missing = "mod/volt.dat" if outcome.step == "mod" else "inv/inv.ctr ending in ***finished***"
+        return Verdict(False, "output_missing", f"{solver} exited 0 without writing {missing}", rc)
     return Verdict(True, exit_code=rc)
