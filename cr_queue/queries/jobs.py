@@ -30,6 +30,8 @@ SQL = loader.load("jobs")
 
 # A worker whose liveness lock is gone and whose heartbeat is older than this is lost.
 RESCUE_GRACE_S = 5.0
+# Nobody is lost this soon after the server started: the workers reconnect and renew first.
+RESTART_GRACE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -311,9 +313,19 @@ def release(conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor) ->
 # -------------------------------------------------------------------- rescue
 
 
-def rescue(conn: psycopg.Connection, actor: Actor, grace_s: float = RESCUE_GRACE_S) -> list[tuple[int, str]]:
+def rescue(
+    conn: psycopg.Connection,
+    actor: Actor,
+    grace_s: float = RESCUE_GRACE_S,
+    restart_grace_s: float = RESTART_GRACE_S,
+) -> list[tuple[int, str]]:
     """Return running jobs whose worker is gone to the queue (or fail them), in one statement."""
-    params = {"grace_s": grace_s, "lock_namespace": workers.LOCK_NAMESPACE, **_actor(actor, {"reason": "worker lost"})}
+    params = {
+        "grace_s": grace_s,
+        "restart_grace_s": restart_grace_s,
+        "lock_namespace": workers.LOCK_NAMESPACE,
+        **_actor(actor, {"reason": "worker lost"}),
+    }
     return [tuple(row) for row in conn.execute(SQL.rescue, params)]
 
 

@@ -214,10 +214,16 @@ WITH lost AS (
     -- heartbeat is older than grace_s and nobody holds its liveness lock (the
     -- advisory lock (lock_namespace, worker id) of its heartbeat connection).
     -- Just after a server restart (which drops every lock) only leases count.
+    -- A worker that has not beaten since the server started gets restart_grace_s
+    -- after the start to reconnect and renew (longer than the cap of its
+    -- reconnection backoff, cr_queue/worker/reconnect.py): its leases ran on
+    -- while the server was down, and nobody could tell it anything then.
     SELECT j.id
     FROM inversions j
     LEFT JOIN workers w ON w.id = j.worker_id
     WHERE j.status = 'running'
+      AND NOT (coalesce(w.last_heartbeat < pg_postmaster_start_time(), false)
+               AND pg_postmaster_start_time() > now() - make_interval(secs => %(restart_grace_s)s))
       AND (j.lease_expires < now()
            OR (coalesce(w.last_heartbeat < now() - make_interval(secs => %(grace_s)s), true)
                AND pg_postmaster_start_time() < now() - make_interval(secs => %(grace_s)s)

@@ -43,8 +43,9 @@ from cr_queue.job_states import JobStatus
 from cr_queue.queries import jobs, session, workers
 from cr_queue.solvers import solvers
 from cr_queue import store
-from cr_queue.db.connection import Database, DatabaseError
+from cr_queue.db.connection import Database
 from cr_queue.util.spool import Spool
+from cr_queue.worker.reconnect import CAP_S, Backoff, Connector, first_line as _first_line
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ LOG_NAME = "exe/crh_solver.log"
 FAILURE_MEMBERS = ("exe/error.dat", LOG_NAME)
 TMP_PREFIX = "crh-w"
 EXIT_NODE_BROKEN = 3
+# A worker that ends because of a bug of its own must not look like one that ended well.
+EXIT_INTERNAL_ERROR = 1
 CANNOT_EXECUTE = (126, 127)
 # Input archives up to this size are held in memory; larger ones spill to a file in the job's directory.
 INPUT_SPOOL_BYTES = 16 << 20
@@ -84,7 +87,9 @@ class WorkerOptions:
 class _Running:
     job: jobs.Job
     abort: threading.Event = field(default_factory=threading.Event)
-    # Why the solver was stopped: "lost" (attempt taken away), "cancelled", or "release".
+    # Why the solver was stopped: "lost" (the database says the attempt is no longer ours),
+    # "stale" (no news for half a lease: it may have been given to another worker),
+    # "cancelled", or "release".
     why: str | None = None
     cpus: int = 1
     elapsed: float = 0.0
@@ -133,6 +138,9 @@ class Worker:
         self.stop_reason = "stopped"
         self.workdir = Path(options.workdir or tempfile.gettempdir())
         self._stopping = threading.Event()
+        # Set when running jobs are to be given up now: nobody waits for the database any more.
+        self._aborting = threading.Event()
+        self._connector = Connector(db, self.name, self._idle_transaction_limit)
         self._finished = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Condition()
@@ -178,17 +186,20 @@ class Worker:
             + ", ".join(f"{solvers.DISPLAY[n]}={s.path}" for n, s in sorted(self.solvers.items()))
         )
         self._sweep_tmp()
-        beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        beat = threading.Thread(target=self._guarded, args=(self._heartbeat,), name="heartbeat", daemon=True)
         beat.start()
-        threading.Thread(target=self._watchdog, name="watchdog", daemon=True).start()
+        threading.Thread(target=self._guarded, args=(self._watchdog,), name="watchdog", daemon=True).start()
         slots = [
-            threading.Thread(target=self._slot, args=(i,), name=f"slot-{i}", daemon=True)
+            threading.Thread(target=self._guarded, args=(self._slot, i), name=f"slot-{i}", daemon=True)
             for i in range(self.options.cpus or self.options.jobs)
         ]
         for t in slots:
             t.start()
         try:
             control = self._main_loop(control, slots)
+        except BaseException:
+            self.exit_code = EXIT_INTERNAL_ERROR
+            raise
         finally:
             self._stopping.set()
             self._kick()
@@ -215,8 +226,19 @@ class Worker:
         if self._drain_deadline is None and self.options.drain_timeout_s is not None:
             self._drain_deadline = time.monotonic() + self.options.drain_timeout_s
         if abort:
+            self._aborting.set()
             self._stop_all("release")
         self._kick()
+
+    def _guarded(self, target: Callable[..., None], *args) -> None:
+        """Run a thread's loop; if a bug ends it, say so with the traceback and end the worker
+        with a non-zero exit code, instead of carrying on without the thread."""
+        try:
+            target(*args)
+        except BaseException as exc:
+            log.exception("internal error in thread %s", threading.current_thread().name)
+            self.exit_code = EXIT_INTERNAL_ERROR
+            self.request_stop(abort=True, reason=f"internal error: {type(exc).__name__}: {exc}")
 
     def install_signal_handlers(self) -> None:
         def handler(signum, _frame):
@@ -240,12 +262,12 @@ class Worker:
 
     def _main_loop(self, control: psycopg.Connection | None, slots: list[threading.Thread]) -> psycopg.Connection | None:
         next_rescue = 0.0
-        backoff = 0.5
+        backoff = Backoff()
         while any(t.is_alive() for t in slots):
             try:
                 if control is None or control.closed:
                     control = self._connect("control")
-                    backoff = 0.5
+                    backoff.reset()
                     next_rescue = 0.0
                 workers.listen(control, jobs=False)
                 self._token = False  # a new session holds no lock
@@ -257,13 +279,16 @@ class Worker:
                         self._rescue(control)
                         self._sweep_tmp()
                         next_rescue = time.monotonic() + self.options.rescue_s
-            except psycopg.OperationalError as exc:
-                self.on_event(f"control connection lost ({_first_line(exc)}); reconnecting in {backoff:g} s")
+            except Exception as exc:
+                if isinstance(exc, psycopg.OperationalError):
+                    self._connector.saw_down(exc)
+                    self.on_event(f"control connection lost ({_first_line(exc)}); reconnecting in {backoff.step:g} s")
+                else:
+                    log.exception("control loop: unexpected error; starting it again in %g s", backoff.step)
                 if control is not None:
                     control.close()
                 control = None
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff.wait()
         return control
 
     def _on_notify(self, note) -> None:
@@ -323,13 +348,13 @@ class Worker:
         now = time.monotonic()
         with self._lock:
             held = [r for r in self._held.values() if r.why is None]
-        if held and now - self._last_renewal > self.options.lease_s / 2:
+        if held and now - self._last_renewal > self.options.lease_s / 2 and not self._server_down(now):
             self.on_event(
                 f"could not renew the leases for {now - self._last_renewal:.0f} s (over half the lease): "
                 "stopping the solvers and giving up their jobs"
             )
             for running in held:
-                running.stop("lost")
+                running.stop("stale")
             return
         if self._drain_deadline is not None and now > self._drain_deadline and held:
             self.on_event("drain timeout reached: giving the running jobs back to the queue")
@@ -344,6 +369,14 @@ class Worker:
             if elapsed > limit - min(30.0, limit * 0.05) and held:
                 self.on_event("max runtime reached: giving the running jobs back to the queue")
                 self._stop_all("release")
+
+    def _server_down(self, now: float) -> bool:
+        """Whether the database server was found down lately: then nobody can take our jobs
+        (a lease that ran out meanwhile gets a grace after the restart, jobs.rescue), so the
+        solvers keep running however long the outage lasts.  Silence (a half-open
+        connection) is different: the server may be up and giving our jobs away."""
+        down_at = self._connector.down_at
+        return down_at is not None and now - down_at < max(self.options.lease_s / 2, 2 * CAP_S)
 
     def _stop_all(self, why: str) -> None:
         with self._lock:
@@ -405,19 +438,7 @@ class Worker:
     # ------------------------------------------------------- db connections
 
     def _connect(self, role: str) -> psycopg.Connection:
-        """A connection for one thread; failing to connect is just another lost connection.
-
-        db.connect turns a refused connection into a DatabaseError for people;
-        here it must be an OperationalError, which every loop already rides out
-        with backoff (otherwise a database down for longer than one backoff step
-        killed the heartbeat and slot threads).
-        """
-        try:
-            conn = self.db.connect(f"crh_worker {self.name} {role}", keepalive=True)
-        except DatabaseError as exc:
-            raise psycopg.OperationalError(str(exc)) from None
-        session.bound_idle_transactions(conn, self._idle_transaction_limit)
-        return conn
+        return self._connector.connect(role)
 
     @property
     def _idle_transaction_limit(self) -> float:
@@ -442,21 +463,27 @@ class Worker:
 
     def _slot(self, index: int) -> None:
         conn: psycopg.Connection | None = None
-        backoff = 0.5
+        backoff = Backoff()
         while not self._stopping.is_set():
             try:
                 if conn is None or conn.closed:
                     conn = self._connect(f"slot {index}")
-                    backoff = 0.5
+                    backoff.reset()
                 if not self._claim_and_run(conn):
                     break
-            except psycopg.OperationalError as exc:
-                self.on_event(f"slot {index}: database connection lost ({_first_line(exc)}); reconnecting in {backoff:g} s")
+            except Exception as exc:
+                # Never end a slot silently: a lost connection is waited out, a bug is shown
+                # with its traceback, and the slot goes on claiming.
+                if isinstance(exc, psycopg.OperationalError):
+                    self.on_event(
+                        f"slot {index}: database connection lost ({_first_line(exc)}); reconnecting in {backoff.step:g} s"
+                    )
+                else:
+                    log.exception("slot %s: unexpected error; going on in %g s", index, backoff.step)
                 if conn is not None:
                     conn.close()
                 conn = None
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff.wait(self._stopping)
         if conn is not None:
             conn.close()
 
@@ -565,14 +592,15 @@ class Worker:
 
     def _heartbeat(self) -> None:
         conn: psycopg.Connection | None = None
-        backoff = 0.5
+        # Liveness matters most: the heartbeat knocks more often than the other threads.
+        backoff = Backoff(cap=2.0)
         while not self._finished.is_set():
             try:
                 if conn is None or conn.closed:
                     conn = self._connect("heartbeat")
                     if not workers.hold_worker_lock(conn, self.worker_id):
                         log.warning("worker lock %s already held by an old session", self.worker_id)
-                    backoff = 0.5
+                    backoff.reset()
                 self._obey(workers.beat(conn, self.worker_id, draining=self._stopping.is_set()))
                 with self._lock:
                     held = [(r.job.id, r.job.attempt) for r in self._held.values()]
@@ -587,13 +615,16 @@ class Worker:
                         if running is not None and running.job.attempt == attempt and job_id not in still_ours:
                             running.stop("lost")
                 self._finished.wait(self.options.heartbeat_s)
-            except psycopg.OperationalError as exc:
-                log.warning("heartbeat: database connection lost (%s); reconnecting", _first_line(exc))
+            except Exception as exc:
+                if isinstance(exc, psycopg.OperationalError):
+                    self._connector.saw_down(exc)
+                    log.warning("heartbeat: database connection lost (%s); reconnecting", _first_line(exc))
+                else:
+                    log.exception("heartbeat: unexpected error; starting it again")
                 if conn is not None:
                     conn.close()
                 conn = None
-                self._finished.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff.wait(self._finished)
         if conn is not None:
             conn.close()
 
@@ -665,7 +696,7 @@ class Worker:
 
     def _stopped_early(self, conn: psycopg.Connection, running: _Running) -> bool:
         job = running.job
-        if running.why == "lost":
+        if running.why in ("lost", "stale"):
             self._refused(job, by_database=False)
             return True
         if running.why == "cancelled":
@@ -691,12 +722,16 @@ class Worker:
             self.on_event(f"job {job.id}: attempt {job.attempt} is no longer this worker's; its result was discarded")
 
     def _persist(self, conn: psycopg.Connection, running: _Running, fn: Callable[[psycopg.Connection], T]) -> T | None:
-        """Run a fenced write, riding out a database restart as long as the job is still ours.
+        """Run a fenced write, riding out a database outage of any length.
 
         The write names the attempt, so retrying after a reconnect can never
-        complete a job twice; the slot's own connection is replaced if needed.
+        complete a job twice, and the database decides whether the attempt is
+        still ours: the result waits on the node until it can ask.  Only the
+        database saying the attempt is gone ("lost", from the heartbeat) or a
+        worker told to give everything up now ends the wait; the slot's own
+        connection is replaced if needed.
         """
-        backoff = 0.5
+        backoff = Backoff()
         own: psycopg.Connection | None = None
         try:
             while True:
@@ -706,14 +741,14 @@ class Worker:
                         current = own = self._connect("retry")
                     return fn(current)
                 except psycopg.OperationalError as exc:
-                    current.close()
-                    if running.why == "lost" or self._finished.is_set():
+                    if current is not None:
+                        current.close()
+                    if running.why == "lost" or self._aborting.is_set():
                         return None
                     self.on_event(
-                        f"job {running.job.id}: database unreachable ({_first_line(exc)}); retrying in {backoff:g} s"
+                        f"job {running.job.id}: database unreachable ({_first_line(exc)}); retrying in {backoff.step:g} s"
                     )
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
+                    backoff.wait(self._aborting)
         finally:
             if own is not None:
                 own.close()
@@ -829,8 +864,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
