@@ -45,3 +45,22 @@ def test_database_outage_longer_than_one_retry_is_ridden_out_and_no_result_is_lo
     for w in workers:
         assert "Traceback" not in w.log(), w.log()
     lab.check_invariants({i: "finished" for i in ids})
+
+
+def test_quit_when_empty_worker_started_after_a_crash_runs_the_lost_job(lab):
+    # Defect 3: the -q worker's slots found nothing to claim before the first rescue
+    # sweep, so it stopped ("queue empty") and left the crashed worker's job behind.
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 2"))
+    crashed = lab.worker("crashed")
+    [first] = lab.wait_runs(1)
+    assert lab.status(job_id) == "running"
+    crashed.kill9()
+
+    code, report = lab.worker("pilot", "-q").finish()
+
+    assert code == 0 and report["finished"] == 1, report
+    job = lab.job(job_id)
+    assert (job["status"], job["attempt"]) == ("finished", 2)
+    assert lab.events(job_id) == ["registering", "queued", "claimed", "rescued", "claimed", "finished"]
+    assert len(lab.runs()) == 2 and not standin_alive(first.pid)
+    lab.check_invariants({job_id: "finished"})

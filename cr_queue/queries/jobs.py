@@ -373,3 +373,9 @@ def count_claimable(conn: psycopg.Connection) -> int:
 
 def count_pending(conn: psycopg.Connection, ids: Sequence[int]) -> int:
     return conn.execute(SQL.count_pending, {"ids": list(ids)}).fetchone()[0]
+
+
+def count_orphaned(conn: psycopg.Connection) -> int:
+    """Running jobs whose worker holds no liveness lock (dead, or not yet reconnected):
+    a --quit-when-empty worker waits for the rescue sweep to return them before it stops."""
+    return conn.execute(SQL.count_orphaned, {"lock_namespace": workers.LOCK_NAMESPACE}).fetchone()[0]

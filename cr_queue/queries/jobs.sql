@@ -324,3 +324,14 @@ SELECT count(*) FROM inversions WHERE status = 'queued';
 -- How many of these jobs have not ended yet.
 SELECT count(*) FROM inversions
 WHERE id = ANY(%(ids)s::bigint[]) AND status IN ('registering', 'queued', 'running');
+
+-- name: count_orphaned
+-- How many running jobs have a worker that holds no liveness lock: the rescue sweep will return them soon.
+SELECT count(*)
+FROM inversions j
+WHERE j.status = 'running'
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_locks l
+      WHERE l.locktype = 'advisory' AND l.granted
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND l.classid = %(lock_namespace)s::int::oid AND l.objid::bigint = j.worker_id AND l.objsubid = 2);

@@ -383,11 +383,14 @@ class Worker:
             for running in self._held.values():
                 running.stop(why)
 
-    def _rescue(self, conn: psycopg.Connection) -> None:
-        for job_id, status in jobs.rescue(conn, self.actor):
+    def _rescue(self, conn: psycopg.Connection) -> int:
+        """Return lost workers' jobs to the queue; how many came back."""
+        rescued = jobs.rescue(conn, self.actor)
+        for job_id, status in rescued:
             self.on_event(f"job {job_id}: its worker was lost; now {status}")
             if status == "queued":
                 self._kick()
+        return len(rescued)
 
     def _kick(self, *, one: bool = False) -> None:
         """Wake idle slots: all of them, or with ``one`` a single one (a job notification)."""
@@ -499,7 +502,7 @@ class Worker:
         if claimed is None:
             with self._lock:
                 idle_everywhere = self._busy == 0
-            if self.options.quit_when_empty and idle_everywhere:
+            if self.options.quit_when_empty and idle_everywhere and self._nothing_left(conn):
                 self.request_stop(reason="queue empty")
                 return False
             with self._wake:
@@ -530,6 +533,14 @@ class Worker:
                 self._cpus_used -= cost
             self._kick()
         return True
+
+    def _nothing_left(self, conn: psycopg.Connection) -> bool:
+        """Whether a --quit-when-empty worker may stop: nothing to claim even after a rescue
+        sweep, and no running job of a lost worker waiting for one (a pilot started after a
+        node crash must run that node's jobs, not leave them queued with nobody to take them)."""
+        if self._rescue(conn):
+            return False
+        return jobs.count_orphaned(conn) == 0
 
     def _threads(self) -> int:
         return self._orders.threads or self.options.threads
