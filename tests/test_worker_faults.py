@@ -8,6 +8,7 @@ hopes something happened; the only sleep is the length of an outage itself.
 
 from __future__ import annotations
 
+import os
 import time
 
 from .faults import standin_alive, wait_for
@@ -64,3 +65,74 @@ def test_quit_when_empty_worker_started_after_a_crash_runs_the_lost_job(lab):
     assert lab.events(job_id) == ["registering", "queued", "claimed", "rescued", "claimed", "finished"]
     assert len(lab.runs()) == 2 and not standin_alive(first.pid)
     lab.check_invariants({job_id: "finished"})
+
+
+def _solver(path, body: str):
+    """A solver 'binary': a shell script in the test's own directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_a_path_too_long_for_the_scratch_dir_fails_that_job_and_stops_no_worker(lab):
+    # Defect 2: ENAMETOOLONG under the worker's deeper scratch prefix counted as a node
+    # failure: the job went back, the same worker took it again, and after 5 it exited 3.
+    path_max = os.pathconf("/", "PC_PATH_MAX")
+    long_td, fine_td = lab.tomodirs(2, cfg="sleep = 0")
+    scratch = lab.workdir / ("s" * 250) / ("s" * 250)
+    scratch.mkdir(parents=True)
+    # Fits under the user's tree with room to spare, not under the scratch dir.
+    room = path_max - 100 - len(str(long_td)) - len("/extra/") - len("/deep.dat")
+    parts = [("d" * 200)] * (room // 201)
+    deep = long_td.joinpath("extra", *parts)
+    deep.mkdir(parents=True)
+    (deep / "deep.dat").write_text("1\n")
+    long_id, fine_id = lab.add(long_td, fine_td)
+
+    code, report = lab.worker("w", "-q", "--workdir", str(scratch)).finish()
+
+    assert code == 0, report
+    assert report["failed"] == 1 and report["finished"] == 1 and report["released"] == 0, report
+    job = lab.job(long_id)
+    assert (job["status"], job["failure_category"], job["tries"]) == ("failed", "input_path", 1), job
+    assert f"{long_td}/extra/" in job["failure_reason"] and "too long" in job["failure_reason"], job
+    assert lab.events(long_id) == ["registering", "queued", "claimed", "failed"]
+    wait_for(lambda: not list(scratch.iterdir()), "the job directories to be removed")
+    lab.check_invariants({long_id: "failed", fine_id: "finished"})
+
+
+def test_a_job_no_node_can_run_fails_as_node_failures_after_three_workers(lab, tmp_path):
+    # Defect 2: node-failure releases are capped per job, counted over distinct workers.
+    broken = _solver(tmp_path / "bin" / "CRMod", "exit 126")
+    env = {**lab.env, "CRH_CRMOD": str(broken)}
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+    workers = [lab.worker(name, env=env) for name in ("a", "b", "c")]
+
+    job = lab.wait_status(job_id, "failed")
+
+    assert job["failure_category"] == "node_failures", job
+    for name in ("a", "b", "c"):
+        assert f"{name} on " in job["failure_reason"], job["failure_reason"]
+    assert "exit 126" in job["failure_reason"]
+    assert lab.events(job_id) == ["registering", "queued"] + ["claimed", "released"] * 2 + ["claimed", "failed"]
+    claimers = lab.sql("SELECT count(DISTINCT worker_id) FROM events WHERE job_id = %s AND event = 'claimed'", (job_id,))
+    assert claimers == [(3,)]
+    assert all(w.proc.poll() is None for w in workers), "one job took a worker down"
+    results = [w.stop() for w in workers]
+    assert [code for code, _ in results] == [0, 0, 0]
+    lab.check_invariants({job_id: "failed"})
+
+
+def test_a_worker_does_not_at_once_reclaim_a_job_it_gave_back(lab, tmp_path):
+    # Defect 2: the job stayed at the head of the queue and the same worker took it again.
+    broken = _solver(tmp_path / "bin" / "CRMod", "exit 126")
+    env = {**lab.env, "CRH_CRMOD": str(broken)}
+    ids = lab.add(*lab.tomodirs(2, cfg="sleep = 0"))
+
+    code, report = lab.worker("w", "--max-node-failures", "2", env=env).finish()
+
+    assert code == 3 and report["released"] == 2, report
+    for job_id in ids:
+        assert lab.events(job_id) == ["registering", "queued", "claimed", "released"], lab.events(job_id)
+    lab.check_invariants({i: "queued" for i in ids})

@@ -213,14 +213,16 @@ def claim(
     groups: Sequence[str] = (),
     lease_s: float,
     max_threads: int | None = None,
+    avoid: Sequence[int] = (),
 ) -> Job | None:
-    """Take the best queued job this worker can run, in one short transaction."""
+    """Take the best queued job this worker can run, in one short transaction (none of ``avoid``)."""
     params = {
         "can_mod": can_mod,
         "can_inv": can_inv,
         "groups": list(groups),
         "lease_s": lease_s,
         "max_threads": max_threads,
+        "avoid": list(avoid),
         **_actor(actor),
     }
     with conn.cursor(row_factory=class_row(Job)) as cur:
@@ -308,6 +310,34 @@ def release(conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor) ->
     """Give a job back to the queue without counting the try (shutdown, broken node)."""
     params = {"id": job.id, "attempt": job.attempt, **_actor(actor, {"reason": reason})}
     return conn.execute(SQL.release, params).fetchone() is not None
+
+
+# A job given back after node failures by this many distinct workers fails as node_failures.
+MAX_NODE_FAILURE_WORKERS = 3
+
+
+def release_node_failure(
+    conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor, max_nodes: int = MAX_NODE_FAILURE_WORKERS
+) -> JobStatus | None:
+    """Give a job back after a node failure (no try burned); once ``max_nodes`` distinct workers
+    have done so it fails as ``node_failures``, its reason naming each worker, host and reason,
+    so no single job can empty the pool.  Returns the job's new status; None when the attempt
+    is no longer current.
+
+    The history is read from the events, which a worker login (crh_worker role) may not
+    read: then the job is simply given back, uncapped."""
+    params = {
+        "id": job.id,
+        "attempt": job.attempt,
+        "reason": reason,
+        "max_nodes": max_nodes,
+        **_actor(actor, {"reason": f"node failure: {reason}", "node_failure": True}),
+    }
+    try:
+        row = conn.execute(SQL.release_node_failure, params).fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        return JobStatus.QUEUED if release(conn, job, reason=f"node failure: {reason}", actor=actor) else None
+    return None if row is None else JobStatus(row[1])
 
 
 # -------------------------------------------------------------------- rescue

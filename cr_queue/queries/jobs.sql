@@ -121,6 +121,8 @@ WITH next AS (
       AND (CASE WHEN cardinality(%(groups)s::text[]) = 0 THEN job_group IS NULL
                 ELSE job_group = ANY(%(groups)s::text[]) END)
       AND (%(max_threads)s::int IS NULL OR threads <= %(max_threads)s::int)
+      -- Jobs this worker gave back after a node failure moments ago go to another worker first.
+      AND NOT (id = ANY(%(avoid)s::bigint[]))
     ORDER BY priority DESC, fair_rank, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -335,3 +337,46 @@ WHERE j.status = 'running'
       WHERE l.locktype = 'advisory' AND l.granted
         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
         AND l.classid = %(lock_namespace)s::int::oid AND l.objid::bigint = j.worker_id AND l.objsubid = 2);
+
+-- name: release_node_failure
+-- Give a job back after a node failure, or fail it as node_failures once max_nodes distinct workers (this one included) have.
+WITH j AS (
+    SELECT id FROM inversions
+    WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running' AND worker_id = %(worker_id)s
+    FOR UPDATE
+), earlier AS (
+    -- The history is the events: each node-failure release names its worker, host and reason.
+    SELECT DISTINCT ON (e.worker_id) e.worker_id, e.host, e.detail ->> 'reason' AS reason
+    FROM events e JOIN j ON e.job_id = j.id
+    WHERE e.event = 'released' AND e.detail ? 'node_failure' AND e.worker_id IS DISTINCT FROM %(worker_id)s
+    ORDER BY e.worker_id, e.id DESC
+), nodes AS (
+    SELECT worker_id, host, reason FROM earlier
+    UNION ALL
+    SELECT %(worker_id)s, %(host)s, %(reason)s
+), verdict AS (
+    SELECT count(*) >= %(max_nodes)s AS give_up,
+           'given back by ' || count(*) || ' workers, each unable to run it: '
+           || string_agg(coalesce(w.name, 'worker ' || n.worker_id) || ' on ' || n.host || ' (' || n.reason || ')',
+                         '; ' ORDER BY n.worker_id) AS story
+    FROM nodes n LEFT JOIN workers w ON w.id = n.worker_id
+), u AS (
+    UPDATE inversions i
+    SET status = CASE WHEN v.give_up THEN 'failed' ELSE 'queued' END,
+        tries = CASE WHEN v.give_up THEN i.tries ELSE greatest(i.tries - 1, 0) END,
+        failure_category = CASE WHEN v.give_up THEN 'node_failures' END,
+        failure_reason = CASE WHEN v.give_up THEN v.story END,
+        datetime_finished = CASE WHEN v.give_up THEN now() END,
+        datetime_queued = CASE WHEN v.give_up THEN i.datetime_queued ELSE now() END,
+        worker_id = CASE WHEN v.give_up THEN i.worker_id END,
+        lease_expires = NULL
+    FROM j, verdict v
+    WHERE i.id = j.id
+    RETURNING i.id, i.status, i.attempt
+), e AS (
+    INSERT INTO events (job_id, event, status, attempt, os_user, host, pid, worker_id, detail)
+    SELECT u.id, CASE WHEN u.status = 'failed' THEN 'failed' ELSE 'released' END, u.status, u.attempt,
+           %(os_user)s, %(host)s, %(pid)s, %(worker_id)s, %(detail)s
+    FROM u
+)
+SELECT id, status FROM u;

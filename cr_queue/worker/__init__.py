@@ -20,6 +20,7 @@ long as the attempt is still this worker's (the database decides: fencing).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue as _queue
@@ -58,6 +59,8 @@ EXIT_NODE_BROKEN = 3
 # A worker that ends because of a bug of its own must not look like one that ended well.
 EXIT_INTERNAL_ERROR = 1
 CANNOT_EXECUTE = (126, 127)
+# A job this worker gave back after a node failure is left to other workers this long.
+AVOID_S = 60.0
 # Input archives up to this size are held in memory; larger ones spill to a file in the job's directory.
 INPUT_SPOOL_BYTES = 16 << 20
 
@@ -150,6 +153,8 @@ class Worker:
         self._trash_thread: threading.Thread | None = None
         self._busy = 0
         self._node_failures = 0
+        # Jobs given back after a node failure: job id -> when (time.monotonic()).
+        self._gave_back: dict[int, float] = {}
         self._held: dict[int, _Running] = {}
         self._claim_lock = threading.Lock()
         self._cpus_used = 0
@@ -518,13 +523,19 @@ class Worker:
         try:
             self._process(conn, running)
             self._node_failures = 0
-        except NodeFailure as exc:
-            self._node_trouble(conn, running, str(exc))
         except psycopg.OperationalError as exc:
             self._connection_lost(conn, running, exc)
         except Exception as exc:
-            log.exception("job %s: unexpected error", job.id)
-            self._node_trouble(conn, running, f"{type(exc).__name__}: {exc}")
+            blame = _content_error(exc, job)
+            if blame is not None:
+                # The job's own content cannot exist here: its fault, not the node's.
+                self._node_failures = 0
+                self._report_failure(conn, running, "input_path", blame, None, None)
+            elif isinstance(exc, NodeFailure):
+                self._node_trouble(conn, running, str(exc))
+            else:
+                log.exception("job %s: unexpected error", job.id)
+                self._node_trouble(conn, running, f"{type(exc).__name__}: {exc}")
         finally:
             with self._lock:
                 self._busy -= 1
@@ -564,12 +575,21 @@ class Worker:
                 groups=self.options.groups,
                 lease_s=self.options.lease_s,
                 max_threads=free,
+                avoid=self._avoided(),
             )
             if job is None:
                 return None
             cost = self._cost(job)
             self._cpus_used += cost
             return job, cost
+
+    def _avoided(self) -> list[int]:
+        """Jobs this worker gave back after a node failure within AVOID_S: another worker tries them first."""
+        now = time.monotonic()
+        for job_id, when in list(self._gave_back.items()):
+            if now - when > AVOID_S:
+                del self._gave_back[job_id]
+        return list(self._gave_back)
 
     def _connection_lost(self, conn: psycopg.Connection, running: _Running, exc: psycopg.OperationalError) -> None:
         """The database went away while the input was being fetched: give the job back.
@@ -583,11 +603,21 @@ class Worker:
             self.tally.released += 1
 
     def _node_trouble(self, conn: psycopg.Connection, running: _Running, reason: str) -> None:
-        """Give the job back without burning a try; after too many in a row, stop this node."""
+        """Give the job back without burning a try; after too many in a row, stop this node.
+
+        The job fails as node_failures once several workers gave it back so
+        (jobs.release_node_failure), and this worker leaves it to others for a
+        while: one job cannot take down every worker that reaches it.
+        """
         job = running.job
         self._node_failures += 1
         self.on_event(f"job {job.id}: this node could not run it ({reason}); giving it back to the queue")
-        if self._persist(conn, running, lambda c: jobs.release(c, job, reason=f"node failure: {reason}", actor=self.actor)):
+        status = self._persist(conn, running, lambda c: jobs.release_node_failure(c, job, reason=reason, actor=self.actor))
+        self._gave_back[job.id] = time.monotonic()
+        if status == JobStatus.FAILED:
+            self.tally.failed += 1
+            self._ended(job, JobStatus.FAILED, f"job {job.id}: failed (node_failures): no worker could run it")
+        elif status is not None:
             self.tally.released += 1
         if self._node_failures >= self.options.max_node_failures and not self._stopping.is_set():
             self.exit_code = EXIT_NODE_BROKEN
@@ -875,3 +905,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _content_error(exc: BaseException | None, job: jobs.Job) -> str | None:
+    """Why the job's own content cannot exist on this node (a path longer than the system
+    allows under the scratch directory), or None when the error is not the job's doing.
+    The path is named as the user knows it: under the tomodir they added."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+            scratch = os.fsdecode(exc.filename or "")
+            inside = scratch.split("/tomodir/", 1)[1] if "/tomodir/" in scratch else scratch
+            return (
+                f"the path {job.source_path}/{inside} is too long for this worker's scratch directory "
+                f"({len(scratch)} characters there, more than the system allows); "
+                "shorten the tomodir's deepest paths (or run it on a worker with a shorter --workdir)"
+            )
+        exc = exc.__cause__
+    return None
