@@ -9,8 +9,12 @@ hopes something happened; the only sleep is the length of an outage itself.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
+import pytest
+
+from .conftest import run, script
 from .faults import standin_alive, wait_for
 
 OUTAGE_S = 15.0
@@ -136,3 +140,47 @@ def test_a_worker_does_not_at_once_reclaim_a_job_it_gave_back(lab, tmp_path):
     for job_id in ids:
         assert lab.events(job_id) == ["registering", "queued", "claimed", "released"], lab.events(job_id)
     lab.check_invariants({i: "queued" for i in ids})
+
+
+@pytest.fixture
+def small_scratch(tmp_path):
+    """A 8 MiB tmpfs as a worker's scratch directory (unmounted at teardown)."""
+    where = tmp_path / "small-scratch"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_solver_that_fills_the_scratch_disk_is_a_node_failure_not_a_result(lab, tmp_path, small_scratch):
+    # Defect 7: the solver's output was cut short by the full disk, the solver exited 0,
+    # and the truncated file was accepted as the result.
+    solver = _solver(
+        tmp_path / "bin" / "CRMod",
+        f'"{script("crh_standin_crmod")}" || exit $?\n'
+        "dd if=/dev/zero of=../mod/big.dat bs=1M count=12 2>/dev/null\n"
+        "exit 0",
+    )
+    env = {**lab.env, "CRH_CRMOD": str(solver)}
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+
+    code, report = lab.worker("small", "-q", "--workdir", str(small_scratch), env=env).finish()
+
+    assert code == 0 and report["finished"] == 0 and report["released"] == 1, report
+    job = lab.job(job_id)
+    assert (job["status"], job["tries"]) == ("queued", 0), job
+    [(detail,)] = lab.sql("SELECT detail ->> 'reason' FROM events WHERE job_id = %s AND event = 'released'", (job_id,))
+    assert "scratch filesystem" in detail and "full" in detail, detail
+    assert not list(small_scratch.iterdir()), "the job directory was left on the full disk"
+
+    # A worker with room runs it, and the result is whole.
+    code, report = lab.worker("roomy", "-q", env=env).finish()
+    assert code == 0 and report["finished"] == 1, report
+    run([script("crh_retrieve"), "--json"], lab.env, cwd=lab.tree)
+    [td] = [p for p in lab.tree.iterdir() if p.is_dir()]
+    assert (td / "mod" / "big.dat").stat().st_size == 12 << 20
+    lab.check_invariants({job_id: "finished"})

@@ -61,6 +61,9 @@ EXIT_INTERNAL_ERROR = 1
 CANNOT_EXECUTE = (126, 127)
 # A job this worker gave back after a node failure is left to other workers this long.
 AVOID_S = 60.0
+# Less free space than this on the scratch filesystem when a solver ends: it was full, and
+# whatever the solver wrote may be cut short (the real solvers exit 0 regardless).
+SCRATCH_MIN_FREE = 1 << 20
 # Input archives up to this size are held in memory; larger ones spill to a file in the job's directory.
 INPUT_SPOOL_BYTES = 16 << 20
 
@@ -836,6 +839,11 @@ class Worker:
                 if outcome.returncode in CANNOT_EXECUTE:
                     # setpriv (and a shell wrapper) exit 126/127 when the program cannot be run here.
                     raise NodeFailure(f"{solver.path} could not be executed on this node (exit {outcome.returncode})")
+                full = _scratch_full(tomodir)
+                if full is not None:
+                    # Checked before the verdict: outputs cut short by a full disk are neither
+                    # a result nor the job's failure.
+                    raise NodeFailure(full)
                 verdict = solvers.judge(outcome, tomodir, timeout)
                 if not verdict.ok:
                     break
@@ -921,4 +929,20 @@ def _content_error(exc: BaseException | None, job: jobs.Job) -> str | None:
                 "shorten the tomodir's deepest paths (or run it on a worker with a shorter --workdir)"
             )
         exc = exc.__cause__
+    return None
+
+
+def _scratch_full(tomodir: Path) -> str | None:
+    """Why the scratch filesystem holding ``tomodir`` counts as full, or None."""
+    try:
+        st = os.statvfs(tomodir)
+    except OSError as exc:
+        return f"cannot check the free space of the scratch filesystem at {tomodir}: {exc}"
+    free = st.f_bavail * st.f_frsize
+    if free < SCRATCH_MIN_FREE or (st.f_files and st.f_favail == 0):
+        return (
+            f"the scratch filesystem at {tomodir.parent.parent} was full when the solver ended "
+            f"({free} bytes, {st.f_favail} inodes free): its output may be cut short; "
+            "free space there or point --workdir at a larger filesystem"
+        )
     return None
