@@ -9,13 +9,15 @@ hopes something happened; the only sleep is the length of an outage itself.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from .conftest import run, script
-from .faults import standin_alive, wait_for
+from .faults import alive, standin_alive, wait_for
 
 OUTAGE_S = 15.0
 
@@ -183,4 +185,35 @@ def test_a_solver_that_fills_the_scratch_disk_is_a_node_failure_not_a_result(lab
     run([script("crh_retrieve"), "--json"], lab.env, cwd=lab.tree)
     [td] = [p for p in lab.tree.iterdir() if p.is_dir()]
     assert (td / "mod" / "big.dat").stat().st_size == 12 << 20
+    lab.check_invariants({job_id: "finished"})
+
+
+def _is_sleeper(pid: int) -> bool:
+    try:
+        return alive(pid) and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"1000"]
+    except OSError:
+        return False
+
+
+def test_a_solvers_detached_grandchild_is_gone_when_its_job_ends(lab, tmp_path):
+    # Defect 8: a helper in a session of its own (setsid) escaped the process-group kill.
+    pid_file = tmp_path / "grandchild.pid"
+    solver = _solver(
+        tmp_path / "bin" / "CRMod",
+        f'setsid sleep 1000 &\necho $! > "{pid_file}"\nexec "{script("crh_standin_crmod")}"',
+    )
+    env = {**lab.env, "CRH_CRMOD": str(solver)}
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+    w = lab.worker("w", env=env)
+    grandchild = None
+    try:
+        lab.wait_status(job_id, "finished")
+        grandchild = int(pid_file.read_text())
+        assert not _is_sleeper(grandchild), "the solver's detached grandchild outlived its job"
+        assert w.proc.poll() is None
+        code, report = w.stop()
+        assert code == 0 and report["finished"] == 1
+    finally:
+        if grandchild is not None and _is_sleeper(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
     lab.check_invariants({job_id: "finished"})

@@ -42,7 +42,7 @@ from cr_queue import __version__
 from cr_queue.tomodir import archive
 from cr_queue.job_states import JobStatus
 from cr_queue.queries import jobs, session, workers
-from cr_queue.solvers import solvers
+from cr_queue.solvers import reaper, solvers
 from cr_queue import store
 from cr_queue.db.connection import Database
 from cr_queue.util.spool import Spool
@@ -194,6 +194,8 @@ class Worker:
             + ", ".join(f"{solvers.DISPLAY[n]}={s.path}" for n, s in sorted(self.solvers.items()))
         )
         self._sweep_tmp()
+        # A solver's detached descendants come back to this process, to be ended with its step.
+        reaper.become_subreaper()
         beat = threading.Thread(target=self._guarded, args=(self._heartbeat,), name="heartbeat", daemon=True)
         beat.start()
         threading.Thread(target=self._guarded, args=(self._watchdog,), name="watchdog", daemon=True).start()
