@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 import zlib
+from dataclasses import replace
 
 import psycopg
 
@@ -60,6 +61,12 @@ class ControlMixin:
             if running is not None:
                 self.on_event(f"job {running.job.id}: cancelled by its owner; stopping the solver")
                 running.stop("cancelled")
+        elif note.channel == workers.CONTROL_CHANNEL:
+            # "<worker id> <request>" from `crh worker drain|stop`: heard now, not at the next beat.
+            head, _, request = (note.payload or "").partition(" ")
+            if head.isdigit() and int(head) == self.worker_id and request in ("drain", "stop"):
+                self.on_event(f"{request} request heard on {workers.CONTROL_CHANNEL}")
+                self._obey(replace(self._orders, requested=request))
         elif self._serves_group(note.payload):
             # One notification is one job: wake one idle slot, not all of them (they would
             # all race for the claim, and all but one find nothing).

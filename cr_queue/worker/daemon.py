@@ -84,6 +84,7 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._claim_lock = threading.Lock()
         self._cpus_used = 0
         self._orders = workers.Orders()
+        self._orders_lock = threading.Lock()
         self._last_renewal = time.monotonic()
         self._drain_deadline: float | None = None
         self._started = time.monotonic()

@@ -63,7 +63,9 @@ class LeaseMixin:
 
     def _obey(self, orders: workers.Orders) -> None:
         """Apply what an admin set in the database: a drain/stop request, node settings."""
-        previous, self._orders = self._orders, orders
+        # Both the heartbeat and a NOTIFY on the control channel bring orders: one at a time.
+        with self._orders_lock:
+            previous, self._orders = self._orders, orders
         if orders.requested == "stop" and previous.requested != "stop":
             self.on_event("stop requested through the database: giving running jobs back")
             self.request_stop(abort=True, reason="stop requested by an admin")
