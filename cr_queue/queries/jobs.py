@@ -30,6 +30,8 @@ SQL = loader.load("jobs")
 
 # A worker whose liveness lock is gone and whose heartbeat is older than this is lost.
 RESCUE_GRACE_S = 5.0
+# Nobody is lost this soon after the server started: the workers reconnect and renew first.
+RESTART_GRACE_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -211,14 +213,16 @@ def claim(
     groups: Sequence[str] = (),
     lease_s: float,
     max_threads: int | None = None,
+    avoid: Sequence[int] = (),
 ) -> Job | None:
-    """Take the best queued job this worker can run, in one short transaction."""
+    """Take the best queued job this worker can run, in one short transaction (none of ``avoid``)."""
     params = {
         "can_mod": can_mod,
         "can_inv": can_inv,
         "groups": list(groups),
         "lease_s": lease_s,
         "max_threads": max_threads,
+        "avoid": list(avoid),
         **_actor(actor),
     }
     with conn.cursor(row_factory=class_row(Job)) as cur:
@@ -308,12 +312,47 @@ def release(conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor) ->
     return conn.execute(SQL.release, params).fetchone() is not None
 
 
+# A job given back after node failures by this many distinct workers fails as node_failures.
+MAX_NODE_FAILURE_WORKERS = 3
+
+
+def release_node_failure(
+    conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor, max_nodes: int = MAX_NODE_FAILURE_WORKERS
+) -> JobStatus | None:
+    """Give a job back after a node failure (no try burned); once ``max_nodes`` distinct workers
+    have done so it fails as ``node_failures``, its reason naming each worker, host and reason,
+    so no single job can empty the pool.  Returns the job's new status; None when the attempt
+    is no longer current.
+
+    The history is read from the job's events inside crh_release_node_failure (migration
+    0005), so the cap holds for a worker login too, which may not read events itself."""
+    params = {
+        "id": job.id,
+        "attempt": job.attempt,
+        "reason": reason,
+        "max_nodes": max_nodes,
+        **_actor(actor, {"reason": f"node failure: {reason}", "node_failure": True}),
+    }
+    row = conn.execute(SQL.release_node_failure, params).fetchone()
+    return None if row is None else JobStatus(row[1])
+
+
 # -------------------------------------------------------------------- rescue
 
 
-def rescue(conn: psycopg.Connection, actor: Actor, grace_s: float = RESCUE_GRACE_S) -> list[tuple[int, str]]:
+def rescue(
+    conn: psycopg.Connection,
+    actor: Actor,
+    grace_s: float = RESCUE_GRACE_S,
+    restart_grace_s: float = RESTART_GRACE_S,
+) -> list[tuple[int, str]]:
     """Return running jobs whose worker is gone to the queue (or fail them), in one statement."""
-    params = {"grace_s": grace_s, "lock_namespace": workers.LOCK_NAMESPACE, **_actor(actor, {"reason": "worker lost"})}
+    params = {
+        "grace_s": grace_s,
+        "restart_grace_s": restart_grace_s,
+        "lock_namespace": workers.LOCK_NAMESPACE,
+        **_actor(actor, {"reason": "worker lost"}),
+    }
     return [tuple(row) for row in conn.execute(SQL.rescue, params)]
 
 
@@ -385,3 +424,9 @@ def registering_at(conn: psycopg.Connection, host: str, paths: Sequence[str]) ->
 def jobs_at(conn: psycopg.Connection, host: str, paths: Sequence[str]) -> list[int]:
     """The ids of the jobs registered from these directories of ``host`` or from below them."""
     return [row[0] for row in conn.execute(SQL.jobs_at, {"host": host, "paths": list(paths)})]
+
+
+def count_orphaned(conn: psycopg.Connection) -> int:
+    """Running jobs whose worker holds no liveness lock (dead, or not yet reconnected):
+    a --quit-when-empty worker waits for the rescue sweep to return them before it stops."""
+    return conn.execute(SQL.count_orphaned, {"lock_namespace": workers.LOCK_NAMESPACE}).fetchone()[0]

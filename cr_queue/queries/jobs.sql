@@ -83,14 +83,15 @@ ORDER BY id;
 -- Take the best queued job this worker can run, in one short transaction, and record the claim.
 -- crh_claim (migration 0005) checks the worker is the caller's own, takes the best job
 -- (priority, fair-share rank, id; ix_inversions_claim, SKIP LOCKED), starts a new attempt
--- (the fence every later write names) and writes the 'claimed' event.
+-- (the fence every later write names) and writes the 'claimed' event.  It passes over the
+-- jobs in avoid: those this worker gave back after a node failure moments ago go to another first.
 SELECT j.id, j.status, j.sim_type, j.model_first, j.username, j.source_computer, j.source_path,
        j.crh_file, j.priority, j.job_group, j.sipdir, j.threads, j.timeout_s, j.attempt, j.tries,
        j.max_attempts, j.worker_id, j.inv_computer, j.input_sha256, j.result_sha256, j.exit_code,
        j.failure_category, j.failure_reason, j.datetime_init, j.datetime_started, j.datetime_finished,
        j.downloaded
 FROM crh_claim(%(worker_id)s::bigint, %(can_mod)s::boolean, %(can_inv)s::boolean, %(groups)s::text[], %(max_threads)s::int,
-               %(lease_s)s::float8, %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS j;
+               %(avoid)s::bigint[], %(lease_s)s::float8, %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb) AS j;
 
 -- name: renew
 -- Extend the leases of the jobs a worker holds (parallel arrays ids, attempts); returns the ids still its own.
@@ -123,7 +124,9 @@ SELECT EXISTS (
 -- Gone (crh_rescue, migration 0005): the lease ran out, or both signals of a live worker are
 -- missing: its heartbeat is older than grace_s and nobody holds its liveness lock (the
 -- advisory lock (lock_namespace, worker id) of its heartbeat connection).
-SELECT id, status FROM crh_rescue(%(grace_s)s::float8, %(lock_namespace)s::int, %(worker_id)s::bigint,
+-- Just after a server restart (which drops every lock) only leases count, and a worker that
+-- has not beaten since the start gets restart_grace_s to reconnect and renew.
+SELECT id, status FROM crh_rescue(%(grace_s)s::float8, %(restart_grace_s)s::float8, %(lock_namespace)s::int, %(worker_id)s::bigint,
                                   %(os_user)s::text, %(host)s::text, %(pid)s::int, %(detail)s::jsonb);
 
 -- name: cancel
@@ -182,3 +185,22 @@ WHERE source_computer = %(host)s
   AND EXISTS (SELECT 1 FROM unnest(%(paths)s::text[]) AS p(path)
               WHERE source_path = p.path OR left(source_path, length(p.path) + 1) = p.path || '/')
 ORDER BY id;
+
+-- name: count_orphaned
+-- How many running jobs have a worker that holds no liveness lock: the rescue sweep will return them soon.
+SELECT count(*)
+FROM inversions j
+WHERE j.status = 'running'
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_locks l
+      WHERE l.locktype = 'advisory' AND l.granted
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+        AND l.classid = %(lock_namespace)s::int::oid AND l.objid::bigint = j.worker_id AND l.objsubid = 2);
+
+-- name: release_node_failure
+-- Give a job back after a node failure, or fail it as node_failures once max_nodes distinct workers (this one included) have.
+-- crh_release_node_failure (migration 0005) reads the job's earlier node-failure releases from its events
+-- (which a worker login may not read itself) and writes the 'released' or 'failed' event.
+SELECT id, status FROM crh_release_node_failure(%(id)s::bigint, %(attempt)s::int, %(worker_id)s::bigint, %(reason)s::text,
+                                                %(max_nodes)s::int, %(os_user)s::text, %(host)s::text, %(pid)s::int,
+                                                %(detail)s::jsonb);

@@ -29,6 +29,7 @@ WAKE_NAMESPACE = 17235
 # The channels of workers.sql's LISTEN statements, to tell their notifications apart.
 CHANNEL = "crh_jobs"
 CANCEL_CHANNEL = "crh_cancel"
+CONTROL_CHANNEL = "crh_worker_control"
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,11 @@ def hold_worker_lock(conn: psycopg.Connection, worker_id: int) -> bool:
 
 
 def listen(conn: psycopg.Connection, *, jobs: bool = True) -> None:
-    """LISTEN for cancellations and, unless the worker follows the wake token, for new jobs."""
+    """LISTEN for cancellations, an admin's requests and, unless the worker follows the wake token, new jobs."""
     if jobs:
         conn.execute(SQL.listen_jobs)
     conn.execute(SQL.listen_cancel)
+    conn.execute(SQL.listen_control)
 
 
 # The wake token: among idle workers that claim the same kind of jobs, only the

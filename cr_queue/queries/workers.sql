@@ -58,3 +58,7 @@ UNLISTEN crh_jobs;
 -- name: listen_cancel
 -- Hear about cancelled jobs: cancel in jobs.sql notifies crh_cancel with the job id.
 LISTEN crh_cancel;
+
+-- name: listen_control
+-- Hear an admin's drain or stop at once: request_workers in admin.sql notifies crh_worker_control with '<worker id> <request>'.
+LISTEN crh_worker_control;

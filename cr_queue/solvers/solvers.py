@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from cr_queue.solvers import reaper
 from cr_queue.tomodir import discover
 
 STEP_SOLVER = {"mod": "crmod", "inv": "crtomo"}
@@ -138,14 +139,16 @@ def run_step(
 ) -> Outcome:
     """Run one solver in ``tomodir/exe`` in its own process group.
 
-    The whole group is killed on timeout or abort, so helpers the solver
-    spawned do not outlive the job.
+    The whole group is killed on timeout or abort, and when the step ends
+    every descendant left (even one in a session of its own) is killed
+    (reaper.py), so helpers the solver spawned do not outlive the job.
     """
     run_env = dict(os.environ if env is None else env)
     # The solver reads an untrusted tomodir and needs no database: keep credentials away from it.
     for name in SECRET_ENV:
         run_env.pop(name, None)
     run_env["OMP_NUM_THREADS"] = str(threads)
+    token = run_env[reaper.TOKEN_ENV] = reaper.new_token()
     log.write(f"=== cr_queue: {DISPLAY[solver.name]} {solver.path} with OMP_NUM_THREADS={threads}\n".encode())
     log.flush()
     start = time.monotonic()
@@ -153,27 +156,35 @@ def run_step(
         # Checked here because setpriv would report it only as the solver's exit status.
         raise PermissionError(errno.EACCES, "not an executable file (any more)", str(solver.path))
     argv, preexec = _launch(solver, nice)
-    proc = subprocess.Popen(
-        argv,
-        cwd=tomodir / "exe",
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=run_env,
-        start_new_session=True,
-        preexec_fn=preexec,
-    )
+    with reaper.launching() as running:
+        proc = subprocess.Popen(
+            argv,
+            cwd=tomodir / "exe",
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=run_env,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+        running.add(proc.pid)
     timed_out = aborted = False
-    with _ExitWatch(proc) as ended:
-        while not ended(0.05 if time.monotonic() - start < 1 else 0.25):
-            if timeout is not None and time.monotonic() - start > timeout:
-                timed_out = True
-            elif abort is not None and abort.is_set():
-                aborted = True
-            else:
-                continue
+    try:
+        with _ExitWatch(proc) as ended:
+            while not ended(0.05 if time.monotonic() - start < 1 else 0.25):
+                if timeout is not None and time.monotonic() - start > timeout:
+                    timed_out = True
+                elif abort is not None and abort.is_set():
+                    aborted = True
+                else:
+                    continue
+                kill_group(proc)
+                break
+    finally:
+        if proc.returncode is None:
             kill_group(proc)
-            break
+        reaper.forget(proc.pid)
+        reaper.end_step(proc.pid, token)
     return Outcome(step, proc.returncode, timed_out, aborted, time.monotonic() - start)
 
 

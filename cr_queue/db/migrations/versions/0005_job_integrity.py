@@ -5,7 +5,8 @@ jump the queue, finish what it does not hold, or read what is not its own (issue
   (``crh_finish_registrations``, ``crh_cancel``, ``crh_requeue``,
   ``crh_set_priority``, ``crh_mark_downloaded`` for a job's owner;
   ``crh_claim``, ``crh_renew``, ``crh_complete``, ``crh_fail``,
-  ``crh_release``, ``crh_rescue`` for workers), each checking the caller, the
+  ``crh_release``, ``crh_release_node_failure``, ``crh_rescue`` for workers),
+  each checking the caller, the
   transition and the fence (worker login, worker id, attempt) and writing the
   event in the same statement.  Their ``search_path`` is pinned.  No login but
   the owner updates a state column: the column grants of 0003 are revoked; a

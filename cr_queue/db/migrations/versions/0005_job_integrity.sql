@@ -243,7 +243,7 @@ END $$;
 -- name: worker_functions
 -- What a worker does to jobs: claim, renew, complete, fail, release, rescue; each fenced by login, worker id and attempt.
 CREATE FUNCTION crh_claim(p_worker_id bigint, p_can_mod boolean, p_can_inv boolean, p_groups text[],
-                          p_max_threads integer, p_lease_s double precision,
+                          p_max_threads integer, p_avoid bigint[], p_lease_s double precision,
                           p_os_user text, p_host text, p_pid integer, p_detail jsonb)
 RETURNS SETOF inversions LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
 BEGIN
@@ -258,6 +258,8 @@ BEGIN
                OR (i.sim_type = 'inv' AND p_can_inv AND (NOT i.model_first OR p_can_mod)))
           AND (CASE WHEN cardinality(p_groups) = 0 THEN i.job_group IS NULL ELSE i.job_group = ANY(p_groups) END)
           AND (p_max_threads IS NULL OR i.threads <= p_max_threads)
+          -- Jobs this worker gave back after a node failure moments ago go to another worker first.
+          AND NOT (i.id = ANY(p_avoid))
         ORDER BY i.priority DESC, i.fair_rank, i.id
         LIMIT 1
         FOR UPDATE SKIP LOCKED
@@ -350,7 +352,60 @@ BEGIN
     )
     SELECT u.id FROM u;
 END $$;
-CREATE FUNCTION crh_rescue(p_grace_s double precision, p_lock_namespace integer, p_worker_id bigint,
+CREATE FUNCTION crh_release_node_failure(p_id bigint, p_attempt integer, p_worker_id bigint, p_reason text,
+                                          p_max_nodes integer, p_os_user text, p_host text, p_pid integer,
+                                          p_detail jsonb)
+RETURNS TABLE (id bigint, status text) LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+#variable_conflict use_column
+BEGIN
+    -- Give a job back after a node failure (no try used), or fail it as node_failures once
+    -- p_max_nodes distinct workers (this one included) could not run it: no single job can
+    -- empty the pool.  The history is the job's events, each node-failure release naming its
+    -- worker, host and reason.
+    PERFORM crh_caller_runs(p_worker_id);
+    RETURN QUERY
+    WITH j AS (
+        SELECT i.id FROM inversions i
+        WHERE i.id = p_id AND i.attempt = p_attempt AND i.status = 'running' AND i.worker_id = p_worker_id
+        FOR UPDATE
+    ), earlier AS (
+        SELECT DISTINCT ON (e.worker_id) e.worker_id, e.host, e.detail ->> 'reason' AS reason
+        FROM events e JOIN j ON e.job_id = j.id
+        WHERE e.event = 'released' AND e.detail ? 'node_failure' AND e.worker_id IS DISTINCT FROM p_worker_id
+        ORDER BY e.worker_id, e.id DESC
+    ), nodes AS (
+        SELECT earlier.worker_id, earlier.host, earlier.reason FROM earlier
+        UNION ALL
+        SELECT p_worker_id, p_host, p_reason
+    ), verdict AS (
+        SELECT count(*) >= p_max_nodes AS give_up,
+               'given back by ' || count(*) || ' workers, each unable to run it: '
+               || string_agg(coalesce(w.name, 'worker ' || n.worker_id) || ' on ' || n.host || ' (' || n.reason || ')',
+                             '; ' ORDER BY n.worker_id) AS story
+        FROM nodes n LEFT JOIN workers w ON w.id = n.worker_id
+    ), u AS (
+        UPDATE inversions i
+        SET status = CASE WHEN v.give_up THEN 'failed' ELSE 'queued' END,
+            tries = CASE WHEN v.give_up THEN i.tries ELSE greatest(i.tries - 1, 0) END,
+            failure_category = CASE WHEN v.give_up THEN 'node_failures' END,
+            failure_reason = CASE WHEN v.give_up THEN v.story END,
+            datetime_finished = CASE WHEN v.give_up THEN now() END,
+            datetime_queued = CASE WHEN v.give_up THEN i.datetime_queued ELSE now() END,
+            worker_id = CASE WHEN v.give_up THEN i.worker_id END,
+            lease_expires = NULL
+        FROM j, verdict v
+        WHERE i.id = j.id
+        RETURNING i.id, i.status, i.attempt
+    ), e AS (
+        INSERT INTO events (job_id, event, status, attempt, db_role, os_user, host, pid, worker_id, detail)
+        SELECT u.id, CASE WHEN u.status = 'failed' THEN 'failed' ELSE 'released' END, u.status, u.attempt,
+               session_user, p_os_user, p_host, p_pid, p_worker_id, p_detail
+        FROM u
+    )
+    SELECT u.id, u.status FROM u;
+END $$;
+CREATE FUNCTION crh_rescue(p_grace_s double precision, p_restart_grace_s double precision,
+                           p_lock_namespace integer, p_worker_id bigint,
                            p_os_user text, p_host text, p_pid integer, p_detail jsonb)
 RETURNS TABLE (id bigint, status text) LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
 #variable_conflict use_column
@@ -363,11 +418,16 @@ BEGIN
     WITH lost AS (
         -- Gone: the lease ran out, or both signals of a live worker are missing (its heartbeat is
         -- older than grace and nobody holds its liveness lock); just after a server restart
-        -- (which drops every lock) only leases count.
+        -- (which drops every lock) only leases count.  A worker that has not beaten since the server
+        -- started gets p_restart_grace_s after the start to reconnect and renew (longer than the cap
+        -- of its reconnection backoff, cr_queue/worker/reconnect.py): its leases ran on while the
+        -- server was down, and nobody could tell it anything then.
         SELECT j.id
         FROM inversions j
         LEFT JOIN workers w ON w.id = j.worker_id
         WHERE j.status = 'running'
+          AND NOT (coalesce(w.last_heartbeat < pg_postmaster_start_time(), false)
+                   AND pg_postmaster_start_time() > now() - make_interval(secs => p_restart_grace_s))
           AND (j.lease_expires < now()
                OR (coalesce(w.last_heartbeat < now() - make_interval(secs => p_grace_s), true)
                    AND pg_postmaster_start_time() < now() - make_interval(secs => p_grace_s)
@@ -429,7 +489,7 @@ BEGIN
         WHERE p.pronamespace = current_schema()::regnamespace
           AND p.proname IN ('crh_caller_manages', 'crh_caller_runs', 'crh_check_result', 'crh_finish_registrations',
                             'crh_cancel', 'crh_requeue', 'crh_set_priority', 'crh_mark_downloaded', 'crh_claim',
-                            'crh_renew', 'crh_complete', 'crh_fail', 'crh_release', 'crh_rescue',
+                            'crh_renew', 'crh_complete', 'crh_fail', 'crh_release', 'crh_release_node_failure', 'crh_rescue',
                             'crh_guard_registration')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp', f, current_schema());
@@ -452,12 +512,13 @@ REVOKE ALL ON FUNCTION
     crh_requeue(bigint[], text, text, integer, jsonb),
     crh_set_priority(bigint[], integer, text, text, integer, jsonb),
     crh_mark_downloaded(bigint[], text, text, integer, jsonb),
-    crh_claim(bigint, boolean, boolean, text[], integer, double precision, text, text, integer, jsonb),
+    crh_claim(bigint, boolean, boolean, text[], integer, bigint[], double precision, text, text, integer, jsonb),
     crh_renew(bigint, bigint[], integer[], double precision),
     crh_complete(bigint, integer, bigint, text, integer, text, text, integer, jsonb),
     crh_fail(bigint, integer, bigint, text, integer, text, text, text, text, integer, jsonb),
     crh_release(bigint, integer, bigint, text, text, integer, jsonb),
-    crh_rescue(double precision, integer, bigint, text, text, integer, jsonb)
+    crh_release_node_failure(bigint, integer, bigint, text, integer, text, text, integer, jsonb),
+    crh_rescue(double precision, double precision, integer, bigint, text, text, integer, jsonb)
 FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     crh_finish_registrations(bigint[], text[], text, text, integer),
@@ -467,12 +528,13 @@ GRANT EXECUTE ON FUNCTION
     crh_mark_downloaded(bigint[], text, text, integer, jsonb)
 TO crh_admin, crh_user;
 GRANT EXECUTE ON FUNCTION
-    crh_claim(bigint, boolean, boolean, text[], integer, double precision, text, text, integer, jsonb),
+    crh_claim(bigint, boolean, boolean, text[], integer, bigint[], double precision, text, text, integer, jsonb),
     crh_renew(bigint, bigint[], integer[], double precision),
     crh_complete(bigint, integer, bigint, text, integer, text, text, integer, jsonb),
     crh_fail(bigint, integer, bigint, text, integer, text, text, text, text, integer, jsonb),
     crh_release(bigint, integer, bigint, text, text, integer, jsonb),
-    crh_rescue(double precision, integer, bigint, text, text, integer, jsonb)
+    crh_release_node_failure(bigint, integer, bigint, text, integer, text, text, integer, jsonb),
+    crh_rescue(double precision, double precision, integer, bigint, text, text, integer, jsonb)
 TO crh_admin, crh_worker;
 
 -- name: policies
@@ -518,12 +580,13 @@ DROP FUNCTION crh_cancel(bigint[], text, text, integer, jsonb);
 DROP FUNCTION crh_requeue(bigint[], text, text, integer, jsonb);
 DROP FUNCTION crh_set_priority(bigint[], integer, text, text, integer, jsonb);
 DROP FUNCTION crh_mark_downloaded(bigint[], text, text, integer, jsonb);
-DROP FUNCTION crh_claim(bigint, boolean, boolean, text[], integer, double precision, text, text, integer, jsonb);
+DROP FUNCTION crh_claim(bigint, boolean, boolean, text[], integer, bigint[], double precision, text, text, integer, jsonb);
 DROP FUNCTION crh_renew(bigint, bigint[], integer[], double precision);
 DROP FUNCTION crh_complete(bigint, integer, bigint, text, integer, text, text, integer, jsonb);
 DROP FUNCTION crh_fail(bigint, integer, bigint, text, integer, text, text, text, text, integer, jsonb);
 DROP FUNCTION crh_release(bigint, integer, bigint, text, text, integer, jsonb);
-DROP FUNCTION crh_rescue(double precision, integer, bigint, text, text, integer, jsonb);
+DROP FUNCTION crh_release_node_failure(bigint, integer, bigint, text, integer, text, text, integer, jsonb);
+DROP FUNCTION crh_rescue(double precision, double precision, integer, bigint, text, text, integer, jsonb);
 DROP FUNCTION crh_check_result(text);
 DROP FUNCTION crh_caller_runs(bigint);
 DROP FUNCTION crh_caller_manages();

@@ -1,0 +1,217 @@
+"""The Worker: its life from registration to the last report, its threads, its signals.
+
+The work itself is in the mixins: control.py (main thread), lease.py
+(heartbeat and watchdog), slots.py, pipeline.py, scratch.py; reconnect.py
+opens every connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as _queue
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psycopg
+
+from cr_queue import __version__
+from cr_queue.tomodir import archive
+from cr_queue.queries import jobs, session, workers
+from cr_queue.solvers import reaper, solvers
+from cr_queue.db.connection import Database
+from cr_queue.worker.reconnect import Connector, first_line as _first_line
+from cr_queue.worker.options import EXIT_INTERNAL_ERROR, Running, Tally, WorkerOptions
+from cr_queue.worker.scratch import ScratchMixin
+from cr_queue.worker.lease import LeaseMixin
+from cr_queue.worker.control import ControlMixin
+from cr_queue.worker.slots import SlotsMixin
+from cr_queue.worker.pipeline import PipelineMixin
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
+    """A worker daemon: claims jobs, runs the solvers, sends results back."""
+
+    def __init__(
+        self,
+        db: Database,
+        solver_map: dict[str, solvers.Solver],
+        options: WorkerOptions,
+        *,
+        limits: archive.Limits,
+        on_event: Callable[[str], None] | None = None,
+        on_job_end: Callable[[int, str, str], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.solvers = solver_map
+        self.options = options
+        self.limits = limits  # the caps on unpacking an input (config.archive_limits)
+        self.host = socket.gethostname()
+        self.name = options.name or f"{self.host}-{os.getpid()}"
+        self.on_event = on_event or (lambda message: log.info("%s", message))
+        # (job id, JobStatus.FINISHED or FAILED, the event's text): for whoever counts the jobs that ended.
+        self.on_job_end = on_job_end or (lambda job_id, status, message: None)
+        self.tally = Tally()
+        self.exit_code = 0
+        self.stop_reason = "stopped"
+        self.workdir = Path(options.workdir or tempfile.gettempdir())
+        self._stopping = threading.Event()
+        # Set when running jobs are to be given up now: nobody waits for the database any more.
+        self._aborting = threading.Event()
+        self._connector = Connector(db, self.name, self._idle_transaction_limit)
+        self._finished = threading.Event()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._generation = 0
+        self._trash: _queue.SimpleQueue[Path | None] | None = None
+        self._token = False
+        self._trash_thread: threading.Thread | None = None
+        self._busy = 0
+        self._node_failures = 0
+        # Jobs given back after a node failure: job id -> when (time.monotonic()).
+        self._gave_back: dict[int, float] = {}
+        self._held: dict[int, Running] = {}
+        self._claim_lock = threading.Lock()
+        self._cpus_used = 0
+        self._orders = workers.Orders()
+        self._orders_lock = threading.Lock()
+        self._last_renewal = time.monotonic()
+        self._drain_deadline: float | None = None
+        self._started = time.monotonic()
+        self.worker_id: int | None = None
+        self.actor = jobs.Actor()
+        # Which binaries computed the results: recorded with every outcome.
+        self._solver_info = {name: s.describe() for name, s in self.solvers.items()}
+
+    def run(self) -> int:
+        control = self.db.connect(f"crh_worker {self.name} control", keepalive=True)
+        session.bound_idle_transactions(control, self._idle_transaction_limit)
+        self.worker_id = workers.register_worker(
+            control,
+            name=self.name,
+            host=self.host,
+            pid=os.getpid(),
+            version=__version__,
+            jobs=self.options.cpus or self.options.jobs,
+            threads=self.options.threads,
+            groups=self.options.groups,
+            solvers=self._solver_info,
+        )
+        self.actor = jobs.Actor(worker_id=self.worker_id)
+        self._obey(workers.beat(control, self.worker_id, draining=False))
+        self.on_event(
+            f"worker {self.name} (id {self.worker_id}) started: {self.options.jobs} job(s) at a time, "
+            f"{self.options.threads} thread(s) each, solvers: "
+            + ", ".join(f"{solvers.DISPLAY[n]}={s.path}" for n, s in sorted(self.solvers.items()))
+        )
+        self._sweep_tmp()
+        # A solver's detached descendants come back to this process, to be ended with its step.
+        reaper.become_subreaper()
+        beat = threading.Thread(target=self._guarded, args=(self._heartbeat,), name="heartbeat", daemon=True)
+        beat.start()
+        threading.Thread(target=self._guarded, args=(self._watchdog,), name="watchdog", daemon=True).start()
+        slots = [
+            threading.Thread(target=self._guarded, args=(self._slot, i), name=f"slot-{i}", daemon=True)
+            for i in range(self.options.cpus or self.options.jobs)
+        ]
+        for t in slots:
+            t.start()
+        try:
+            control = self._main_loop(control, slots)
+        except BaseException:
+            self.exit_code = EXIT_INTERNAL_ERROR
+            raise
+        finally:
+            self._stopping.set()
+            self._kick()
+            for t in slots:
+                t.join()
+            self._finished.set()
+            beat.join(timeout=10)
+            self._discard(None)
+        self._run_db(lambda conn: workers.stop_worker(conn, self.worker_id, self.stop_reason), control)
+        self.on_event(
+            f"worker {self.name} stopped ({self.stop_reason}): {self.tally.finished} finished, "
+            f"{self.tally.failed} failed"
+            + (f", {self.tally.released} given back" if self.tally.released else "")
+            + (f", {self.tally.cancelled} cancelled" if self.tally.cancelled else "")
+            + (f", {self.tally.refused} results refused (stale attempt)" if self.tally.refused else "")
+        )
+        return self.exit_code
+
+    def request_stop(self, *, abort: bool = False, reason: str | None = None) -> None:
+        """Stop claiming and let running jobs finish; with abort, give them back at once."""
+        if reason and not self._stopping.is_set():
+            self.stop_reason = reason
+        self._stopping.set()
+        if self._drain_deadline is None and self.options.drain_timeout_s is not None:
+            self._drain_deadline = time.monotonic() + self.options.drain_timeout_s
+        if abort:
+            self._aborting.set()
+            self._stop_all("release")
+        self._kick()
+
+    def _guarded(self, target: Callable[..., None], *args) -> None:
+        """Run a thread's loop; if a bug ends it, say so with the traceback and end the worker
+        with a non-zero exit code, instead of carrying on without the thread."""
+        try:
+            target(*args)
+        except BaseException as exc:
+            log.exception("internal error in thread %s", threading.current_thread().name)
+            self.exit_code = EXIT_INTERNAL_ERROR
+            self.request_stop(abort=True, reason=f"internal error: {type(exc).__name__}: {exc}")
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            again = self._stopping.is_set()
+            name = signal.Signals(signum).name
+            if again:
+                self.on_event(f"received {name} again: giving running jobs back to the queue")
+            else:
+                drain = self.options.drain_timeout_s
+                self.on_event(
+                    f"received {name}: claiming no more, letting running jobs finish"
+                    + (f" for up to {drain:g} s" if drain is not None else "")
+                    + " (send it again to give them back now)"
+                )
+            self.request_stop(abort=again, reason=f"stopped by {name}")
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _stop_all(self, why: str) -> None:
+        with self._lock:
+            for running in self._held.values():
+                running.stop(why)
+
+    def _connect(self, role: str) -> psycopg.Connection:
+        return self._connector.connect(role)
+
+    @property
+    def _idle_transaction_limit(self) -> float:
+        """A third of the lease: a transaction of a cut-off worker must end (and free the
+        job's row for the rescue sweep) well before the lease does."""
+        return self.options.lease_s / 3
+
+    def _run_db(self, fn: Callable[[psycopg.Connection], T], conn: psycopg.Connection | None = None) -> T | None:
+        """Run a statement, reconnecting once if the connection went away meanwhile."""
+        for attempt in range(2):
+            try:
+                if conn is None or conn.closed:
+                    conn = self._connect("control")
+                return fn(conn)
+            except psycopg.OperationalError as exc:
+                if attempt:
+                    self.on_event(f"database unreachable ({_first_line(exc)})")
+                conn = None
+        return None

@@ -1,0 +1,219 @@
+"""Worker faults of issue 14, each reproduced for real before its fix.
+
+Real crh_worker processes, the stand-in solvers (or tiny solver scripts in the
+test's own directory), the suite's PostgreSQL stopped and started for real.
+Waits are on events (a log line, a pid, a job's state), never on a sleep that
+hopes something happened; the only sleep is the length of an outage itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import run, script
+from .faults import alive, standin_alive, wait_for
+
+OUTAGE_S = 15.0
+
+
+def test_database_outage_longer_than_one_retry_is_ridden_out_and_no_result_is_lost(lab, pg_cluster):
+    # Defect 1: when a reconnect itself failed, every slot died and the results were thrown away.
+    ids = lab.add(*lab.tomodirs(4, cfg="sleep = 2"))
+    workers = [lab.worker(f"w{i}", "--jobs", "2") for i in range(2)]
+    solves = lab.wait_runs(4)
+
+    pg_cluster.stop()
+    down = time.monotonic()
+    try:
+        # The solvers end during the outage: their results must wait on the node.
+        wait_for(lambda: not any(standin_alive(s.pid) for s in solves), "the solvers to finish during the outage")
+        for w in workers:
+            w.wait_log("connection lost")
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down)))  # the outage itself
+        assert all(w.proc.poll() is None for w in workers), [w.log() for w in workers]
+    finally:
+        pg_cluster.start()
+
+    for job_id in ids:
+        lab.wait_status(job_id, "finished", timeout=120)
+    assert all(w.proc.poll() is None for w in workers), "a worker ended during the outage"
+    results = [w.stop() for w in workers]
+    assert [code for code, _ in results] == [0, 0], [w.log() for w in workers]
+    assert sum(report["finished"] for _, report in results) == 4
+    assert sum(report["refused"] + report["released"] for _, report in results) == 0
+    assert len(lab.runs()) == 4, "each job was solved once: no solver work was thrown away"
+    assert lab.sql("SELECT count(*) FROM events WHERE event IN ('rescued', 'released')") == [(0,)]
+    for w in workers:
+        assert "Traceback" not in w.log(), w.log()
+    lab.check_invariants({i: "finished" for i in ids})
+
+
+def test_quit_when_empty_worker_started_after_a_crash_runs_the_lost_job(lab):
+    # Defect 3: the -q worker's slots found nothing to claim before the first rescue
+    # sweep, so it stopped ("queue empty") and left the crashed worker's job behind.
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 2"))
+    crashed = lab.worker("crashed")
+    [first] = lab.wait_runs(1)
+    assert lab.status(job_id) == "running"
+    crashed.kill9()
+
+    code, report = lab.worker("pilot", "-q").finish()
+
+    assert code == 0 and report["finished"] == 1, report
+    job = lab.job(job_id)
+    assert (job["status"], job["attempt"]) == ("finished", 2)
+    assert lab.events(job_id) == ["registering", "queued", "claimed", "rescued", "claimed", "finished"]
+    assert len(lab.runs()) == 2 and not standin_alive(first.pid)
+    lab.check_invariants({job_id: "finished"})
+
+
+def _solver(path, body: str):
+    """A solver 'binary': a shell script in the test's own directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_a_path_too_long_for_the_scratch_dir_fails_that_job_and_stops_no_worker(lab):
+    # Defect 2: ENAMETOOLONG under the worker's deeper scratch prefix counted as a node
+    # failure: the job went back, the same worker took it again, and after 5 it exited 3.
+    path_max = os.pathconf("/", "PC_PATH_MAX")
+    long_td, fine_td = lab.tomodirs(2, cfg="sleep = 0")
+    scratch = lab.workdir / ("s" * 250) / ("s" * 250)
+    scratch.mkdir(parents=True)
+    # Fits under the user's tree with room to spare, not under the scratch dir.
+    room = path_max - 100 - len(str(long_td)) - len("/extra/") - len("/deep.dat")
+    parts = [("d" * 200)] * (room // 201)
+    deep = long_td.joinpath("extra", *parts)
+    deep.mkdir(parents=True)
+    (deep / "deep.dat").write_text("1\n")
+    long_id, fine_id = lab.add(long_td, fine_td)
+
+    code, report = lab.worker("w", "-q", "--workdir", str(scratch)).finish()
+
+    assert code == 0, report
+    assert report["failed"] == 1 and report["finished"] == 1 and report["released"] == 0, report
+    job = lab.job(long_id)
+    assert (job["status"], job["failure_category"], job["tries"]) == ("failed", "input_path", 1), job
+    assert f"{long_td}/extra/" in job["failure_reason"] and "too long" in job["failure_reason"], job
+    assert lab.events(long_id) == ["registering", "queued", "claimed", "failed"]
+    wait_for(lambda: not list(scratch.iterdir()), "the job directories to be removed")
+    lab.check_invariants({long_id: "failed", fine_id: "finished"})
+
+
+def test_a_job_no_node_can_run_fails_as_node_failures_after_three_workers(lab, tmp_path):
+    # Defect 2: node-failure releases are capped per job, counted over distinct workers.
+    broken = _solver(tmp_path / "bin" / "CRMod", "exit 126")
+    env = {**lab.env, "CRH_CRMOD": str(broken)}
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+    workers = [lab.worker(name, env=env) for name in ("a", "b", "c")]
+
+    job = lab.wait_status(job_id, "failed")
+
+    assert job["failure_category"] == "node_failures", job
+    for name in ("a", "b", "c"):
+        assert f"{name} on " in job["failure_reason"], job["failure_reason"]
+    assert "exit 126" in job["failure_reason"]
+    assert lab.events(job_id) == ["registering", "queued"] + ["claimed", "released"] * 2 + ["claimed", "failed"]
+    claimers = lab.sql("SELECT count(DISTINCT worker_id) FROM events WHERE job_id = %s AND event = 'claimed'", (job_id,))
+    assert claimers == [(3,)]
+    assert all(w.proc.poll() is None for w in workers), "one job took a worker down"
+    results = [w.stop() for w in workers]
+    assert [code for code, _ in results] == [0, 0, 0]
+    lab.check_invariants({job_id: "failed"})
+
+
+def test_a_worker_does_not_at_once_reclaim_a_job_it_gave_back(lab, tmp_path):
+    # Defect 2: the job stayed at the head of the queue and the same worker took it again.
+    broken = _solver(tmp_path / "bin" / "CRMod", "exit 126")
+    env = {**lab.env, "CRH_CRMOD": str(broken)}
+    ids = lab.add(*lab.tomodirs(2, cfg="sleep = 0"))
+
+    code, report = lab.worker("w", "--max-node-failures", "2", env=env).finish()
+
+    assert code == 3 and report["released"] == 2, report
+    for job_id in ids:
+        assert lab.events(job_id) == ["registering", "queued", "claimed", "released"], lab.events(job_id)
+    lab.check_invariants({i: "queued" for i in ids})
+
+
+@pytest.fixture
+def small_scratch(tmp_path):
+    """A 8 MiB tmpfs as a worker's scratch directory (unmounted at teardown)."""
+    where = tmp_path / "small-scratch"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_solver_that_fills_the_scratch_disk_is_a_node_failure_not_a_result(lab, tmp_path, small_scratch):
+    # Defect 7: the solver's output was cut short by the full disk, the solver exited 0,
+    # and the truncated file was accepted as the result.
+    solver = _solver(
+        tmp_path / "bin" / "CRMod",
+        f'"{script("crh_standin_crmod")}" || exit $?\n'
+        "dd if=/dev/zero of=../mod/big.dat bs=1M count=12 2>/dev/null\n"
+        "exit 0",
+    )
+    env = {**lab.env, "CRH_CRMOD": str(solver)}
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+
+    code, report = lab.worker("small", "-q", "--workdir", str(small_scratch), env=env).finish()
+
+    assert code == 0 and report["finished"] == 0 and report["released"] == 1, report
+    job = lab.job(job_id)
+    assert (job["status"], job["tries"]) == ("queued", 0), job
+    [(detail,)] = lab.sql("SELECT detail ->> 'reason' FROM events WHERE job_id = %s AND event = 'released'", (job_id,))
+    assert "scratch filesystem" in detail and "full" in detail, detail
+    assert not list(small_scratch.iterdir()), "the job directory was left on the full disk"
+
+    # A worker with room runs it, and the result is whole.
+    code, report = lab.worker("roomy", "-q", env=env).finish()
+    assert code == 0 and report["finished"] == 1, report
+    run([script("crh_retrieve"), "--json"], lab.env, cwd=lab.tree)
+    [td] = [p for p in lab.tree.iterdir() if p.is_dir()]
+    assert (td / "mod" / "big.dat").stat().st_size == 12 << 20
+    lab.check_invariants({job_id: "finished"})
+
+
+def _is_sleeper(pid: int) -> bool:
+    try:
+        return alive(pid) and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"1000"]
+    except OSError:
+        return False
+
+
+def test_a_solvers_detached_grandchild_is_gone_when_its_job_ends(lab, tmp_path):
+    # Defect 8: a helper in a session of its own (setsid) escaped the process-group kill.
+    pid_file = tmp_path / "grandchild.pid"
+    solver = _solver(
+        tmp_path / "bin" / "CRMod",
+        f'setsid sleep 1000 &\necho $! > "{pid_file}"\nexec "{script("crh_standin_crmod")}"',
+    )
+    env = {**lab.env, "CRH_CRMOD": str(solver)}
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+    w = lab.worker("w", env=env)
+    grandchild = None
+    try:
+        lab.wait_status(job_id, "finished")
+        grandchild = int(pid_file.read_text())
+        assert not _is_sleeper(grandchild), "the solver's detached grandchild outlived its job"
+        assert w.proc.poll() is None
+        code, report = w.stop()
+        assert code == 0 and report["finished"] == 1
+    finally:
+        if grandchild is not None and _is_sleeper(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+    lab.check_invariants({job_id: "finished"})
