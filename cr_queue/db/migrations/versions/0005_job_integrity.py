@@ -30,18 +30,14 @@ Revises: 0004
 Create Date: 2026-12-07
 """
 
-from pathlib import Path
-
-from alembic import op
-
-from cr_queue.queries import loader
+from cr_queue.db.migrations import sql_steps
 
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-SQL = loader.parse(Path(__file__).with_suffix(".sql").read_text(encoding="utf-8"), "0005_job_integrity.sql")
+SQL = sql_steps.load(__file__)
 
 UPGRADE = (
     "repair_finished_without_result",
@@ -69,10 +65,8 @@ DOWNGRADE = (
 
 
 def upgrade() -> None:
-    for name in UPGRADE:
-        op.execute(SQL[name])
+    sql_steps.run(SQL, UPGRADE)
 
 
 def downgrade() -> None:
-    for name in DOWNGRADE:
-        op.execute(SQL[name])
+    sql_steps.run(SQL, DOWNGRADE)

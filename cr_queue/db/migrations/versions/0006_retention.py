@@ -16,11 +16,7 @@ Revises: 0005
 Create Date: 2026-12-07
 """
 
-from pathlib import Path
-
-from alembic import op
-
-from cr_queue.queries import loader
+from cr_queue.db.migrations import sql_steps
 
 revision = "0006"
 down_revision = "0005"
@@ -28,17 +24,15 @@ branch_labels = None
 depends_on = None
 
 
-SQL = loader.parse(Path(__file__).with_suffix(".sql").read_text(encoding="utf-8"), "0006_retention.sql")
+SQL = sql_steps.load(__file__)
 
 UPGRADE = ("add_purged_column", "finished_has_result_or_purged", "purge_function")
 DOWNGRADE = ("drop_purge_function", "finished_has_result", "drop_purged_column")
 
 
 def upgrade() -> None:
-    for name in UPGRADE:
-        op.execute(SQL[name])
+    sql_steps.run(SQL, UPGRADE)
 
 
 def downgrade() -> None:
-    for name in DOWNGRADE:
-        op.execute(SQL[name])
+    sql_steps.run(SQL, DOWNGRADE)
