@@ -189,7 +189,7 @@ def test_a_fresh_heartbeat_protects_a_worker_that_lost_its_lock(db_url):
         actor, heartbeat = _alive_worker(db_url, conn)
         _claim(conn, actor)
         _drop(conn, heartbeat)
-        assert jobs.renew(conn, actor.worker_id, [], 30) == set()
+        workers.beat(conn, actor.worker_id, draining=False)
         assert jobs.rescue(conn, ACTOR, grace_s=60) == []
         assert jobs.rescue(conn, ACTOR, grace_s=0) == [(job_id, "queued")]
 

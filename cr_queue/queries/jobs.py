@@ -237,20 +237,17 @@ def renew(
 ) -> set[int]:
     """Extend the leases of the jobs a worker holds (``(job_id, attempt)``); returns the ids still its own.
 
-    The transaction also refreshes the worker's heartbeat, as beat does: the
-    heartbeat is written twice per beat, which branch ``worker`` (issue 17)
-    folds into one statement."""
-    with conn.transaction():
-        workers.heartbeat(conn, worker_id)
-        if not held:
-            return set()
-        params = {
-            "ids": [job_id for job_id, _ in held],
-            "attempts": [attempt for _, attempt in held],
-            "worker_id": worker_id,
-            "lease_s": lease_s,
-        }
-        return {row[0] for row in conn.execute(SQL.renew, params)}
+    The heartbeat itself is workers.beat, sent just before on the same connection: each
+    beat writes ``last_heartbeat`` once."""
+    if not held:
+        return set()
+    params = {
+        "ids": [job_id for job_id, _ in held],
+        "attempts": [attempt for _, attempt in held],
+        "worker_id": worker_id,
+        "lease_s": lease_s,
+    }
+    return {row[0] for row in conn.execute(SQL.renew, params)}
 
 
 # ------------------------------------------------------------------- outcome

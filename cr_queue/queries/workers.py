@@ -77,11 +77,6 @@ def beat(conn: psycopg.Connection, worker_id: int, *, draining: bool) -> Orders:
     return Orders(requested, nice, cpus, threads, True if active is None else active)
 
 
-def heartbeat(conn: psycopg.Connection, worker_id: int) -> None:
-    """Only the heartbeat, without the orders (what jobs.renew's transaction begins with)."""
-    conn.execute(SQL.heartbeat, {"id": worker_id})
-
-
 def stop_worker(conn: psycopg.Connection, worker_id: int, reason: str) -> None:
     conn.execute(SQL.stop_worker, {"id": worker_id, "reason": reason})
 

@@ -25,10 +25,6 @@ SELECT w.requested, n.nice, n.cpus, n.threads, n.active
 FROM w
 LEFT JOIN node_settings n ON n.host = w.host;
 
--- name: heartbeat
--- Note that the worker is alive (the lease renewal's transaction begins with it).
-UPDATE workers SET last_heartbeat = now() WHERE id = %(id)s;
-
 -- name: stop_worker
 -- Record that a worker stopped, and why.
 UPDATE workers
