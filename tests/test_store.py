@@ -388,4 +388,4 @@ def test_prepared_statements_on_the_hot_path(conn) -> None:
     for _ in range(7):
         assert jobs.claim(conn, actor=actor, can_mod=True, can_inv=True, lease_s=60) is not None
     prepared = conn.execute("SELECT statement FROM pg_prepared_statements").fetchall()
-    assert any("SKIP LOCKED" in row[0] for row in prepared)
+    assert any("crh_claim(" in row[0] for row in prepared)  # the claim is the database's function (0005)
