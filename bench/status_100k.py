@@ -64,7 +64,7 @@ JOBS = """
 INSERT INTO inversions (status, sim_type, model_first, username, source_computer, source_path, crh_file,
                         priority, job_group, threads, attempt, tries, worker_id, inv_computer, lease_expires,
                         exit_code, failure_category, failure_reason, datetime_init, datetime_queued,
-                        datetime_started, datetime_finished, downloaded, datetime_downloaded, sipdir)
+                        datetime_started, datetime_finished, downloaded, datetime_downloaded, sipdir, result_sha256)
 SELECT s.status, CASE WHEN g % 4 = 0 THEN 'mod' ELSE 'inv' END, g % 8 = 1,
        'user' || (g / 30 % 7), 'ws' || (g / 30 % 4),
        '/data/user' || (g / 30 % 7) || '/project' || (g / 1000) || '/td' || g,
@@ -85,7 +85,9 @@ SELECT s.status, CASE WHEN g % 4 = 0 THEN 'mod' ELSE 'inv' END, g % 8 = 1,
        CASE WHEN s.status IN ('finished', 'failed', 'cancelled') THEN now() - make_interval(mins => g % 20000) END,
        s.downloaded, CASE WHEN s.downloaded THEN now() - make_interval(mins => g % 10000) END,
        -- every third job is one of 10 frequencies of a sipdir (same user, same computer)
-       CASE WHEN g % 3 = 0 THEN '/data/user' || (g / 30 % 7) || '/sip' || (g / 30) END
+       CASE WHEN g % 3 = 0 THEN '/data/user' || (g / 30 % 7) || '/sip' || (g / 30) END,
+       -- a finished job has a result (migration 0005): one stored archive stands for them all
+       CASE WHEN s.status = 'finished' THEN repeat('0', 64) END
 FROM generate_series(1, %(n)s) AS g
 CROSS JOIN LATERAL (
     SELECT CASE WHEN g % 2000 = 0 THEN 'running'
@@ -96,6 +98,10 @@ CROSS JOIN LATERAL (
                 ELSE 'queued' END AS status,
            g % 100 < 40 OR (g % 100 BETWEEN 50 AND 54) AS downloaded
 ) s
+"""
+
+RESULT = """
+INSERT INTO blobs (sha256, size, n_chunks, complete) VALUES (repeat('0', 64), 0, 0, true)
 """
 
 EVENTS = """
@@ -116,6 +122,7 @@ def console_script(name: str) -> str:
 def populate(url: str, n: int) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(WORKERS)
+        conn.execute(RESULT)
         conn.execute(JOBS.replace("%(n)s", str(int(n))))  # no parameters: % is the modulo here
         conn.execute(EVENTS)
         conn.execute("VACUUM ANALYZE")
