@@ -41,6 +41,7 @@ import psycopg  # noqa: E402
 from cr_queue.db import migrate  # noqa: E402
 from cr_queue import status as status_service  # noqa: E402
 from cr_queue.db.embedded import Cluster  # noqa: E402
+from cr_queue.queries import workers as worker_queries  # noqa: E402
 
 TARGET_MS = 1000.0
 
@@ -126,6 +127,16 @@ def populate(url: str, n: int) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
+def hold_live_workers(url: str) -> psycopg.Connection:
+    """The running and the draining workers hold their liveness locks, as live workers do (a
+    worker without its lock whose heartbeat is older than the rescue grace counts as lost):
+    the locks last as long as the connection returned."""
+    conn = psycopg.connect(url, autocommit=True)
+    for (worker_id,) in conn.execute("SELECT id FROM workers WHERE state IN ('running', 'draining')").fetchall():
+        worker_queries.hold_worker_lock(conn, worker_id)
+    return conn
+
+
 def wall_ms(args: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
@@ -158,6 +169,7 @@ def main() -> int:
 
     home = None
     cluster = None
+    locks = None
     url = args.db
     try:
         if url is None:
@@ -171,6 +183,7 @@ def main() -> int:
             migrate.upgrade(url)
         t0 = time.perf_counter()
         populate(url, n)
+        locks = hold_live_workers(url)
         print(f"inserted {n:,} jobs, 40 workers, {2 * n:,} events in {time.perf_counter() - t0:.1f} s", flush=True)
 
         env = {k: v for k, v in os.environ.items() if k not in ("CRH_CONFIG",)}
@@ -222,6 +235,8 @@ def main() -> int:
         print(f"status_{n // 1000}k: median {med:.0f} ms, max {worst:.0f} ms (target <= {TARGET_MS:.0f} ms): {verdict}")
         return 0 if ok or args.smoke else 1
     finally:
+        if locks is not None:
+            locks.close()
         if cluster is not None:
             cluster.stop(mode="immediate")
         if home is not None:
