@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 # Fault kinds off by default: each hits a defect of issue 14 not fixed on this branch.
 SWITCHABLE = {
+    "db_restart": "the database restarted (stop fast or immediate, start at once): a reconnect fails while it starts (defect 1)",
     "db_outage": "the database stopped for 0.1-60 s: longer than one reconnect (defect 1)",
     "concurrent_add": "a second crh_add on the same tree at the same time (defect 4)",
     "concurrent_retrieve": "a second crh_retrieve on the same tree at the same time (defect 5)",
@@ -91,6 +92,13 @@ class Plan:
         self.rng = random.Random(f"{self.seed}:tree")
         self.fault_rng = random.Random(f"{self.seed}:faults")
         self.command_rng = random.Random(f"{self.seed}:commands")
+        # Every enabled kind comes once first (in an order of the seed's), so a
+        # short run injects each of them; then they are drawn by weight.
+        self._first = [k for k, _ in BACKGROUND if k not in SWITCHABLE or k in self.switches]
+        self.fault_rng.shuffle(self._first)
+        self._first_add = True
+        self._first_retrieve = True
+        self._first_crash = True
 
     # -------------------------------------------------------------- sizes
 
@@ -139,7 +147,15 @@ class Plan:
 
     # ------------------------------------------------------------ faults
 
+    def enabled(self) -> list[str]:
+        """Every fault kind this plan injects."""
+        kinds = [k for k, _ in BACKGROUND if k not in SWITCHABLE or k in self.switches]
+        kinds += ["kill9_add", "kill9_retrieve", "quit_worker"]
+        return kinds + sorted(k for k in ("concurrent_add", "concurrent_retrieve", "full_scratch") if k in self.switches)
+
     def background_fault(self) -> str:
+        if self._first:
+            return self._first.pop()
         kinds = [(k, w) for k, w in BACKGROUND if k not in SWITCHABLE or k in self.switches]
         return self.fault_rng.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
 
@@ -155,7 +171,8 @@ class Plan:
         return self.fault_rng.uniform(1.0, 2.5 * self.lease_s)
 
     def quit_worker_after_crash(self) -> bool:
-        return self.fault_rng.random() < 0.4
+        first, self._first_crash = self._first_crash, False
+        return first or self.fault_rng.random() < 0.4
 
     def db_stop_mode(self) -> str:
         return self.fault_rng.choice(("fast", "immediate"))
@@ -169,13 +186,15 @@ class Plan:
         kinds = ["plain", "kill9_add", "kill9_add"]
         if "concurrent_add" in self.switches:
             kinds.append("concurrent_add")
-        return self.command_rng.choice(kinds)
+        first, self._first_add = self._first_add, False
+        return kinds[-1] if first else self.command_rng.choice(kinds)
 
     def retrieve_fault(self) -> str:
         kinds = ["plain", "kill9_retrieve", "kill9_retrieve"]
         if "concurrent_retrieve" in self.switches:
             kinds.append("concurrent_retrieve")
-        return self.command_rng.choice(kinds)
+        first, self._first_retrieve = self._first_retrieve, False
+        return kinds[-1] if first else self.command_rng.choice(kinds)
 
     def kill_after_s(self) -> float:
         return self.command_rng.uniform(0.05, 1.5)

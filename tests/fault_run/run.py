@@ -40,6 +40,7 @@ class Slot:
 
 @dataclass
 class Tally:
+    switches: frozenset = frozenset()
     counts: Counter = field(default_factory=Counter)
     longest_outage: float = 0.0
     longest_pause: float = 0.0
@@ -59,15 +60,15 @@ class Tally:
             f"{c['kill9_worker']} worker kills",
             f"{c['sigterm_worker']} SIGTERMs",
             f"{c['stop_cont_worker']} SIGSTOP/SIGCONTs",
-            f"{c['db_outage']} database outages up to {self.longest_outage:.1f} s",
-            f"{c['db_restart']} database restarts",
+            f"{c['db_outage']} database outages up to {self.longest_outage:.1f} s" if "db_outage" in self.switches else "database outages off",
+            f"{c['db_restart']} database restarts" if "db_restart" in self.switches else "database restarts off",
             f"{c['freeze_path']} frozen TCP paths (pauses up to {self.longest_pause:.1f} s)",
             f"{c['kill9_add']} crh_add kills",
             f"{c['kill9_retrieve']} crh_retrieve kills",
             f"{c['quit_worker']} -q workers after a crash",
         ]
         for kind in ("concurrent_add", "concurrent_retrieve", "full_scratch"):
-            if c[kind]:
+            if kind in self.switches:
                 parts.append(f"{c[kind]} {kind.replace('_', ' ')}")
         return f"faults {sum(c.values())} ({', '.join(parts)})"
 
@@ -77,7 +78,7 @@ class FaultRun:
         self.plan = plan
         self.say = say
         self.world = World(plan)
-        self.tally = Tally()
+        self.tally = Tally(plan.switches)
         self.stop_faults = threading.Event()
         self.slots: list[Slot] = []
         self.slots_lock = threading.Lock()
