@@ -22,6 +22,7 @@ from ..faults import standin_alive
 from .world import World
 
 JOB_DIR = re.compile(r"/crh-w(\d+)-job(\d+)-")
+ADD_TMP = re.compile(r"\..+\.crh\.[0-9a-f]+\.tmp")
 # The status an event may lead to from the status before it.
 NEXT = {
     None: {"registering"},
@@ -37,7 +38,7 @@ TERMINAL_EVENTS = ("finished", "failed")
 
 @dataclass
 class Finding:
-    kind: str  # lost | duplicated | wrong
+    kind: str  # lost | duplicated | wrong, or known: a known defect's mark whose switch is off (not counted)
     what: str
 
     def __str__(self) -> str:
@@ -162,7 +163,10 @@ def _files(world: World, retrieved: set[str]) -> list[Finding]:
     for path in sorted(world.tree.rglob("*")):
         rel = path.relative_to(world.tree).as_posix()
         if path.name.startswith(".") or path.suffix in (".crh", ".tmp") or ".crh-" in path.name:
-            found.append(Finding("wrong", f"left in the user's tree: {rel}"))
+            if ADD_TMP.fullmatch(path.name) and "add_tmp_left" not in world.plan.switches:
+                found.append(Finding("known", f"left in the user's tree by a killed crh_add (defect 10): {rel}"))
+            else:
+                found.append(Finding("wrong", f"left in the user's tree: {rel}"))
     for w in world.workers:
         if w.workdir.exists():
             left = [p.name for p in w.workdir.iterdir() if p.name.startswith("crh-")]

@@ -23,6 +23,10 @@ SWITCHABLE = {
     "db_outage": "the database stopped for 0.1-60 s: longer than one reconnect (defect 1)",
     "concurrent_add": "a second crh_add on the same tree at the same time (defect 4)",
     "concurrent_retrieve": "a second crh_retrieve on the same tree at the same time (defect 5)",
+    # Not a fault of its own: kill -9 of crh_add is always injected, but the
+    # .NAME.crh.XXXX.tmp it leaves in the user's tree (defect 10) is counted
+    # only when this is on; off, each is printed as known and not counted.
+    "add_tmp_left": "count the .NAME.crh.XXXX.tmp files a killed crh_add leaves in the tree (defect 10)",
     "full_scratch": "a worker whose scratch filesystem is a small tmpfs that large outputs fill (defects 6 and 7)",
 }
 SWITCH_ENV = "CRH_FAULT_RUN_WITH"

@@ -124,10 +124,12 @@ class FaultRun:
             world.close()
         findings = [check.Finding("wrong", note) for note in self.notes] + findings
         kinds = Counter(f.kind for f in findings)
-        ok = not findings
+        ok = not [f for f in findings if f.kind != "known"]
         line = (
             f"{self.tally.summary()}, jobs {len(world.tomodirs)}: {kinds['lost']} lost, "
-            f"{kinds['duplicated']} duplicated, {kinds['wrong']} wrong: {'PASS' if ok else 'FAIL'}"
+            f"{kinds['duplicated']} duplicated, {kinds['wrong']} wrong"
+            + (f" ({kinds['known']} marks of unfixed defects whose switch is off, not counted)" if kinds["known"] else "")
+            + f": {'PASS' if ok else 'FAIL'}"
         )
         for f in findings:
             self.say(f"  {f}")
@@ -204,8 +206,10 @@ class FaultRun:
 
     def _target(self) -> Slot | None:
         with self.slots_lock:
+            # Only a worker that has started (registered, its signal handlers set):
+            # a SIGTERM during Python's start-up would only test Python.
             live = [s for s in self.slots if s.worker is not None and s.worker.proc.poll() is None
-                    and s.worker.ended_by is None and not s.worker.stopped]
+                    and s.worker.ended_by is None and not s.worker.stopped and ") started:" in s.worker.log()]
         return self.plan.target(live) if live else None
 
     def _fault_kill9_worker(self, kind: str) -> None:

@@ -91,6 +91,7 @@ class World:
         self.proxy: FreezableProxy | None = None
         self.db_lock = threading.Lock()  # one database fault at a time
         self._serial = 0
+        self._serial_lock = threading.Lock()
 
     # ---------------------------------------------------------- database
 
@@ -141,15 +142,19 @@ class World:
 
     # ---------------------------------------------------------- commands
 
+    def _next_serial(self) -> int:
+        """A number for a log file or worker name, unique across the run's threads."""
+        with self._serial_lock:
+            self._serial += 1
+            return self._serial
+
     def command(self, args: list[str], name: str) -> subprocess.Popen:
-        self._serial += 1
-        out = open(self.logs / f"{self._serial:04d}-{name}.out", "wb")
-        err = open(self.logs / f"{self._serial:04d}-{name}.err", "wb")
-        proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=err)
-        out.close()
-        err.close()
-        proc.out_path = self.logs / f"{self._serial:04d}-{name}.out"  # type: ignore[attr-defined]
-        proc.err_path = self.logs / f"{self._serial:04d}-{name}.err"  # type: ignore[attr-defined]
+        serial = self._next_serial()
+        out_path, err_path = self.logs / f"{serial:04d}-{name}.out", self.logs / f"{serial:04d}-{name}.err"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=err)
+        proc.out_path = out_path  # type: ignore[attr-defined]
+        proc.err_path = err_path  # type: ignore[attr-defined]
         self.commands.append(proc)
         return proc
 
@@ -164,8 +169,7 @@ class World:
         return where
 
     def start_worker(self, *, quit_when_empty: bool = False, through_proxy: bool = False, workdir: Path | None = None) -> WorkerRun:
-        self._serial += 1
-        name = f"w{self._serial:04d}" + ("-q" if quit_when_empty else "") + ("-proxy" if through_proxy else "")
+        name = f"w{self._next_serial():04d}" + ("-q" if quit_when_empty else "") + ("-proxy" if through_proxy else "")
         if workdir is None:
             workdir = self.scratch / name
             workdir.mkdir()
