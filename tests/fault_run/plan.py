@@ -27,6 +27,11 @@ SWITCHABLE = {
     # .NAME.crh.XXXX.tmp it leaves in the user's tree (defect 10) is counted
     # only when this is on; off, each is printed as known and not counted.
     "add_tmp_left": "count the .NAME.crh.XXXX.tmp files a killed crh_add leaves in the tree (defect 10)",
+    # Found by the long run (seed 1): a worker SIGSTOPped past its lease rescues
+    # its own job on SIGCONT and claims it again in another slot; the first
+    # slot's clean-up removes the second's entry (KeyError), the slot thread
+    # dies and the worker later exits 0.  Off, SIGSTOPs stay within a lease.
+    "stop_past_lease": "SIGSTOP of a worker for longer than its lease (the KeyError in the worker's slot clean-up)",
     "full_scratch": "a worker whose scratch filesystem is a small tmpfs that large outputs fill (defects 6 and 7)",
 }
 SWITCH_ENV = "CRH_FAULT_RUN_WITH"
@@ -170,8 +175,10 @@ class Plan:
     def outage_s(self) -> float:
         return self.fault_rng.uniform(0.1, self.outage_max_s)
 
-    def pause_s(self) -> float:
+    def pause_s(self, kind: str = "freeze_path") -> float:
         """How long a worker stays SIGSTOPped or a TCP path frozen: around a lease."""
+        if kind == "stop_cont_worker" and "stop_past_lease" not in self.switches:
+            return self.fault_rng.uniform(1.0, 0.8 * self.lease_s)
         return self.fault_rng.uniform(1.0, 2.5 * self.lease_s)
 
     def quit_worker_after_crash(self) -> bool:

@@ -245,7 +245,7 @@ class FaultRun:
         slot = self._target()
         if slot is None:
             return
-        w, pause = slot.worker, self.plan.pause_s()
+        w, pause = slot.worker, self.plan.pause_s(kind)
         w.stopped = True
         self.world.signal_worker(w, signal.SIGSTOP)
         self.tally.add(kind, pause)
