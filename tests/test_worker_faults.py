@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from .conftest import run, script
@@ -216,4 +217,37 @@ def test_a_solvers_detached_grandchild_is_gone_when_its_job_ends(lab, tmp_path):
     finally:
         if grandchild is not None and _is_sleeper(grandchild):
             os.kill(grandchild, signal.SIGKILL)
+    lab.check_invariants({job_id: "finished"})
+
+
+def test_a_worker_stopped_past_its_lease_runs_its_own_rescued_job_again_without_a_dead_slot(lab):
+    # Found by the fault run (seed 1, SIGSTOP past the lease): the stopped worker's job was
+    # rescued; on SIGCONT its idle slot claimed the job again while the first slot still held
+    # the old attempt, whose clean-up then removed the new attempt's entry: KeyError in the
+    # second slot, a dead thread, and a worker that ended on an internal error.
+    from cr_queue.queries import jobs
+
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 20"))
+    w = lab.worker("w", "--jobs", "2", "--lease", "3")
+    [first] = lab.wait_runs(1)
+    w.signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: lab.sql("SELECT lease_expires < now() FROM inversions WHERE id = %s", (job_id,))[0][0],
+                 "the stopped worker's lease to run out", timeout=30)
+        with psycopg.connect(lab.db_url, autocommit=True) as conn:
+            assert jobs.rescue(conn, jobs.Actor(), grace_s=60) == [(job_id, "queued")]
+        assert standin_alive(first.pid), "the first attempt's solver still runs: the old slot still holds the job"
+    finally:
+        w.signal(signal.SIGCONT)
+
+    try:
+        job = lab.wait_status(job_id, "finished", timeout=60)
+    except AssertionError:
+        raise AssertionError(f"{lab.job(job_id)}\n{lab.events(job_id)}\n{w.log()}") from None
+    assert job["attempt"] == 2
+    assert w.proc.poll() is None, w.log()
+    code, report = w.stop()
+    assert code == 0 and report["finished"] == 1, (report, w.log())
+    assert "Traceback" not in w.log() and "unexpected error" not in w.log(), w.log()
+    assert lab.events(job_id) == ["registering", "queued", "claimed", "rescued", "claimed", "finished"]
     lab.check_invariants({job_id: "finished"})

@@ -47,7 +47,7 @@ class LeaseMixin:
                         running = self._held.get(job_id)
                         if running is not None and running.job.attempt == attempt and job_id not in still_ours:
                             running.stop("lost")
-                self._finished.wait(self.options.heartbeat_s)
+                self._finished.wait(self.options.beat_s)
             except Exception as exc:
                 if isinstance(exc, psycopg.OperationalError):
                     self._connector.saw_down(exc)

@@ -36,7 +36,7 @@ class WorkerOptions:
     quit_when_empty: bool = False
     groups: tuple[str, ...] = ()
     lease_s: float = 30.0
-    heartbeat_s: float = 2.0
+    heartbeat_s: float = 2.0  # at the most: a short lease is renewed every third of it (beat_s)
     poll_s: float = 5.0
     rescue_s: float = 2.0
     timeout_s: float | None = None
@@ -47,6 +47,13 @@ class WorkerOptions:
     # CPU budget: with it, as many jobs run at once as their threads fit in.
     cpus: int | None = None
     workdir: Path | None = None
+
+    @property
+    def beat_s(self) -> float:
+        """How often the heartbeat beats and renews: every heartbeat_s, and at least three times
+        per lease, so that the watchdog's half-lease rule never trips on a worker that beats
+        (--lease 3 was renewed every 2 s and gave its jobs up at each beat)."""
+        return min(self.heartbeat_s, self.lease_s / 3)
 
 
 @dataclass

@@ -74,6 +74,12 @@ class SlotsMixin:
         job, cost = claimed
         with self._lock:
             self._busy += 1
+            stale = self._held.get(job.id)
+            if stale is not None:
+                # An earlier attempt of this very job, in another slot, is no longer ours: the
+                # worker was stopped past its lease (SIGSTOP, a frozen VM), the job was rescued
+                # and this slot claimed it again.  The old slot stops; the job is this slot's.
+                stale.stop("lost")
             running = self._held[job.id] = Running(job, cpus=cost)
         # One notification woke one slot; if more jobs came at once, the next idle slot looks.
         self._kick(one=True)
@@ -96,7 +102,8 @@ class SlotsMixin:
         finally:
             with self._lock:
                 self._busy -= 1
-                del self._held[job.id]
+                if self._held.get(job.id) is running:  # not when a newer attempt took the job (above)
+                    del self._held[job.id]
             with self._claim_lock:
                 self._cpus_used -= cost
             self._kick()
