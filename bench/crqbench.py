@@ -641,8 +641,9 @@ def bench_herd(ctx: Context) -> None:
             time.sleep(0.1)
         with psycopg.connect(url, autocommit=True) as conn:
             claims = conn.execute(
-                "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%SKIP LOCKED%' "
-                "AND query LIKE '%tries = j.tries +%'"
+                # Each claim is a call of crh_claim (migration 0005): pg_stat_statements counts the
+                # calls, not the statement inside the function.
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%crh_claim(%'"
             ).fetchone()[0]
     finally:
         stop_workers(procs)
