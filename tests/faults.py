@@ -12,7 +12,9 @@ description of what never happened.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import select
 import signal
 import socket
@@ -26,10 +28,28 @@ from pathlib import Path
 import psycopg
 from psycopg import conninfo
 from psycopg.rows import dict_row
+import pytest
 
 from cr_queue.tomodir import synth
 
 from .conftest import run, script
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str):
+    """A tmpfs of ``size`` (mount's size=, e.g. "8m") at ``where``, made here, for a test's
+    own full disk; unmounted at the end.  Mounting needs root: elsewhere the test is skipped."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
 
 POLL = "0.5"
 WAIT_S = 60.0

@@ -18,6 +18,7 @@ import pytest
 from cr_queue.tomodir import synth
 
 from .conftest import run, script
+from .faults import small_tmpfs
 
 
 def _tree_state(top: Path) -> dict[str, tuple[str, str]]:
@@ -37,17 +38,8 @@ def _tree_state(top: Path) -> dict[str, tuple[str, str]]:
 @pytest.fixture
 def small_fs(tmp_path: Path):
     """A 16 MB tmpfs of this test's own, unmounted at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "16m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def _fill(directory: Path) -> Path:

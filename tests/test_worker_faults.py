@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from .conftest import run, script
-from .faults import alive, standin_alive, wait_for
+from .faults import alive, small_tmpfs, standin_alive, wait_for
 
 OUTAGE_S = 15.0
 
@@ -148,15 +148,8 @@ def test_a_worker_does_not_at_once_reclaim_a_job_it_gave_back(lab, tmp_path):
 @pytest.fixture
 def small_scratch(tmp_path):
     """A 8 MiB tmpfs as a worker's scratch directory (unmounted at teardown)."""
-    where = tmp_path / "small-scratch"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(where)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small-scratch", "8m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_a_solver_that_fills_the_scratch_disk_is_a_node_failure_not_a_result(lab, tmp_path, small_scratch):
