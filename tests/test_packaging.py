@@ -863,3 +863,16 @@ def test_doc_inline_commands_exist(doc, tmp_path):
             check = INLINE_ELSEWHERE.get(span)
             assert check is not None, f"docs/{doc}: no check for the inline command `{span}`; add one to tests/test_packaging.py"
             assert check(tmp_path), f"docs/{doc}: `{span}` is no longer exercised"
+
+
+def test_every_package_of_the_tree_is_installed():
+    """A non-editable install (pip install ., the Debian package) ships only the packages
+    pyproject.toml lists: one left out (cr_queue.tomodir.archive, cr_queue.db.embedded were)
+    breaks every command of an installed cr_queue while the editable test venv works."""
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    in_tree = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in (root / "cr_queue").rglob("__init__.py")
+    }
+    assert in_tree - listed == set()
