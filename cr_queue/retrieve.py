@@ -265,8 +265,10 @@ class _Runner:
         limits: archive.Limits,
         foreign: Callable[[tuple], None] | None = None,
         sources: int = 0,
+        application_name: str = "crh_retrieve",
     ) -> None:
         self._db = db
+        self._application_name = application_name
         self._limits = limits
         self._conn = conn
         self._work = work
@@ -327,7 +329,7 @@ class _Runner:
     def _bring_back(self) -> None:
         conn = None
         try:
-            conn = self._db.connect("crh_retrieve")
+            conn = self._db.connect(self._application_name)
             while not self._stop and (index := self._take()) is not None:
                 self._events.put(("done", index, _retrieve_one(conn, self._db.store, self._work[index], self._limits)))
         except BaseException as exc:  # noqa: BLE001 - raised again by the settling thread

@@ -32,7 +32,10 @@ import traceback
 from collections.abc import Callable
 from typing import Protocol
 
+import psycopg
+
 from cr_queue.util import forks
+from cr_queue import config
 from cr_queue.db.connection import Database, DatabaseError
 from cr_queue.util.pause import pause_point
 
@@ -43,6 +46,8 @@ MIN_TOMODIRS = 16
 # The one pause point (CRH_PAUSE_AT, see pause.py) that keeps the helper: it stops
 # there having taken a tomodir, for the test that kills it then.
 PAUSE_TOOK = "retrieve:helper-took"
+# The helper's sessions in pg_stat_activity (the parent's are "crh_retrieve").
+HELPER_APPLICATION = "crh_retrieve helper"
 
 
 class Sink(Protocol):
@@ -75,7 +80,7 @@ def share(db: Database, work: list, sink: Sink, runner: Callable, *, threads: in
     ``sink``.  False, having done nothing, when the system refuses the fork.
 
     ``runner`` is retrieve._Runner: ``runner(db, conn, work, take, threads, sink,
-    foreign=..., sources=...)`` with ``run()`` and ``post(event)``."""
+    foreign=..., sources=..., application_name=...)`` with ``run()`` and ``post(event)``."""
     indices = forks.WorkPipe(range(len(work)))
     r_fd, w_fd = os.pipe()
     parent = os.getpid()
@@ -202,14 +207,23 @@ def _helper(parent: int, db: Database, work: list, indices: forks.WorkPipe, w_fd
                 pause_point(PAUSE_TOOK)
             return index
 
-        conn = db.connect("crh_retrieve")
+        # Named apart from the parent's, so that an admin (and a test) can tell the two sessions apart.
+        conn = db.connect(HELPER_APPLICATION)
         try:
-            runner(db, conn, work, take, threads, frames).run()
+            runner(db, conn, work, take, threads, frames, application_name=HELPER_APPLICATION).run()
         finally:
             conn.close()
         code = 0
     except DatabaseError as exc:
         sys.stderr.write(f"crh_retrieve's helper process: {exc}\n")
+    except psycopg.OperationalError as exc:
+        # The database went away under it (stopped, restarted, a cut network): an
+        # everyday fault, said in one line; the parent reports the tomodirs it leaves.
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        sys.stderr.write(
+            f"crh_retrieve's helper process: lost the connection to the database ({config.redact(detail)}); "
+            "the tomodirs it was bringing back are left as they were: run crh_retrieve again once the database is back.\n"
+        )
     except BaseException:  # noqa: BLE001 - the parent reports what was left; this says why
         traceback.print_exc()
     finally:

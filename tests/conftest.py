@@ -175,7 +175,7 @@ def cli_env(db_url: str, tmp_path: Path) -> dict[str, str]:
 def commands_env(db_url: str, home: Path) -> dict[str, str]:
     """The real commands against ``db_url`` with the stand-in solvers; no config but what ``home`` holds."""
     env = dict(os.environ)
-    for key in ("CRH_CONFIG", "CRH_CRMOD", "CRH_CRTOMO", "CRH_STANDIN_FAIL", "CRH_STANDIN_SLEEP", "CRH_PAUSE_AT"):
+    for key in ("CRH_CONFIG", "CRH_CRMOD", "CRH_CRTOMO", "CRH_STANDIN_FAIL", "CRH_STANDIN_SLEEP", "CRH_PAUSE_AT", "CRH_PAUSE_UNTIL"):
         env.pop(key, None)
     env.update(
         {

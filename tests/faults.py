@@ -205,9 +205,13 @@ class Lab:
         self.procs.append(proc)
         return proc
 
-    def run_until_paused(self, args: list[str], point: str, *, cwd: Path | None = None) -> subprocess.Popen:
-        """Start a command that stops at pause point ``point``; returns it, paused there."""
-        proc = self.spawn(args, env={**self.env, "CRH_PAUSE_AT": point}, cwd=cwd)
+    def run_until_paused(
+        self, args: list[str], point: str, *, cwd: Path | None = None, until: Path | None = None
+    ) -> subprocess.Popen:
+        """Start a command that stops at pause point ``point``; returns it, paused there
+        (until it is killed, or, with ``until``, until that file exists)."""
+        env = {**self.env, "CRH_PAUSE_AT": point} | ({"CRH_PAUSE_UNTIL": str(until)} if until else {})
+        proc = self.spawn(args, env=env, cwd=cwd)
         for line in proc.stderr:
             if line.strip() == f"crh-paused {point}":
                 return proc

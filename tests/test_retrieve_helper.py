@@ -100,3 +100,36 @@ def test_a_refused_fork_leaves_the_work_to_this_process(lab, monkeypatch):
     report = retrieve.retrieve(db, [lab.tree], limits=archive.Limits(), processes=2)
     assert [item.path for item in report.retrieved] == tomodirs and not report.problems
     _retrieved(tomodirs)
+
+
+def test_the_helper_losing_the_database_says_so_in_one_line_and_a_rerun_brings_all_back(lab, tmp_path):
+    """Found by the fault run (seed 1): a database stopped under crh_retrieve made its
+    helper print a traceback (AdminShutdown) instead of a line a person can act on."""
+    tomodirs, ids = _finished_tree(lab, N)
+    go = tmp_path / "go"
+    retrieve = lab.run_until_paused(
+        [script("crh_retrieve"), "--json", str(lab.tree)], retrieve_helper.PAUSE_TOOK, until=go
+    )
+    [helper] = wait_for(lambda: _children(retrieve.pid), "crh_retrieve's helper process")
+    # What `pg_ctl stop -m fast` does to every session, done to the helper's alone (the
+    # parent, ending first, would take the helper with it): its connection, open while
+    # it is paused, is ended by the server.
+    ended = lab.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE application_name = %s",
+        (retrieve_helper.HELPER_APPLICATION,),
+    )
+    assert ended and all(ok for (ok,) in ended)
+    go.touch()
+    stdout, stderr = retrieve.communicate(timeout=120)
+
+    assert "Traceback" not in stderr, stderr
+    assert "crh_retrieve's helper process: lost the connection to the database" in stderr, stderr
+    assert retrieve.returncode in (1, 2), (retrieve.returncode, stderr)
+    assert not alive(helper)
+
+    again = run([script("crh_retrieve"), "--json", str(lab.tree)], lab.env, check=None)
+    assert again.returncode == 0, again.stderr
+    assert not json.loads(again.stdout)["problems"]
+    _retrieved(tomodirs)
+    assert lab.sql("SELECT count(*) FROM inversions WHERE downloaded") == [(len(ids),)]
