@@ -182,6 +182,57 @@ def test_a_solver_that_fills_the_scratch_disk_is_a_node_failure_not_a_result(lab
     lab.check_invariants({job_id: "finished"})
 
 
+# A solver for two jobs at once on one small scratch: the first to start fills the disk
+# and, once the other has failed to write, exits 0; the other fails to write while the
+# disk is full, waits until the filler's
+# directory is gone (the space is back), and exits 1 without a word about space.  Loops
+# are bounded: a worker that never gets there makes the solver exit 3 and the test fail.
+_FILL_AND_FAIL = """\
+full() {{ set -- $(stat -f -c '%a %S' .); [ $(($1 * $2)) -lt 1048576 ]; }}
+wait_until() {{ i=0; until "$@"; do i=$((i+1)); [ $i -gt 1200 ] && exit 3; sleep 0.05; done; }}
+if mkdir "{role}" 2>/dev/null; then
+    wait_until test -e "{role}/victim-started"
+    dd if=/dev/zero of=../mod/big.dat bs=1M count=12 2>/dev/null
+    wait_until test -e "{role}/victim-failed"
+    exit 0
+fi
+touch "{role}/victim-started"
+wait_until full
+dd if=/dev/zero of=../mod/volt.dat bs=1M count=2 2>/dev/null && exit 4
+touch "{role}/victim-failed"
+wait_until eval '! full'
+exit 1
+"""
+
+
+def test_a_solver_that_failed_on_a_full_scratch_is_a_node_failure_when_the_space_is_back(lab, tmp_path, small_scratch):
+    # Found by the fault run (seed 1): two slots share a scratch filesystem; one job's large
+    # output fills it, the other job's solver fails to write (exit 1) - and by the time its
+    # slot looked, the filler's directory had been removed: "full when the solver ended" saw
+    # room, and the job was failed as exit_code, its own fault, for ever.
+    solver = _solver(tmp_path / "bin" / "CRMod", _FILL_AND_FAIL.format(role=tmp_path / "filler-role"))
+    env = {**lab.env, "CRH_CRMOD": str(solver)}
+    job_ids = lab.add(*lab.tomodirs(2, cfg="sleep = 0"))
+
+    code, report = lab.worker("small", "-q", "-j", "2", "--workdir", str(small_scratch), env=env).finish()
+
+    assert code == 0 and report["finished"] == 0 and report["failed"] == 0 and report["released"] == 2, report
+    for job_id in job_ids:
+        job = lab.job(job_id)
+        assert (job["status"], job["tries"]) == ("queued", 0), job
+    reasons = sorted(
+        r for (r,) in lab.sql("SELECT detail ->> 'reason' FROM events WHERE event = 'released' ORDER BY job_id")
+    )
+    assert any("was full when the solver ended" in r for r in reasons), reasons
+    assert any("exited with status 1, while the scratch filesystem" in r for r in reasons), reasons
+    assert not list(small_scratch.iterdir()), "job directories were left on the scratch disk"
+
+    # Workers with room run both, as the jobs they are.
+    code, report = lab.worker("roomy", "-q", "-j", "2").finish()
+    assert code == 0 and report["finished"] == 2, report
+    lab.check_invariants({job_id: "finished" for job_id in job_ids})
+
+
 def _is_sleeper(pid: int) -> bool:
     try:
         return alive(pid) and Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"1000"]

@@ -28,7 +28,7 @@ from cr_queue.solvers import reaper, solvers
 from cr_queue.db.connection import Database
 from cr_queue.worker.reconnect import Connector, first_line as _first_line
 from cr_queue.worker.options import EXIT_INTERNAL_ERROR, Running, Tally, WorkerOptions
-from cr_queue.worker.scratch import ScratchMixin
+from cr_queue.worker.scratch import ScratchMixin, ScratchWatch
 from cr_queue.worker.lease import LeaseMixin
 from cr_queue.worker.control import ControlMixin
 from cr_queue.worker.slots import SlotsMixin
@@ -65,6 +65,7 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self.exit_code = 0
         self.stop_reason = "stopped"
         self.workdir = Path(options.workdir or tempfile.gettempdir())
+        self._scratch_watch = ScratchWatch(self.workdir)
         self._stopping = threading.Event()
         # Set when running jobs are to be given up now: nobody waits for the database any more.
         self._aborting = threading.Event()

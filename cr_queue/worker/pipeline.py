@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -26,7 +27,7 @@ from cr_queue.worker.reconnect import Backoff, first_line as _first_line
 from cr_queue.worker.options import (
     CANNOT_EXECUTE, FAILURE_MEMBERS, INPUT_SPOOL_BYTES, LOG_NAME, TMP_PREFIX, NodeFailure, Running,
 )
-from cr_queue.worker.scratch import scratch_full
+from cr_queue.worker.scratch import ran_out_of_space, scratch_full
 
 
 T = TypeVar("T")
@@ -168,6 +169,8 @@ class PipelineMixin:
         with open(tomodir / LOG_NAME, "wb") as log_file:
             for step in job.steps:
                 solver = self.solvers[solvers.STEP_SOLVER[step]]
+                started = time.monotonic()
+                self._scratch_watch.solver_started()
                 try:
                     outcome = solvers.run_step(
                         solver,
@@ -181,21 +184,43 @@ class PipelineMixin:
                     )
                 except OSError as exc:
                     raise NodeFailure(f"cannot start {solver.path}: {exc}") from exc
+                finally:
+                    self._scratch_watch.solver_ended()
                 running.elapsed += outcome.elapsed
                 if outcome.returncode == -signal.SIGILL:
                     raise NodeFailure(f"{solver.path} died of SIGILL (built for another CPU?)")
                 if outcome.returncode in CANNOT_EXECUTE:
                     # setpriv (and a shell wrapper) exit 126/127 when the program cannot be run here.
                     raise NodeFailure(f"{solver.path} could not be executed on this node (exit {outcome.returncode})")
-                full = scratch_full(tomodir)
+                full = scratch_full(tomodir, self._scratch_watch)
                 if full is not None:
                     # Checked before the verdict: outputs cut short by a full disk are neither
                     # a result nor the job's failure.
                     raise NodeFailure(full)
                 verdict = solvers.judge(outcome, tomodir, timeout)
                 if not verdict.ok:
+                    out_of_space = self._out_of_space(tomodir, started)
+                    if out_of_space is not None:
+                        raise NodeFailure(f"{verdict.reason}, {out_of_space}")
                     break
         return verdict
+
+    def _out_of_space(self, tomodir: Path, started: float) -> str | None:
+        """Why a failed step is the full scratch filesystem's doing (the space may be back
+        by now: another slot freed it), or None."""
+        where = tomodir.parent.parent
+        seen = self._scratch_watch.full_since(started)
+        if seen is not None:
+            return (
+                f"while the scratch filesystem at {where} was full ({time.monotonic() - seen:.1f} s ago): "
+                "not the job's failure; free space there or point --workdir at a larger filesystem"
+            )
+        if ran_out_of_space(tomodir, tomodir / LOG_NAME):
+            return (
+                f"saying it had no space left on the scratch filesystem at {where}: not the job's "
+                "failure; free space there or point --workdir at a larger filesystem"
+            )
+        return None
 
     def _report_failure(
         self,
