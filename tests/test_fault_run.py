@@ -1,10 +1,9 @@
 """The short randomized fault run (issue 14) in the suite: about three minutes of real faults.
 
 tests/fault_run/ is the run; scripts/fault-run the long one.  The seed is
-random (printed first; CRH_FAULT_RUN_SEED=N repeats a run's plan) and the
-fault kinds that hit defects of issue 14 not fixed on every branch are off
-unless CRH_FAULT_RUN_WITH names them (``all`` for every one).  Whatever is
-on is really injected: the test asserts each enabled kind happened, then
+random (printed first; CRH_FAULT_RUN_SEED=N repeats a run's plan) and every
+fault kind is on (CRH_FAULT_RUN_WITHOUT=KIND,... leaves some out while
+hunting a defect).  Whatever is on is really injected: the test asserts each enabled kind happened, then
 that every invariant of tests/fault_run/check.py held.
 """
 

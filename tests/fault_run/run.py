@@ -89,8 +89,9 @@ class FaultRun:
     def run(self) -> tuple[bool, str, list[check.Finding]]:
         plan, world = self.plan, self.world
         self.say(
-            f"fault run: seed {plan.seed}, {plan.minutes:g} minutes, switched on: "
-            f"{', '.join(sorted(plan.switches)) or 'none'} (of {', '.join(sorted(SWITCHABLE))}; {SWITCH_ENV}); "
+            f"fault run: seed {plan.seed}, {plan.minutes:g} minutes, every fault kind"
+            + (f" but {', '.join(sorted(set(SWITCHABLE) - plan.switches))} ({SWITCH_ENV})" if set(SWITCHABLE) - plan.switches else "")
+            + "; "
             f"files in {world.home}"
         )
         try:
@@ -128,7 +129,7 @@ class FaultRun:
         line = (
             f"{self.tally.summary()}, jobs {len(world.tomodirs)}: {kinds['lost']} lost, "
             f"{kinds['duplicated']} duplicated, {kinds['wrong']} wrong"
-            + (f" ({kinds['known']} marks of unfixed defects whose switch is off, not counted)" if kinds["known"] else "")
+            + (f" ({kinds['known']} marks of defects whose kind was left out, not counted)" if kinds["known"] else "")
             + f": {'PASS' if ok else 'FAIL'}"
         )
         for f in findings:
@@ -361,14 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fault-run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=None, help="default: a random one (printed first)")
-    parser.add_argument("--with", dest="switches", default=None,
-                        help=f"switchable fault kinds to turn on ({', '.join(sorted(SWITCHABLE))}, or all); "
-                             f"default: ${SWITCH_ENV}")
+    parser.add_argument("--without", dest="left_out", default=None,
+                        help=f"fault kinds to leave out while hunting a defect ({', '.join(sorted(SWITCHABLE))}); "
+                             f"default: ${SWITCH_ENV}, else none")
     parser.add_argument("--short", action="store_true", help="the suite's sizes (smaller batches, shorter outages)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     try:
-        switches = switches_from(args.switches) if args.switches is not None else switches_from_env()
+        switches = switches_from(args.left_out) if args.left_out is not None else switches_from_env()
     except ValueError as exc:
         parser.error(str(exc))
     plan = Plan(seed, args.minutes, switches, short=args.short)
