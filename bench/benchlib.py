@@ -7,6 +7,7 @@ times mean little, ratios taken minutes apart mean little more.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
@@ -28,6 +29,53 @@ if str(REPO) not in sys.path:
 
 from cr_queue.db import migrate  # noqa: E402
 from cr_queue.db.embedded import Cluster  # noqa: E402
+
+
+# ----------------------------------------------------------------- options
+
+
+def size_options(description: str, smoke: str) -> tuple[argparse.Namespace, int, int]:
+    """The command line of a benchmark over a large queue (status_100k, web_100k).
+
+    Returns the options and the number of jobs and of timed runs they ask for: ``--jobs``
+    and ``--runs``, or with ``--smoke`` (help text ``smoke``) 2,000 jobs and 2 runs, which
+    check that the benchmark works without judging its times.  One definition, so the two
+    benchmarks keep taking the same options with the same meaning.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--db", help="an existing migrated, empty database (default: a throwaway cluster)")
+    parser.add_argument("--jobs", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+    args = parser.parse_args()
+    n, runs = (2000, 2) if args.smoke else (args.jobs, args.runs)
+    return args, n, runs
+
+
+# ----------------------------------------------------------------- worker runs
+
+
+class WorkerHome:
+    """The scratch of a benchmark that runs real workers against its own cluster
+    (requeue_time, soak): the cluster (not started yet), ``tree`` where the jobs are
+    registered from, the workers' ``workdir`` and their ``logs``.
+
+    The cluster runs without fsync: these runs measure cr_queue, not the disk, and the
+    data is thrown away.  One definition, so both benchmarks run on the same settings.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.cluster = Cluster(home / "pg", extra_conf={"fsync": "off", "synchronous_commit": "off"})
+        self.tree = home / "tree"
+        self.workdir = home / "workdir"
+        self.logs = home / "logs"
+        for d in (self.tree, self.workdir, self.logs):
+            d.mkdir(parents=True)
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
 
 
 # ----------------------------------------------------------------- results

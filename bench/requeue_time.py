@@ -41,7 +41,6 @@ if str(REPO) not in sys.path:
 import benchlib  # noqa: E402
 from cr_queue.db import migrate
 from cr_queue.tomodir import synth  # noqa: E402
-from cr_queue.db.embedded import Cluster  # noqa: E402
 
 HEARTBEAT_S = 2.0
 
@@ -68,22 +67,12 @@ def wait_for(predicate, what: str, timeout: float = 60.0, interval: float = 0.05
     raise SystemExit(f"requeue_time: gave up waiting for {what}")
 
 
-class Bench:
+class Bench(benchlib.WorkerHome):
     def __init__(self, home: Path) -> None:
-        self.home = home
-        self.cluster = Cluster(home / "pg", extra_conf={"fsync": "off", "synchronous_commit": "off"})
-        self.tree = home / "tree"
-        self.workdir = home / "workdir"
-        self.logs = home / "logs"
-        for d in (self.tree, self.workdir, self.logs):
-            d.mkdir(parents=True)
+        super().__init__(home)
         self.marks = home / "marks"
         self.marks.mkdir()
         self.rng = random.Random()
-
-    @property
-    def url(self) -> str:
-        return self.cluster.url
 
     def env(self) -> dict[str, str]:
         return benchlib.standin_env(self.home, self.url, "requeue_time", CRH_STANDIN_MARK=str(self.marks))

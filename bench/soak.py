@@ -45,7 +45,6 @@ if str(REPO) not in sys.path:
 import benchlib  # noqa: E402
 from cr_queue.db import migrate
 from cr_queue.tomodir import synth  # noqa: E402
-from cr_queue.db.embedded import Cluster  # noqa: E402
 
 
 def script(name: str) -> str:
@@ -56,27 +55,17 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-class Soak:
+class Soak(benchlib.WorkerHome):
     def __init__(self, home: Path, args: argparse.Namespace) -> None:
-        self.home = home
+        super().__init__(home)
         self.args = args
         self.rng = random.Random(args.seed)
-        self.cluster = Cluster(home / "pg", extra_conf={"fsync": "off", "synchronous_commit": "off"})
-        self.tree = home / "tree"
-        self.workdir = home / "workdir"
-        self.logs = home / "logs"
-        for d in (self.tree, self.workdir, self.logs):
-            d.mkdir(parents=True)
         self.workers: list[subprocess.Popen] = []
         self.started = 0
         self.kills = 0
         self.killed_pids: set[int] = set()
         self.restarts = 0
         self.leaked: list[str] = []
-
-    @property
-    def url(self) -> str:
-        return self.cluster.url
 
     def env(self) -> dict[str, str]:
         return benchlib.standin_env(self.home, self.url, "soak")

@@ -21,7 +21,6 @@ measures the neighbours); the exit status is 1 on FAIL or on a wrong answer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -33,10 +32,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import psycopg  # noqa: E402
+
+import benchlib  # noqa: E402
 
 from cr_queue.db import migrate  # noqa: E402
 from cr_queue import status as status_service  # noqa: E402
@@ -159,13 +161,7 @@ def check(report: dict, n: int) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", help="an existing migrated, empty database (default: a throwaway cluster)")
-    parser.add_argument("--jobs", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--smoke", action="store_true", help="2,000 jobs, 2 runs: correctness only")
-    args = parser.parse_args()
-    n, runs = (2000, 2) if args.smoke else (args.jobs, args.runs)
+    args, n, runs = benchlib.size_options(__doc__.splitlines()[0], smoke="2,000 jobs, 2 runs: correctness only")
 
     home = None
     cluster = None

@@ -36,7 +36,6 @@ the exit status is 1 on FAIL or on a wrong answer.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -54,6 +53,8 @@ for path in (REPO, REPO / "bench"):
         sys.path.insert(0, str(path))
 
 import psycopg  # noqa: E402
+
+import benchlib  # noqa: E402
 
 from cr_queue import status as status_service  # noqa: E402
 from cr_queue.db import migrate  # noqa: E402
@@ -126,13 +127,7 @@ def start_web(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", help="an existing migrated, empty database (default: a throwaway cluster)")
-    parser.add_argument("--jobs", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--smoke", action="store_true", help="2,000 jobs, a 400-cell mesh, 2 runs: correctness only")
-    args = parser.parse_args()
-    n, runs = (2000, 2) if args.smoke else (args.jobs, args.runs)
+    args, n, runs = benchlib.size_options(__doc__.splitlines()[0], smoke="2,000 jobs, a 400-cell mesh, 2 runs: correctness only")
     nx, nz = (40, 10) if args.smoke else (200, 50)
 
     work = Path(tempfile.mkdtemp(prefix="crh-bench-web-"))

@@ -57,6 +57,12 @@ def _db_role() -> Column:
     return Column("db_role", Text, nullable=False, server_default=text("current_user"))
 
 
+def _host_setting(name: str) -> Column:
+    """A number an admin sets for every worker on a host; NULL: the workers use their own
+    option (``crh node unset``), so a host's row need not repeat what it does not change."""
+    return Column(name, Integer, nullable=True)
+
+
 blobs = Table(
     "blobs",
     metadata,
@@ -125,10 +131,9 @@ node_settings = Table(
     "node_settings",
     metadata,
     Column("host", Text, primary_key=True),
-    # NULL: the workers on the host use their own option (crh node unset).
-    Column("nice", Integer, nullable=True),
-    Column("cpus", Integer, nullable=True),
-    Column("threads", Integer, nullable=True),
+    _host_setting("nice"),
+    _host_setting("cpus"),
+    _host_setting("threads"),
     Column("active", Boolean, nullable=False, server_default=text("true")),
     _time("datetime_updated", default_now=True),
 )

@@ -51,12 +51,16 @@ FILTERS = ("status", "username", "group", "sipdir", "path")
 
 def jobs_page(
     conn: psycopg.Connection, filters: dict[str, str | None], *, before: int | None = None, limit: int = 50
-) -> list[dict[str, Any]]:
-    return _rows(conn, SQL.jobs_page, {**{k: filters.get(k) for k in FILTERS}, "before": before, "limit": limit})
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of the filtered job list and how many jobs the filters match in all.
 
-
-def jobs_count(conn: psycopg.Connection, filters: dict[str, str | None]) -> int:
-    return _rows(conn, SQL.jobs_count, {k: filters.get(k) for k in FILTERS})[0]["jobs"]
+    One statement, so that the filters are written once (web.sql) and the page and its
+    count read the same snapshot; its row for an empty page (id NULL) only carries the count.
+    """
+    rows = _rows(conn, SQL.jobs_page, {**{k: filters.get(k) for k in FILTERS}, "before": before, "limit": limit})
+    total = rows[0]["total"]
+    page = [{k: v for k, v in row.items() if k != "total"} for row in rows if row["id"] is not None]
+    return page, total
 
 
 def job_archives(conn: psycopg.Connection, job_id: int) -> dict[str, Any] | None:

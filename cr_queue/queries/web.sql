@@ -86,30 +86,33 @@ LIMIT %(limit)s
 
 -- name: jobs_page
 -- One page of the job list, newest first, after the filters a person chose (each filter is
--- off when its parameter is NULL; path matches anywhere in the tomodir's path).  Paged by
--- id (keyset: `before` is the last id of the previous page), so page 1000 costs what page 1 does.
-SELECT id, status, sim_type, model_first, username, source_computer, source_path, job_group, sipdir,
-       inv_computer AS host, attempt, failure_category, failure_reason,
-       datetime_init AS added, datetime_finished AS finished, downloaded
-FROM inversions
-WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
-  AND (%(username)s::text IS NULL OR username = %(username)s::text)
-  AND (%(group)s::text IS NULL OR job_group = %(group)s::text)
-  AND (%(sipdir)s::text IS NULL OR sipdir = %(sipdir)s::text)
-  AND (%(path)s::text IS NULL OR strpos(source_path, %(path)s::text) > 0)
-  AND (%(before)s::bigint IS NULL OR id < %(before)s::bigint)
-ORDER BY id DESC
-LIMIT %(limit)s
-
--- name: jobs_count
--- How many jobs the same filters match in all (the list shows one page of them).
-SELECT count(*) AS jobs
-FROM inversions
-WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
-  AND (%(username)s::text IS NULL OR username = %(username)s::text)
-  AND (%(group)s::text IS NULL OR job_group = %(group)s::text)
-  AND (%(sipdir)s::text IS NULL OR sipdir = %(sipdir)s::text)
-  AND (%(path)s::text IS NULL OR strpos(source_path, %(path)s::text) > 0)
+-- off when its parameter is NULL; path matches anywhere in the tomodir's path), and `total`:
+-- how many jobs the filters match in all.  The filters stand once, in `chosen`; NOT
+-- MATERIALIZED lets each use of it be planned on its own, so the page stays a keyset read
+-- by id (`before` is the last id of the previous page: page 1000 costs what page 1 does)
+-- and only the count reads every matching job.  Always one row at least: on an empty page
+-- the page's columns are NULL and `total` still says how many there are.
+WITH chosen AS NOT MATERIALIZED (
+    SELECT id, status, sim_type, model_first, username, source_computer, source_path, job_group, sipdir,
+           inv_computer AS host, attempt, failure_category, failure_reason,
+           datetime_init AS added, datetime_finished AS finished, downloaded
+    FROM inversions
+    WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
+      AND (%(username)s::text IS NULL OR username = %(username)s::text)
+      AND (%(group)s::text IS NULL OR job_group = %(group)s::text)
+      AND (%(sipdir)s::text IS NULL OR sipdir = %(sipdir)s::text)
+      AND (%(path)s::text IS NULL OR strpos(source_path, %(path)s::text) > 0)
+)
+SELECT page.*, counted.jobs AS total
+FROM (SELECT count(*) AS jobs FROM chosen) AS counted
+LEFT JOIN (
+    SELECT *
+    FROM chosen
+    WHERE %(before)s::bigint IS NULL OR id < %(before)s::bigint
+    ORDER BY id DESC
+    LIMIT %(limit)s
+) AS page ON true
+ORDER BY page.id DESC
 
 -- name: job_archives
 -- What the pictures of one job are made from: its state and its two archives (none when

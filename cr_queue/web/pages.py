@@ -180,9 +180,7 @@ class Filters:
 
 def jobs(conn: psycopg.Connection, filters: Filters, *, before: int | None = None, limit: int = PAGE_SIZE) -> dict[str, Any]:
     chosen = dataclasses.asdict(filters)
-    with session.read_only_snapshot(conn):
-        rows = wq.jobs_page(conn, chosen, before=before, limit=limit + 1)
-        total = wq.jobs_count(conn, chosen)
+    rows, total = wq.jobs_page(conn, chosen, before=before, limit=limit + 1)
     more = len(rows) > limit
     rows = rows[:limit]
     return {

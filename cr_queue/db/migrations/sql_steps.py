@@ -2,12 +2,12 @@
 as the query layer's): this reads that file and runs its blocks in the order a migration names.
 
 One place for it, so that each migration holds only what is its own: its revision, and
-which blocks its upgrade and downgrade run.
+which blocks its upgrade and downgrade run (``migration``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from alembic import op
@@ -25,3 +25,26 @@ def run(statements: loader.Statements, names: Iterable[str]) -> None:
     """Run these blocks, in this order, in the migration's transaction."""
     for name in names:
         op.execute(statements[name])
+
+
+def migration(
+    module_file: str, *, upgrade: Sequence[str], downgrade: Sequence[str]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The ``upgrade`` and ``downgrade`` functions alembic calls for the migration ``module_file``.
+
+    Each runs its blocks of the .sql file beside the module, in the order given.  The file is
+    read now, at import, and every name is checked against it, so that a misspelt block fails
+    when alembic loads the migrations, not half-way through an upgrade.
+    """
+    statements = load(module_file)
+    unknown = [name for name in (*upgrade, *downgrade) if name not in statements]
+    if unknown:
+        raise loader.QueryFileError(f"{Path(module_file).with_suffix('.sql').name} has no block {', '.join(unknown)}")
+
+    def run_upgrade() -> None:
+        run(statements, upgrade)
+
+    def run_downgrade() -> None:
+        run(statements, downgrade)
+
+    return run_upgrade, run_downgrade

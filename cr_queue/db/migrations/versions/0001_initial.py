@@ -1,7 +1,5 @@
 """Initial schema: inversions, blobs, binary_data, workers, events.
 
-Revision ID: 0001
-Revises:
 Create Date: 2026-11-21
 """
 
@@ -11,8 +9,6 @@ from sqlalchemy.dialects import postgresql
 
 revision = "0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -1,7 +1,5 @@
 """Operations: fair share, sipdir grouping, remote control of workers, per-host node settings.
 
-Revision ID: 0002
-Revises: 0001
 Create Date: 2026-11-22
 """
 
@@ -10,8 +8,6 @@ from alembic import op
 
 revision = "0002"
 down_revision = "0001"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -25,8 +25,6 @@ Downgrade removes every grant, policy, function and trigger but leaves the
 three roles: roles belong to the whole cluster and other databases may use
 them (drop them by hand with ``DROP ROLE`` once no database needs them).
 
-Revision ID: 0003
-Revises: 0002
 Create Date: 2026-11-23
 """
 
@@ -35,8 +33,6 @@ from alembic import op
 
 revision = "0003"
 down_revision = "0002"
-branch_labels = None
-depends_on = None
 
 ROLES = ("crh_admin", "crh_worker", "crh_user")
 # Functions the three roles call (EXECUTE is revoked from PUBLIC).

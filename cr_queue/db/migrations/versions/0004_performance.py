@@ -17,8 +17,6 @@
   table.  Space left free on each page keeps lease and heartbeat updates
   HOT (no index writes).  See docs/performance.md for the measurements.
 
-Revision ID: 0004
-Revises: 0003
 Create Date: 2026-11-22
 """
 
@@ -27,8 +25,6 @@ from alembic import op
 
 revision = "0004"
 down_revision = "0003"
-branch_labels = None
-depends_on = None
 
 STORAGE = {
     "inversions": {

@@ -25,8 +25,6 @@ jump the queue, finish what it does not hold, or read what is not its own (issue
 
 The statements are in 0005_job_integrity.sql beside this file.
 
-Revision ID: 0005
-Revises: 0004
 Create Date: 2026-12-07
 """
 
@@ -34,39 +32,31 @@ from cr_queue.db.migrations import sql_steps
 
 revision = "0005"
 down_revision = "0004"
-branch_labels = None
-depends_on = None
 
-SQL = sql_steps.load(__file__)
-
-UPGRADE = (
-    "repair_finished_without_result",
-    "repair_ranges",
-    "add_constraints",
-    "login_rank_index",
-    "drop_user_rank_index",
-    "caller_functions",
-    "registration_functions",
-    "owner_functions",
-    "worker_functions",
-    "guard_registration",
-    "pin_search_path",
-    "grants",
-    "policies",
+# alembic's two entry points: each runs these blocks of 0005_job_integrity.sql, in this order.
+upgrade, downgrade = sql_steps.migration(
+    __file__,
+    upgrade=(
+        "repair_finished_without_result",
+        "repair_ranges",
+        "add_constraints",
+        "login_rank_index",
+        "drop_user_rank_index",
+        "caller_functions",
+        "registration_functions",
+        "owner_functions",
+        "worker_functions",
+        "guard_registration",
+        "pin_search_path",
+        "grants",
+        "policies",
+    ),
+    downgrade=(
+        "undo_policies",
+        "undo_grants",
+        "drop_functions",
+        "user_rank_index",
+        "drop_login_rank_index",
+        "drop_constraints",
+    ),
 )
-DOWNGRADE = (
-    "undo_policies",
-    "undo_grants",
-    "drop_functions",
-    "user_rank_index",
-    "drop_login_rank_index",
-    "drop_constraints",
-)
-
-
-def upgrade() -> None:
-    sql_steps.run(SQL, UPGRADE)
-
-
-def downgrade() -> None:
-    sql_steps.run(SQL, DOWNGRADE)

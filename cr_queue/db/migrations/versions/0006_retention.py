@@ -11,8 +11,6 @@ admits that case), and the purge is the function ``crh_purge_archives``
 (SECURITY DEFINER, admins and the owner), so an admin login needs no update
 grant on the job's columns.  The statements are in 0006_retention.sql.
 
-Revision ID: 0006
-Revises: 0005
 Create Date: 2026-12-07
 """
 
@@ -20,19 +18,10 @@ from cr_queue.db.migrations import sql_steps
 
 revision = "0006"
 down_revision = "0005"
-branch_labels = None
-depends_on = None
 
-
-SQL = sql_steps.load(__file__)
-
-UPGRADE = ("add_purged_column", "finished_has_result_or_purged", "purge_function")
-DOWNGRADE = ("drop_purge_function", "finished_has_result", "drop_purged_column")
-
-
-def upgrade() -> None:
-    sql_steps.run(SQL, UPGRADE)
-
-
-def downgrade() -> None:
-    sql_steps.run(SQL, DOWNGRADE)
+# alembic's two entry points: each runs these blocks of 0006_retention.sql, in this order.
+upgrade, downgrade = sql_steps.migration(
+    __file__,
+    upgrade=("add_purged_column", "finished_has_result_or_purged", "purge_function"),
+    downgrade=("drop_purge_function", "finished_has_result", "drop_purged_column"),
+)
