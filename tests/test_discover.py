@@ -12,8 +12,11 @@ from cr_queue.tomodir.discover import Discovery, Done, Incomplete, Tomodir, clas
 
 
 
+FINISHED = "header\nIT 1 2.0\n***finished***\n"
+
+
 def finish_inversion(td: Path, *trailer: str) -> None:
-    (td / "inv/inv.ctr").write_text("header\nIT 1 2.0\n***finished***\n" + "".join(trailer))
+    (td / "inv/inv.ctr").write_text(FINISHED + "".join(trailer))
 
 
 def state(path: Path) -> dict[str, tuple[int, int]]:
@@ -44,34 +47,22 @@ def test_generated_kinds(
     assert job.steps == steps
 
 
-def test_finished_inversion_is_done(tmp_path: Path) -> None:
-    td = synth.make_tomodir(tmp_path / "td", "inv")
-    finish_inversion(td, "\n   \n")
-    assert classify(td) == Done(td)
-
-
-def test_unfinished_inversion_needs_inversion(tmp_path: Path) -> None:
-    td = synth.make_tomodir(tmp_path / "td", "inv")
-    (td / "inv/inv.ctr").write_text("header\nIT 1 2.0\n")
-    assert classify(td) == Tomodir(td, needs_mod=False, needs_inv=True)
-
-
-def test_finished_line_must_be_last(tmp_path: Path) -> None:
-    td = synth.make_tomodir(tmp_path / "td", "inv")
-    finish_inversion(td, "IT 2 1.0\n")
-    assert isinstance(classify(td), Tomodir)
-
-
-def test_modelled_dir_without_crtomo_cfg_is_done(tmp_path: Path) -> None:
-    td = synth.make_tomodir(tmp_path / "td", "mod")
-    (td / "mod/volt.dat").write_text("0\n")
-    assert classify(td) == Done(td)
-
-
-def test_both_after_modelling_needs_only_inversion(tmp_path: Path) -> None:
-    td = synth.make_tomodir(tmp_path / "td", "both")
-    (td / "mod/volt.dat").write_text("0\n")
-    assert classify(td) == Tomodir(td, needs_mod=False, needs_inv=True)
+@pytest.mark.parametrize(
+    "kind,path,text,expected",
+    [
+        pytest.param("inv", "inv/inv.ctr", FINISHED + "\n   \n", "done", id="finished_inversion_is_done"),
+        pytest.param("inv", "inv/inv.ctr", "header\nIT 1 2.0\n", "inv", id="unfinished_inversion_needs_inversion"),
+        pytest.param("inv", "inv/inv.ctr", FINISHED + "IT 2 1.0\n", "inv", id="finished_line_must_be_last"),
+        pytest.param("mod", "mod/volt.dat", "0\n", "done", id="modelled_dir_without_crtomo_cfg_is_done"),
+        pytest.param("both", "mod/volt.dat", "0\n", "inv", id="both_after_modelling_needs_only_inversion"),
+    ],
+)
+def test_classify_after_a_solver_wrote(tmp_path: Path, kind: str, path: str, text: str, expected: str) -> None:
+    """A solver's output file decides what is left: "done" (nothing) or "inv" (only the inversion)."""
+    td = synth.make_tomodir(tmp_path / "td", kind)
+    (td / path).write_text(text)
+    want = Done(td) if expected == "done" else Tomodir(td, needs_mod=False, needs_inv=True)
+    assert classify(td) == want
 
 
 def test_inversion_ready_dir_needs_no_modelling_inputs(tmp_path: Path) -> None:
