@@ -34,6 +34,17 @@ def _db(url: str, path: Path | None = None) -> Database:
     return Database(url=url, source="test", embedded=False, store=chosen)
 
 
+def _directory_db(url: str, root: Path) -> Database:
+    """A Database whose archives go to `root`, a new and empty directory."""
+    root.mkdir()
+    return _db(url, root)
+
+
+def _put(conn, where, path: Path, kind: str = "inv", **synth_kw) -> str:
+    """Stores a new synthetic tomodir made at `path` in `where`; its archive's sha256."""
+    return store.put_tree(conn, where, synth.make_tomodir(path, kind, **synth_kw)).sha256
+
+
 def _fetch(conn, where: store.Store, sha: str) -> bytes:
     out = io.BytesIO()
     store.fetch(conn, where, sha, out)
@@ -122,9 +133,8 @@ def test_rechunk_cuts_pieces_at_the_chunk_size() -> None:
 
 def test_directory_store_writes_content_addressed_files(db_url: str, tmp_path: Path) -> None:
     root = tmp_path / "crq"
-    root.mkdir()
     tree = synth.make_tomodir(tmp_path / "td", "inv")
-    db = _db(db_url, root)
+    db = _directory_db(db_url, root)
     with db.connect("test") as conn:
         packed = store.put_tree(conn, db.store, tree)
         path = root / packed.sha256[:2] / f"{packed.sha256}.tar.zst"
@@ -177,10 +187,9 @@ def test_directory_store_reads_archives_kept_in_the_database(db_url: str, tmp_pa
 
 def test_corrupted_file_is_a_checksum_mismatch(db_url: str, tmp_path: Path) -> None:
     root = tmp_path / "crq"
-    root.mkdir()
-    db = _db(db_url, root)
+    db = _directory_db(db_url, root)
     with db.connect("test") as conn:
-        sha = store.put_tree(conn, db.store, synth.make_tomodir(tmp_path / "td", "inv")).sha256
+        sha = _put(conn, db.store, tmp_path / "td")
         path = root / sha[:2] / f"{sha}.tar.zst"
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -303,12 +312,11 @@ def test_crh_add_with_helper_processes_stores_and_queues_every_tomodir_in_order(
 
 def test_garbage_collection_keeps_what_jobs_use(db_url: str, tmp_path: Path) -> None:
     root = tmp_path / "crq"
-    root.mkdir()
-    db = _db(db_url, root)
+    db = _directory_db(db_url, root)
     with db.connect("test") as conn:
-        used = store.put_tree(conn, db.store, synth.make_tomodir(tmp_path / "a", "inv")).sha256
-        unused = store.put_tree(conn, db.store, synth.make_tomodir(tmp_path / "b", "inv", seed=1)).sha256
-        in_db = store.put_tree(conn, store.DATABASE, synth.make_tomodir(tmp_path / "c", "inv", seed=2)).sha256
+        used = _put(conn, db.store, tmp_path / "a")
+        unused = _put(conn, db.store, tmp_path / "b", seed=1)
+        in_db = _put(conn, store.DATABASE, tmp_path / "c", seed=2)
         job_id = jobs.begin_registration(
             conn, jobs.NewJob("inv", False, "/a", "/a.crh", "u", "h"), ACTOR
         )
