@@ -91,41 +91,36 @@ def test_drain_and_stop_set_the_request(cli_env, db_url):
     assert "name the workers to drain" in proc.stderr
 
 
+def _told_while_running(daemon, cli_env, db_url, command, name):
+    """Starts the worker command line `daemon`, and once one job runs tells it
+    `crh worker <command> <name>`; the worker must then exit 0. Returns its --json report."""
+    proc = subprocess.Popen(daemon, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'running'")[0][0] == 1, "a running job")
+        run([script("crh"), "worker", command, name], cli_env)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
 def test_a_real_worker_obeys_drain_and_stop(tmp_path, cli_env, db_url):
     for td in synth.make_tree(tmp_path, n_inv=2):
         (td / "exe" / "standin.cfg").write_text("sleep = 3\n")
     run([script("crh_add")], cli_env, cwd=tmp_path)
 
     # `crh worker` with options and no subcommand is still the daemon.
-    proc = subprocess.Popen(
-        [script("crh"), "worker", "--name", "node-a", "--jobs", "1", "--poll", "0.5", "--json"],
-        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_for(lambda: _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'running'")[0][0] == 1, "a running job")
-        run([script("crh"), "worker", "drain", "node-a"], cli_env)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
-    assert json.loads(out)["finished"] == 1  # the running job finished, the other was not claimed
+    daemon = [script("crh"), "worker", "--name", "node-a", "--jobs", "1", "--poll", "0.5", "--json"]
+    report = _told_while_running(daemon, cli_env, db_url, "drain", "node-a")
+    assert report["finished"] == 1  # the running job finished, the other was not claimed
     assert _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'queued'")[0][0] == 1
     assert _sql(db_url, "SELECT state FROM workers WHERE name = 'node-a'")[0][0] == "stopped"
 
     for td in tmp_path.rglob("standin.cfg"):
         td.write_text("sleep = 60\n")
-    proc = subprocess.Popen(
-        [script("crh_worker"), "--name", "node-b", "--poll", "0.5", "--json"],
-        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_for(lambda: _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'running'")[0][0] == 1, "a running job")
-        run([script("crh"), "worker", "stop", "node-b"], cli_env)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
-    assert json.loads(out)["released"] == 1
+    daemon = [script("crh_worker"), "--name", "node-b", "--poll", "0.5", "--json"]
+    assert _told_while_running(daemon, cli_env, db_url, "stop", "node-b")["released"] == 1
     assert _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'queued'")[0][0] == 1
 
 

@@ -43,19 +43,28 @@ def test_cpu_budget_fits_jobs_by_their_threads(tmp_path, cli_env, db_url):
     assert 1 < peak <= 3
 
 
+def _requested_while_running(cli_env, conn, name, request, timeout):
+    """Starts crh_worker `name`, and once one job runs sets its `requested` (stop or drain)
+    in the database; the worker must then exit 0. Returns its --json report."""
+    proc = subprocess.Popen(
+        [script("crh_worker"), "--name", name, "--json", "--poll", "0.5"],
+        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: conn.execute("SELECT count(*) FROM inversions WHERE status = 'running'").fetchone()[0] == 1, "a running job")
+        conn.execute("UPDATE workers SET requested = %s WHERE name = %s", (request, name))
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    return json.loads(out)
+
+
 def test_admin_drain_and_stop_through_the_database(tmp_path, cli_env, db_url):
     _sleepy(tmp_path, 2, 30)
     run([script("crh_add")], cli_env, cwd=tmp_path)
-    proc = subprocess.Popen(
-        [script("crh_worker"), "--name", "node-a", "--json", "--poll", "0.5"],
-        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
     with psycopg.connect(db_url, autocommit=True) as conn:
-        wait_for(lambda: conn.execute("SELECT count(*) FROM inversions WHERE status = 'running'").fetchone()[0] == 1, "a running job")
-        conn.execute("UPDATE workers SET requested = 'stop' WHERE name = 'node-a'")
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err
-        assert json.loads(out)["released"] == 1
+        assert _requested_while_running(cli_env, conn, "node-a", "stop", timeout=30)["released"] == 1
         state, reason = conn.execute("SELECT state, stop_reason FROM workers WHERE name = 'node-a'").fetchone()
         assert state == "stopped" and "admin" in reason
         # Given back without burning a try.
@@ -63,17 +72,9 @@ def test_admin_drain_and_stop_through_the_database(tmp_path, cli_env, db_url):
 
     for td in tmp_path.rglob("standin.cfg"):
         td.write_text("sleep = 1\n")
-    proc = subprocess.Popen(
-        [script("crh_worker"), "--name", "node-b", "--json", "--poll", "0.5"],
-        env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
     with psycopg.connect(db_url, autocommit=True) as conn:
-        wait_for(lambda: conn.execute("SELECT count(*) FROM inversions WHERE status = 'running'").fetchone()[0] == 1, "a running job")
-        conn.execute("UPDATE workers SET requested = 'drain' WHERE name = 'node-b'")
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err
         # The running job was allowed to finish (its input still sleeps 30 s), the other never started.
-        assert json.loads(out)["finished"] == 1
+        assert _requested_while_running(cli_env, conn, "node-b", "drain", timeout=60)["finished"] == 1
         assert conn.execute("SELECT count(*) FROM inversions WHERE status = 'queued'").fetchone()[0] == 1
 
 
