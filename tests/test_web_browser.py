@@ -170,10 +170,16 @@ def test_the_overview_names_the_jobs_and_changes_when_one_finishes(world, browse
     print(f"screenshots in {shots}")
 
 
-def test_a_finished_inversion_shows_its_model_and_rms(world, browser, shots):
+def _alices_finished_job(world, browser, name: str):
+    """Runs the worker (once), then opens the page of Alice's job `name`; the web server."""
     world.run_worker()
     web = world.web(ALICE)
-    browser.get(f"{web.url}jobs/{world.alice['good']}")
+    browser.get(f"{web.url}jobs/{world.alice[name]}")
+    return web
+
+
+def test_a_finished_inversion_shows_its_model_and_rms(world, browser, shots):
+    _alices_finished_job(world, browser, "good")
     model = picture(browser, "model-picture")
     assert model["width"] > 400 and model["height"] > 200
     assert model["colours"] > 50 and model["inked"] > 0.2 * model["samples"], model
@@ -185,9 +191,7 @@ def test_a_finished_inversion_shows_its_model_and_rms(world, browser, shots):
 
 
 def test_a_failed_job_shows_its_reason_and_log(world, browser, shots):
-    world.run_worker()
-    web = world.web(ALICE)
-    browser.get(f"{web.url}jobs/{world.alice['bad']}")
+    _alices_finished_job(world, browser, "bad")
     failure = browser.find_element("id", "failure").text
     assert "error_dat" in failure and "wrote exe/error.dat" in failure
     assert "failure injected by the cr_queue stand-in" in browser.find_element("id", "error-dat").text
@@ -197,9 +201,7 @@ def test_a_failed_job_shows_its_reason_and_log(world, browser, shots):
 
 
 def test_a_crmod_job_and_a_sipdir(world, browser, shots):
-    world.run_worker()
-    web = world.web(ALICE)
-    browser.get(f"{web.url}jobs/{world.alice['model']}")
+    web = _alices_finished_job(world, browser, "model")
     volt = picture(browser, "volt-plot")
     assert volt["colours"] > 10 and volt["inked"] > 0
     shoot(browser, shots, "job-crmod")
