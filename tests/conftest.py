@@ -190,6 +190,13 @@ def commands_env(db_url: str, home: Path) -> dict[str, str]:
     return env
 
 
+def sql_rows(db_url: str, query, params=None) -> list[tuple] | None:
+    """One statement on a connection of its own (autocommit): its rows, or None for a statement without any."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else None
+
+
 def run(args: list[str], env: dict[str, str], cwd: Path | None = None, timeout: float = 300, check: int | None = 0):
     proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check is not None and proc.returncode != check:

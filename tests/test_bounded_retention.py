@@ -12,17 +12,11 @@ import psycopg
 from cr_queue import cleanup, store
 from cr_queue.tomodir import synth
 
-from .conftest import run, script
-
-
-def _sql(db_url, query, params=None):
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else None
+from .conftest import run, script, sql_rows
 
 
 def _blob_ids(db_url) -> set[int]:
-    return {r[0] for r in _sql(db_url, "SELECT id FROM blobs")}
+    return {r[0] for r in sql_rows(db_url, "SELECT id FROM blobs")}
 
 
 def _pipeline(tmp_path, cli_env, n=5):
@@ -40,10 +34,10 @@ def _pipeline(tmp_path, cli_env, n=5):
 def test_keep_retrieved_0_purges_every_archive_and_keeps_jobs_and_events(tmp_path, cli_env, db_url):
     """Acceptance: add → worker → retrieve of 5 tomodirs, then `crh_cleanup --keep-retrieved 0 --yes`."""
     _tree, ids = _pipeline(tmp_path, cli_env)
-    assert _sql(db_url, "SELECT count(*) FROM inversions WHERE downloaded AND status = 'finished'")[0][0] == 5
-    events_before = _sql(db_url, "SELECT job_id, id, event FROM events ORDER BY id")
-    archives = dict(_sql(db_url, "SELECT id, input_sha256 || ' ' || result_sha256 FROM inversions"))
-    assert _sql(db_url, "SELECT count(*) FROM blobs")[0][0] >= 10
+    assert sql_rows(db_url, "SELECT count(*) FROM inversions WHERE downloaded AND status = 'finished'")[0][0] == 5
+    events_before = sql_rows(db_url, "SELECT job_id, id, event FROM events ORDER BY id")
+    archives = dict(sql_rows(db_url, "SELECT id, input_sha256 || ' ' || result_sha256 FROM inversions"))
+    assert sql_rows(db_url, "SELECT count(*) FROM blobs")[0][0] >= 10
 
     dry = json.loads(run([script("crh_cleanup"), "--keep-retrieved", "0", "--dry-run", "--json"], cli_env).stdout)
     assert sorted(j["id"] for j in dry["plan"]["purge"]) == ids
@@ -53,14 +47,14 @@ def test_keep_retrieved_0_purges_every_archive_and_keeps_jobs_and_events(tmp_pat
     proc = run([script("crh_cleanup"), "--keep-retrieved", "0", "--yes"], cli_env)
     assert "purged the archives of 5 retrieved jobs" in proc.stdout
     assert "freed" in proc.stdout and "binary_data on disk:" in proc.stdout
-    assert _sql(db_url, "SELECT count(*) FROM blobs")[0][0] == 0
-    assert _sql(db_url, "SELECT count(*) FROM binary_data")[0][0] == 0
+    assert sql_rows(db_url, "SELECT count(*) FROM blobs")[0][0] == 0
+    assert sql_rows(db_url, "SELECT count(*) FROM binary_data")[0][0] == 0
     # The five jobs stay, finished and retrieved, with every event they had and one 'purged' event each.
-    rows = _sql(db_url, "SELECT id, status, downloaded, datetime_purged IS NOT NULL FROM inversions ORDER BY id")
+    rows = sql_rows(db_url, "SELECT id, status, downloaded, datetime_purged IS NOT NULL FROM inversions ORDER BY id")
     assert rows == [(i, "finished", True, True) for i in ids]
-    events_after = _sql(db_url, "SELECT job_id, id, event FROM events ORDER BY id")
+    events_after = sql_rows(db_url, "SELECT job_id, id, event FROM events ORDER BY id")
     assert events_after[: len(events_before)] == events_before
-    purged = _sql(db_url, "SELECT job_id, detail FROM events WHERE event = 'purged' ORDER BY job_id")
+    purged = sql_rows(db_url, "SELECT job_id, detail FROM events WHERE event = 'purged' ORDER BY job_id")
     assert [job_id for job_id, _ in purged] == ids
     for job_id, detail in purged:
         assert f"{detail['input_sha256']} {detail['result_sha256']}" == archives[job_id]
@@ -73,7 +67,7 @@ def test_keep_retrieved_0_purges_every_archive_and_keeps_jobs_and_events(tmp_pat
 
 def test_the_space_freed_is_reported_in_json(tmp_path, cli_env, db_url):
     _pipeline(tmp_path, cli_env, n=3)
-    sizes = sum(r[0] for r in _sql(db_url, "SELECT size FROM blobs"))
+    sizes = sum(r[0] for r in sql_rows(db_url, "SELECT size FROM blobs"))
     report = json.loads(run([script("crh_cleanup"), "--keep-retrieved", "0", "--yes", "--json"], cli_env).stdout)
     assert report["result"]["bytes_freed"] == sizes > 0
     assert len(report["result"]["purged_jobs"]) == 3
@@ -83,18 +77,18 @@ def test_the_space_freed_is_reported_in_json(tmp_path, cli_env, db_url):
 def test_recently_retrieved_jobs_keep_their_archives(tmp_path, cli_env, db_url):
     _tree, ids = _pipeline(tmp_path, cli_env, n=3)
     # One of them was retrieved 31 days ago: only its archives go with the default (30 days) ...
-    _sql(db_url, "UPDATE inversions SET datetime_downloaded = now() - interval '31 days' WHERE id = %s", (ids[0],))
+    sql_rows(db_url, "UPDATE inversions SET datetime_downloaded = now() - interval '31 days' WHERE id = %s", (ids[0],))
     report = json.loads(run([script("crh_cleanup"), "--yes", "--json"], cli_env).stdout)
     assert report["result"]["purged_jobs"] == [ids[0]]
-    left = _sql(db_url, "SELECT id FROM inversions WHERE input_sha256 IS NOT NULL ORDER BY id")
+    left = sql_rows(db_url, "SELECT id FROM inversions WHERE input_sha256 IS NOT NULL ORDER BY id")
     assert [r[0] for r in left] == ids[1:]
     # ... and [cleanup] keep_retrieved in the config sets the default.
     config = tmp_path / "config.toml"
     config.write_text('[cleanup]\nkeep_retrieved = "1s"\n')
-    _sql(db_url, "UPDATE inversions SET datetime_downloaded = now() - interval '1 minute'")
+    sql_rows(db_url, "UPDATE inversions SET datetime_downloaded = now() - interval '1 minute'")
     report = json.loads(run([script("crh_cleanup"), "--yes", "--json"], {**cli_env, "CRH_CONFIG": str(config)}).stdout)
     assert report["result"]["purged_jobs"] == ids[1:]
-    assert _sql(db_url, "SELECT count(*) FROM blobs")[0][0] == 0
+    assert sql_rows(db_url, "SELECT count(*) FROM blobs")[0][0] == 0
 
 
 def test_a_bad_keep_retrieved_is_refused(cli_env, tmp_path):
@@ -109,14 +103,14 @@ def test_a_bad_keep_retrieved_is_refused(cli_env, tmp_path):
 def test_an_archive_shared_with_a_job_not_purged_stays(tmp_path, cli_env, db_url):
     _tree, ids = _pipeline(tmp_path, cli_env, n=3)
     # A job running again (not retrieved) uses the same input (content addressed).
-    _sql(db_url, "UPDATE inversions SET status = 'running', downloaded = false, datetime_downloaded = NULL WHERE id = %s",
+    sql_rows(db_url, "UPDATE inversions SET status = 'running', downloaded = false, datetime_downloaded = NULL WHERE id = %s",
          (ids[1],))
-    _sql(db_url, "UPDATE inversions SET input_sha256 = (SELECT input_sha256 FROM inversions WHERE id = %s) WHERE id = %s",
+    sql_rows(db_url, "UPDATE inversions SET input_sha256 = (SELECT input_sha256 FROM inversions WHERE id = %s) WHERE id = %s",
          (ids[0], ids[1]))
-    shared = _sql(db_url, "SELECT input_sha256 FROM inversions WHERE id = %s", (ids[0],))[0][0]
+    shared = sql_rows(db_url, "SELECT input_sha256 FROM inversions WHERE id = %s", (ids[0],))[0][0]
     run([script("crh_cleanup"), "--keep-retrieved", "0", "--yes"], cli_env)
-    assert _sql(db_url, "SELECT count(*) FROM blobs WHERE sha256 = %s", (shared,))[0][0] == 1
-    assert _sql(db_url, "SELECT input_sha256 FROM inversions WHERE id = %s", (ids[1],))[0][0] == shared
+    assert sql_rows(db_url, "SELECT count(*) FROM blobs WHERE sha256 = %s", (shared,))[0][0] == 1
+    assert sql_rows(db_url, "SELECT input_sha256 FROM inversions WHERE id = %s", (ids[1],))[0][0] == shared
 
 
 # ---------------------------------------------------------------- defect 12: what is shown is what is deleted
@@ -130,7 +124,7 @@ def _blob(db_url, payload: bytes) -> str:
 
 
 def _age(db_url, sha=None, hours=2):
-    _sql(
+    sql_rows(
         db_url,
         "UPDATE blobs SET datetime_created = datetime_created - make_interval(hours => %(h)s), "
         "datetime_completed = datetime_completed - make_interval(hours => %(h)s) "
@@ -156,7 +150,7 @@ def test_dry_run_shows_exactly_what_is_deleted(tmp_path, cli_env, db_url):
     text = run([script("crh_cleanup"), "--dry-run"], cli_env).stdout
     planned = {b["id"] for b in dry["blobs"]}
     shas = {b["sha256"] for b in dry["blobs"]}
-    gone_inputs = {r[0] for r in _sql(db_url, "SELECT input_sha256 FROM inversions WHERE id = ANY(%s)",
+    gone_inputs = {r[0] for r in sql_rows(db_url, "SELECT input_sha256 FROM inversions WHERE id = ANY(%s)",
                                       ([a["job_id"] for a in gone],))}
     assert gone_inputs | {old_orphan} == shas
     assert [b["sha256"] for b in dry["held_back"]] == [young_orphan]
@@ -178,7 +172,7 @@ def test_apply_deletes_only_the_planned_archives(tmp_path, cli_env, db_url):
         _age(db_url, late)
         result = cleanup.apply(conn, planned, store.DATABASE)
     assert [b["sha256"] for b in planned.blobs] == [old_orphan]
-    remaining = {r[0] for r in _sql(db_url, "SELECT sha256 FROM blobs")}
+    remaining = {r[0] for r in sql_rows(db_url, "SELECT sha256 FROM blobs")}
     assert remaining == {late}
     assert len(result.deleted_blobs) == 1
 
@@ -190,13 +184,13 @@ def test_archives_of_cancelled_jobs_deleted_in_a_run_go_in_the_same_run(tmp_path
     synth.make_tree(tree, n_mod=3)
     run([script("crh_add")], cli_env, cwd=tree)
     run([script("crh_cancel"), str(tree)], cli_env)
-    _sql(db_url, "UPDATE inversions SET datetime_finished = now() - interval '2 days'")
-    inputs = {r[0] for r in _sql(db_url, "SELECT input_sha256 FROM inversions")}
-    assert len(inputs) == 3 and _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'cancelled'")[0][0] == 3
+    sql_rows(db_url, "UPDATE inversions SET datetime_finished = now() - interval '2 days'")
+    inputs = {r[0] for r in sql_rows(db_url, "SELECT input_sha256 FROM inversions")}
+    assert len(inputs) == 3 and sql_rows(db_url, "SELECT count(*) FROM inversions WHERE status = 'cancelled'")[0][0] == 3
     report = json.loads(run([script("crh_cleanup"), "--retention", "1", "--yes", "--json"], cli_env).stdout)
     assert len(report["result"]["deleted_jobs"]) == 3
     assert {b["sha256"] for b in report["plan"]["blobs"]} == inputs
     assert len(report["result"]["deleted_blobs"]) == 3 and report["result"]["bytes_freed"] > 0
-    assert _sql(db_url, "SELECT count(*) FROM blobs")[0][0] == 0
+    assert sql_rows(db_url, "SELECT count(*) FROM blobs")[0][0] == 0
     again = run([script("crh_cleanup"), "--retention", "1", "--dry-run"], cli_env)
     assert "nothing to clean up" in again.stdout

@@ -27,7 +27,7 @@ from cr_queue.queries import roles
 from cr_queue import store
 from cr_queue.tomodir import synth
 
-from .conftest import run, script
+from .conftest import run, script, sql_rows
 
 HOST = socket.gethostname()
 
@@ -48,22 +48,16 @@ def _added(tmp_path, cli_env, n=4, seed=0) -> dict[str, int]:
     return {a["path"]: a["job_id"] for a in report["added"]}
 
 
-def _sql(db_url, query, params=None):
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else None
-
-
 def _ids(db_url) -> set[int]:
-    return {r[0] for r in _sql(db_url, "SELECT id FROM inversions")}
+    return {r[0] for r in sql_rows(db_url, "SELECT id FROM inversions")}
 
 
 def _blob_ids(db_url) -> set[int]:
-    return {r[0] for r in _sql(db_url, "SELECT id FROM blobs")}
+    return {r[0] for r in sql_rows(db_url, "SELECT id FROM blobs")}
 
 
 def _age_blobs(db_url, hours=2):
-    _sql(
+    sql_rows(
         db_url,
         "UPDATE blobs SET datetime_created = datetime_created - make_interval(hours => %(h)s), "
         "datetime_completed = datetime_completed - make_interval(hours => %(h)s)",
@@ -72,7 +66,7 @@ def _age_blobs(db_url, hours=2):
 
 
 def _finish(db_url, job_id, days_ago=0.0, downloaded=False, result_sha=None):
-    _sql(
+    sql_rows(
         db_url,
         "UPDATE inversions SET status = 'finished', attempt = 1, tries = 1, exit_code = 0, "
         "result_sha256 = coalesce(%(r)s, result_sha256, input_sha256), downloaded = %(d)s, "
@@ -124,10 +118,10 @@ def garbage(tmp_path, cli_env, db_url):
     _finish(db_url, expiring_soon, days_ago=27)
     _finish(db_url, crh_gone_finished)
     _finish(db_url, retrieved_no_crh, downloaded=True)
-    _sql(db_url, "UPDATE inversions SET status = 'running', attempt = 1, tries = 1 WHERE id = %s", (crh_gone_running,))
-    _sql(db_url, "UPDATE inversions SET source_computer = 'elsewhere' WHERE id = %s", (other_host_no_crh,))
+    sql_rows(db_url, "UPDATE inversions SET status = 'running', attempt = 1, tries = 1 WHERE id = %s", (crh_gone_running,))
+    sql_rows(db_url, "UPDATE inversions SET source_computer = 'elsewhere' WHERE id = %s", (other_host_no_crh,))
     # Two jobs on one archive (content addressed): deleting one must keep the archive for the other.
-    _sql(
+    sql_rows(
         db_url,
         "UPDATE inversions SET input_sha256 = (SELECT input_sha256 FROM inversions WHERE id = %s) WHERE id = %s",
         (crh_gone_finished, shares_blob),
@@ -188,7 +182,7 @@ def test_dry_run_reports_every_kind_and_deletes_nothing(garbage, cli_env, db_url
     assert plan["bytes"] == sum(b["bytes"] for b in plan["blobs"]) > 0
     assert set(plan["store_size"]) == {"binary_data", "blobs", "inversions", "events"}
     # The archive the kept job shares is not planned.
-    shared = _sql(db_url, "SELECT input_sha256 FROM inversions WHERE id = %s", (garbage["shares_blob"],))[0][0]
+    shared = sql_rows(db_url, "SELECT input_sha256 FROM inversions WHERE id = %s", (garbage["shares_blob"],))[0][0]
     assert shared not in blob_shas
     assert _ids(db_url) == before_jobs and _blob_ids(db_url) == before_blobs
 
@@ -236,8 +230,8 @@ def test_asks_on_a_terminal(garbage, cli_env, db_url):
 
 
 def test_yes_deletes_the_garbage_and_keeps_everything_in_use(garbage, cli_env, db_url):
-    shared = _sql(db_url, "SELECT input_sha256 FROM inversions WHERE id = %s", (garbage["shares_blob"],))[0][0]
-    sizes = dict(_sql(db_url, "SELECT sha256, size FROM blobs WHERE complete"))
+    shared = sql_rows(db_url, "SELECT input_sha256 FROM inversions WHERE id = %s", (garbage["shares_blob"],))[0][0]
+    sizes = dict(sql_rows(db_url, "SELECT sha256, size FROM blobs WHERE complete"))
     proc = subprocess.run(
         crh_cleanup() + ["--yes", "--json"], env=cli_env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
     )
@@ -250,23 +244,23 @@ def test_yes_deletes_the_garbage_and_keeps_everything_in_use(garbage, cli_env, d
     for keep in ("crh_gone_running", "retrieved_no_crh", "other_host_no_crh", "shares_blob", "fresh", "expiring_soon"):
         assert garbage[keep] in left, keep
     # Their events went with them.
-    assert _sql(db_url, "SELECT count(*) FROM events WHERE job_id = ANY(%s)", (sorted(gone),))[0][0] == 0
+    assert sql_rows(db_url, "SELECT count(*) FROM events WHERE job_id = ANY(%s)", (sorted(gone),))[0][0] == 0
     # Every archive still referred to by a job is there, complete, with all its chunks.
-    missing = _sql(
+    missing = sql_rows(
         db_url,
         "SELECT j.id FROM inversions j WHERE (j.input_sha256 IS NOT NULL AND NOT EXISTS "
         "(SELECT 1 FROM blobs b WHERE b.sha256 = j.input_sha256 AND b.complete)) OR (j.result_sha256 IS NOT NULL "
         "AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.sha256 = j.result_sha256 AND b.complete))",
     )
     assert missing == []
-    assert _sql(db_url, "SELECT count(*) FROM blobs WHERE sha256 = %s", (shared,))[0][0] == 1
+    assert sql_rows(db_url, "SELECT count(*) FROM blobs WHERE sha256 = %s", (shared,))[0][0] == 1
     with psycopg.connect(db_url) as conn:
         assert len(b"".join(store.chunks(conn, shared))) == sizes[shared]
     # What was freed: the orphans, the interrupted upload, and the deleted jobs' own archives.
-    remaining = {r[0] for r in _sql(db_url, "SELECT sha256 FROM blobs WHERE sha256 IS NOT NULL")}
+    remaining = {r[0] for r in sql_rows(db_url, "SELECT sha256 FROM blobs WHERE sha256 IS NOT NULL")}
     assert garbage["orphan_sha"] not in remaining and garbage["result_sha"] not in remaining
     assert garbage["partial_blob"] not in _blob_ids(db_url)
-    assert _sql(db_url, "SELECT count(*) FROM binary_data WHERE blob_id = %s", (garbage["partial_blob"],))[0][0] == 0
+    assert sql_rows(db_url, "SELECT count(*) FROM binary_data WHERE blob_id = %s", (garbage["partial_blob"],))[0][0] == 0
     result = report["result"]
     freed_complete = sum(sizes[s] for s in sizes if s not in remaining)
     assert result["bytes_freed"] >= freed_complete > 0
@@ -314,7 +308,7 @@ def test_a_crh_that_cannot_be_checked_keeps_its_job(tmp_path, cli_env, db_url):
     (path, job_id), = added.items()
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
-    _sql(db_url, "UPDATE inversions SET crh_file = %s WHERE id = %s", (str(loop / "td.crh"), job_id))
+    sql_rows(db_url, "UPDATE inversions SET crh_file = %s WHERE id = %s", (str(loop / "td.crh"), job_id))
     proc = run([script("crh"), "cleanup", "--dry-run", "--json"], cli_env, check=1)
     plan = json.loads(proc.stdout)["plan"]
     assert plan["jobs"]["crh_missing"] == []
@@ -342,10 +336,10 @@ def test_apply_keeps_what_changed_since_the_plan(garbage, db_url):
     assert expired in result.kept_jobs and expired in _ids(db_url)
     assert restored in result.kept_jobs and restored in _ids(db_url)
     assert garbage["crh_gone_finished"] in result.deleted_jobs
-    orphan_id = _sql(db_url, "SELECT id FROM blobs WHERE sha256 = %s", (garbage["orphan_sha"],))[0][0]
+    orphan_id = sql_rows(db_url, "SELECT id FROM blobs WHERE sha256 = %s", (garbage["orphan_sha"],))[0][0]
     assert orphan_id in result.kept_blobs
     # The expired job's own archives are still referred to by it, so they stay too.
-    assert _sql(db_url, "SELECT count(*) FROM blobs WHERE sha256 = %s", (garbage["result_sha"],))[0][0] == 1
+    assert sql_rows(db_url, "SELECT count(*) FROM blobs WHERE sha256 = %s", (garbage["result_sha"],))[0][0] == 1
     assert garbage["stuck"] in result.deleted_jobs
 
 

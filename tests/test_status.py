@@ -25,7 +25,7 @@ from cr_queue.queries import jobs, workers
 from cr_queue.queries import roles
 from cr_queue.tomodir import synth
 
-from .conftest import run, script
+from .conftest import run, script, sql_rows
 from .faults import wait_for
 
 HOST = socket.gethostname()
@@ -68,12 +68,6 @@ def status(cli_env, *args, check=0, cwd=None) -> dict:
     return json.loads(run([script("crh"), "status", "--json", *args], cli_env, cwd=cwd, check=check).stdout)
 
 
-def _sql(db_url, query, params=None):
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else None
-
-
 def _live_worker(db_url, name="node-a", host="node07", slots=2, threads=1) -> int:
     with psycopg.connect(db_url, autocommit=True) as conn:
         return workers.register_worker(
@@ -83,7 +77,7 @@ def _live_worker(db_url, name="node-a", host="node07", slots=2, threads=1) -> in
 
 
 def _run_as(db_url, job_ids, worker_id, host="node07", seconds_ago=120):
-    _sql(
+    sql_rows(
         db_url,
         "UPDATE inversions SET status = 'running', attempt = attempt + 1, tries = tries + 1, worker_id = %s, "
         "inv_computer = %s, datetime_started = now() - make_interval(secs => %s), "
@@ -106,9 +100,9 @@ def busy(tmp_path, cli_env, db_url):
     run([script("crh_add")], cli_env, cwd=tree / "waiting")
     run([script("crh_add"), "--group", "g1"], cli_env, cwd=tree / "grouped")
     # Runtimes the estimate can learn from: exactly 100 s each.
-    _sql(db_url, "UPDATE inversions SET datetime_started = datetime_finished - interval '100 s' WHERE status = 'finished'")
+    sql_rows(db_url, "UPDATE inversions SET datetime_started = datetime_finished - interval '100 s' WHERE status = 'finished'")
     wid = _live_worker(db_url)
-    running = [r[0] for r in _sql(db_url, "SELECT id FROM inversions WHERE status = 'queued' ORDER BY id LIMIT 2")]
+    running = [r[0] for r in sql_rows(db_url, "SELECT id FROM inversions WHERE status = 'queued' ORDER BY id LIMIT 2")]
     _run_as(db_url, running, wid)
     return {"tree": tree, "worker_id": wid, "running": running}
 
@@ -177,7 +171,7 @@ def test_lists_are_bounded_with_a_count_of_the_rest(busy, cli_env, db_url):
 
 
 def test_lost_worker_and_no_estimate_without_slots(busy, cli_env, db_url):
-    _sql(db_url, "UPDATE workers SET last_heartbeat = now() - interval '10 min' WHERE id = %s", (busy["worker_id"],))
+    sql_rows(db_url, "UPDATE workers SET last_heartbeat = now() - interval '10 min' WHERE id = %s", (busy["worker_id"],))
     report = status(cli_env)
     node = next(w for w in report["workers"]["items"] if w["name"] == "node-a")
     assert node["state"] == "lost" and report["workers"]["lost"] == 1 and report["workers"]["live"] == 0
@@ -186,8 +180,8 @@ def test_lost_worker_and_no_estimate_without_slots(busy, cli_env, db_url):
 
 
 def test_mine_shows_only_my_jobs_from_this_computer(busy, cli_env, db_url):
-    _sql(db_url, "UPDATE inversions SET username = 'someone_else' WHERE status = 'finished'")
-    _sql(db_url, "UPDATE inversions SET source_computer = 'other-ws' WHERE status = 'failed'")
+    sql_rows(db_url, "UPDATE inversions SET username = 'someone_else' WHERE status = 'finished'")
+    sql_rows(db_url, "UPDATE inversions SET source_computer = 'other-ws' WHERE status = 'failed'")
     everyone = status(cli_env)
     mine = status(cli_env, "--mine")
     assert everyone["totals"]["total"] == 9
@@ -201,9 +195,9 @@ def test_sipdir_is_one_line_with_k_of_n_done(tmp_path, cli_env, db_url):
     synth.make_sipdir(tmp_path / "sip", [1.0, 10.0, 100.0])
     synth.make_tree(tmp_path / "plain", n_mod=1)
     run([script("crh_add")], cli_env, cwd=tmp_path)
-    ids = [r[0] for r in _sql(db_url, "SELECT id FROM inversions WHERE sipdir IS NOT NULL ORDER BY id")]
+    ids = [r[0] for r in sql_rows(db_url, "SELECT id FROM inversions WHERE sipdir IS NOT NULL ORDER BY id")]
     assert len(ids) == 3
-    _sql(db_url, "UPDATE inversions SET status = 'finished', result_sha256 = input_sha256, datetime_finished = now() WHERE id = ANY(%s)", (ids[:2],))
+    sql_rows(db_url, "UPDATE inversions SET status = 'finished', result_sha256 = input_sha256, datetime_finished = now() WHERE id = ANY(%s)", (ids[:2],))
     report = status(cli_env)
     (sip,) = report["sipdirs"]["items"]
     assert set(sip) == SIPDIR_KEYS and report["sipdirs"]["count"] == 1
@@ -212,7 +206,7 @@ def test_sipdir_is_one_line_with_k_of_n_done(tmp_path, cli_env, db_url):
     out = run([script("crh"), "status"], cli_env).stdout
     assert f"{tmp_path / 'sip'} ({getpass.getuser()}@{HOST}): 2 of 3 frequencies done, 1 queued" in out
     # Once every frequency is retrieved the sipdir drops off the list.
-    _sql(db_url, "UPDATE inversions SET status = 'finished', result_sha256 = input_sha256, downloaded = true WHERE id = ANY(%s)", (ids,))
+    sql_rows(db_url, "UPDATE inversions SET status = 'finished', result_sha256 = input_sha256, downloaded = true WHERE id = ANY(%s)", (ids,))
     assert status(cli_env)["sipdirs"] == {"count": 0, "listed": 0, "items": []}
 
 
@@ -379,7 +373,7 @@ def test_show_prints_fields_and_whole_history(tmp_path, cli_env, db_url):
     td = synth.make_tree(tmp_path, n_mod=1)[0]
     run([script("crh_add"), "--threads", "2"], cli_env, cwd=tmp_path)
     run([script("crh_worker"), "-q", "--name", "w-show"], cli_env)
-    (job_id,) = [r[0] for r in _sql(db_url, "SELECT id FROM inversions")]
+    (job_id,) = [r[0] for r in sql_rows(db_url, "SELECT id FROM inversions")]
 
     report = json.loads(run([script("crh"), "show", str(job_id), "--json"], cli_env).stdout)
     assert report["problems"] == []

@@ -16,14 +16,8 @@ from cr_queue.queries import jobs, workers
 from cr_queue.queries import roles
 from cr_queue.tomodir import synth
 
-from .conftest import run, script
+from .conftest import run, script, sql_rows
 from .faults import wait_for
-
-
-def _sql(db_url, query, params=None):
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else None
 
 
 def _worker(db_url, name, host="node07", **kw) -> int:
@@ -36,7 +30,7 @@ def _worker(db_url, name, host="node07", **kw) -> int:
 
 
 def _requested(db_url) -> dict[str, str | None]:
-    return {name: req for name, req in _sql(db_url, "SELECT name || '#' || id, requested FROM workers ORDER BY id")}
+    return {name: req for name, req in sql_rows(db_url, "SELECT name || '#' || id, requested FROM workers ORDER BY id")}
 
 
 
@@ -46,7 +40,7 @@ def test_worker_list(cli_env, db_url):
     old = _worker(db_url, "old")
     with psycopg.connect(db_url, autocommit=True) as conn:
         workers.stop_worker(conn, old, "queue empty")
-    _sql(db_url, "UPDATE workers SET datetime_stopped = now() - interval '2 hours' WHERE id = %s", (old,))
+    sql_rows(db_url, "UPDATE workers SET datetime_stopped = now() - interval '2 hours' WHERE id = %s", (old,))
     report = json.loads(run([script("crh"), "worker", "list", "--json"], cli_env).stdout)
     listed = {w["id"]: w for w in report["workers"]}
     assert set(listed) == {a, b}
@@ -96,7 +90,7 @@ def _told_while_running(daemon, cli_env, db_url, command, name):
     `crh worker <command> <name>`; the worker must then exit 0. Returns its --json report."""
     proc = subprocess.Popen(daemon, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'running'")[0][0] == 1, "a running job")
+        wait_for(lambda: sql_rows(db_url, "SELECT count(*) FROM inversions WHERE status = 'running'")[0][0] == 1, "a running job")
         run([script("crh"), "worker", command, name], cli_env)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -114,14 +108,14 @@ def test_a_real_worker_obeys_drain_and_stop(tmp_path, cli_env, db_url):
     daemon = [script("crh"), "worker", "--name", "node-a", "--jobs", "1", "--poll", "0.5", "--json"]
     report = _told_while_running(daemon, cli_env, db_url, "drain", "node-a")
     assert report["finished"] == 1  # the running job finished, the other was not claimed
-    assert _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'queued'")[0][0] == 1
-    assert _sql(db_url, "SELECT state FROM workers WHERE name = 'node-a'")[0][0] == "stopped"
+    assert sql_rows(db_url, "SELECT count(*) FROM inversions WHERE status = 'queued'")[0][0] == 1
+    assert sql_rows(db_url, "SELECT state FROM workers WHERE name = 'node-a'")[0][0] == "stopped"
 
     for td in tmp_path.rglob("standin.cfg"):
         td.write_text("sleep = 60\n")
     daemon = [script("crh_worker"), "--name", "node-b", "--poll", "0.5", "--json"]
     assert _told_while_running(daemon, cli_env, db_url, "stop", "node-b")["released"] == 1
-    assert _sql(db_url, "SELECT count(*) FROM inversions WHERE status = 'queued'")[0][0] == 1
+    assert sql_rows(db_url, "SELECT count(*) FROM inversions WHERE status = 'queued'")[0][0] == 1
 
 
 def test_crh_worker_is_still_the_daemon(tmp_path, cli_env, db_url):
@@ -145,14 +139,14 @@ def test_node_settings(cli_env, db_url):
     _worker(db_url, "w", host="node07")
     nodes = json.loads(run([script("crh"), "node", "list", "--json"], cli_env).stdout)["nodes"]
     assert [(n["host"], n["active"], n["live_workers"]) for n in nodes] == [("node07", False, 1), ("node08", True, 0)]
-    assert _sql(db_url, "SELECT nice, cpus, threads, active FROM node_settings WHERE host = 'node07'") == [(10, 8, 2, False)]
+    assert sql_rows(db_url, "SELECT nice, cpus, threads, active FROM node_settings WHERE host = 'node07'") == [(10, 8, 2, False)]
     text = run([script("crh"), "node", "list"], cli_env).stdout
     assert "node07" in text and "HOST" in text
     # Clearing single values, then the whole row.
     row = json.loads(run([script("crh"), "node", "unset", "node07", "--cpus", "--json"], cli_env).stdout)["node"]
     assert (row["nice"], row["cpus"], row["threads"]) == (10, None, 2)
     run([script("crh"), "node", "unset", "node07"], cli_env)
-    assert _sql(db_url, "SELECT host FROM node_settings") == [("node08",)]
+    assert sql_rows(db_url, "SELECT host FROM node_settings") == [("node08",)]
     proc = run([script("crh"), "node", "unset", "node07"], cli_env, check=1)
     assert "no settings stored for host 'node07'" in proc.stderr
     proc = run([script("crh"), "node", "set", "node07", "--nice", "25"], cli_env, check=2)
