@@ -87,6 +87,14 @@ def standin_alive(pid: int) -> bool:
         return False
 
 
+def solver_script(path: Path, body: str) -> Path:
+    """A solver 'binary': a shell script (``body``, e.g. around the stand-in) in the test's own directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
 @dataclass
 class Run:
     """One solver start recorded by the stand-in in runs.log."""
@@ -257,6 +265,16 @@ class Lab:
 
     def events(self, job_id: int) -> list[str]:
         return [row[0] for row in self.sql("SELECT event FROM events WHERE job_id = %s ORDER BY id", (job_id,))]
+
+    def check_each_solved_once(self, workers: list[WorkerProc], results: list[tuple[int, dict]], n: int, why: str) -> None:
+        """The ``results`` (code, report) of ``workers`` that rode out a database fault:
+        all exited 0, finished the n jobs between them, refused and released none, each
+        job was solved once (``why`` says what that proves) and none was rescued or released."""
+        assert [code for code, _ in results] == [0] * len(workers), [w.log() for w in workers]
+        assert sum(report["finished"] for _, report in results) == n
+        assert sum(report["refused"] + report["released"] for _, report in results) == 0
+        assert len(self.runs()) == n, why
+        assert self.sql("SELECT count(*) FROM events WHERE event IN ('rescued', 'released')") == [(0,)]
 
     def check_invariants(self, expected: Mapping[int, str | set[str]]) -> None:
         check_invariants(self.db_url, expected, workdir=self.workdir, runs=self.runs())

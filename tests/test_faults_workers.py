@@ -13,15 +13,7 @@ import json
 import signal
 
 from .conftest import run, script
-from .faults import standin_alive, wait_for
-
-
-def _wrapper(path, body: str):
-    """A solver 'binary' that is a shell script around the stand-in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(0o755)
-    return path
+from .faults import solver_script, standin_alive, wait_for
 
 
 def test_kill9_of_a_worker_mid_solve_requeues_the_job_for_another_worker(lab):
@@ -55,7 +47,7 @@ def test_kill9_of_a_worker_mid_solve_requeues_the_job_for_another_worker(lab):
 def test_hanging_solver_is_killed_with_its_process_group_at_the_timeout(lab):
     # The stand-in runs as a grandchild of the worker (forked by a shell that
     # waits for it): only a kill of the whole process group reaches it.
-    wrapper = _wrapper(lab.tmp_path / "bin" / "CRMod", f'"{script("crh_standin_crmod")}" &\nwait $!')
+    wrapper = solver_script(lab.tmp_path / "bin" / "CRMod", f'"{script("crh_standin_crmod")}" &\nwait $!')
     env = {**lab.env, "CRH_CRMOD": str(wrapper)}
     [job_id] = lab.add(*lab.tomodirs(1, cfg="fail = hang"))
     w = lab.worker("w", "-q", "--timeout", "2", env=env)
@@ -75,7 +67,7 @@ def test_hanging_solver_is_killed_with_its_process_group_at_the_timeout(lab):
 def test_worker_with_a_missing_or_unexecutable_solver_refuses_to_start(lab):
     [job_id] = lab.add(*lab.tomodirs(1, kind="inv"))
     missing = lab.tmp_path / "bin" / "CRTomo-missing"
-    not_executable = _wrapper(lab.tmp_path / "bin" / "CRTomo", "exit 0")
+    not_executable = solver_script(lab.tmp_path / "bin" / "CRTomo", "exit 0")
     not_executable.chmod(0o644)
     for binary, words in ((missing, "does not exist"), (not_executable, "not an executable")):
         env = {**lab.env, "CRH_CRTOMO": str(binary)}
@@ -87,7 +79,7 @@ def test_worker_with_a_missing_or_unexecutable_solver_refuses_to_start(lab):
 
 
 def test_solver_unexecutable_after_start_stops_the_node_without_burning_tries(lab):
-    solver = _wrapper(lab.tmp_path / "bin" / "CRMod", f'exec "{script("crh_standin_crmod")}"')
+    solver = solver_script(lab.tmp_path / "bin" / "CRMod", f'exec "{script("crh_standin_crmod")}"')
     env = {**lab.env, "CRH_CRMOD": str(solver)}
     w = lab.worker("w", "--max-node-failures", "2", env=env)
     w.wait_log("worker w (id")

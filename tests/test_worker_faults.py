@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from .conftest import run, script
-from .faults import alive, small_tmpfs, standin_alive, wait_for
+from .faults import alive, small_tmpfs, solver_script, standin_alive, wait_for
 
 OUTAGE_S = 15.0
 
@@ -45,11 +45,7 @@ def test_database_outage_longer_than_one_retry_is_ridden_out_and_no_result_is_lo
         lab.wait_status(job_id, "finished", timeout=120)
     assert all(w.proc.poll() is None for w in workers), "a worker ended during the outage"
     results = [w.stop() for w in workers]
-    assert [code for code, _ in results] == [0, 0], [w.log() for w in workers]
-    assert sum(report["finished"] for _, report in results) == 4
-    assert sum(report["refused"] + report["released"] for _, report in results) == 0
-    assert len(lab.runs()) == 4, "each job was solved once: no solver work was thrown away"
-    assert lab.sql("SELECT count(*) FROM events WHERE event IN ('rescued', 'released')") == [(0,)]
+    lab.check_each_solved_once(workers, results, 4, "each job was solved once: no solver work was thrown away")
     for w in workers:
         assert "Traceback" not in w.log(), w.log()
     lab.check_invariants({i: "finished" for i in ids})
@@ -72,14 +68,6 @@ def test_quit_when_empty_worker_started_after_a_crash_runs_the_lost_job(lab):
     assert lab.events(job_id) == ["registering", "queued", "claimed", "rescued", "claimed", "finished"]
     assert len(lab.runs()) == 2 and not standin_alive(first.pid)
     lab.check_invariants({job_id: "finished"})
-
-
-def _solver(path, body: str):
-    """A solver 'binary': a shell script in the test's own directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(0o755)
-    return path
 
 
 def test_a_path_too_long_for_the_scratch_dir_fails_that_job_and_stops_no_worker(lab):
@@ -111,7 +99,7 @@ def test_a_path_too_long_for_the_scratch_dir_fails_that_job_and_stops_no_worker(
 
 def test_a_job_no_node_can_run_fails_as_node_failures_after_three_workers(lab, tmp_path):
     # Defect 2: node-failure releases are capped per job, counted over distinct workers.
-    broken = _solver(tmp_path / "bin" / "CRMod", "exit 126")
+    broken = solver_script(tmp_path / "bin" / "CRMod", "exit 126")
     env = {**lab.env, "CRH_CRMOD": str(broken)}
     [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
     workers = [lab.worker(name, env=env) for name in ("a", "b", "c")]
@@ -133,7 +121,7 @@ def test_a_job_no_node_can_run_fails_as_node_failures_after_three_workers(lab, t
 
 def test_a_worker_does_not_at_once_reclaim_a_job_it_gave_back(lab, tmp_path):
     # Defect 2: the job stayed at the head of the queue and the same worker took it again.
-    broken = _solver(tmp_path / "bin" / "CRMod", "exit 126")
+    broken = solver_script(tmp_path / "bin" / "CRMod", "exit 126")
     env = {**lab.env, "CRH_CRMOD": str(broken)}
     ids = lab.add(*lab.tomodirs(2, cfg="sleep = 0"))
 
@@ -155,7 +143,7 @@ def small_scratch(tmp_path):
 def test_a_solver_that_fills_the_scratch_disk_is_a_node_failure_not_a_result(lab, tmp_path, small_scratch):
     # Defect 7: the solver's output was cut short by the full disk, the solver exited 0,
     # and the truncated file was accepted as the result.
-    solver = _solver(
+    solver = solver_script(
         tmp_path / "bin" / "CRMod",
         f'"{script("crh_standin_crmod")}" || exit $?\n'
         "dd if=/dev/zero of=../mod/big.dat bs=1M count=12 2>/dev/null\n"
@@ -210,7 +198,7 @@ def test_a_solver_that_failed_on_a_full_scratch_is_a_node_failure_when_the_space
     # output fills it, the other job's solver fails to write (exit 1) - and by the time its
     # slot looked, the filler's directory had been removed: "full when the solver ended" saw
     # room, and the job was failed as exit_code, its own fault, for ever.
-    solver = _solver(tmp_path / "bin" / "CRMod", _FILL_AND_FAIL.format(role=tmp_path / "filler-role"))
+    solver = solver_script(tmp_path / "bin" / "CRMod", _FILL_AND_FAIL.format(role=tmp_path / "filler-role"))
     env = {**lab.env, "CRH_CRMOD": str(solver)}
     job_ids = lab.add(*lab.tomodirs(2, cfg="sleep = 0"))
 
@@ -243,7 +231,7 @@ def _is_sleeper(pid: int) -> bool:
 def test_a_solvers_detached_grandchild_is_gone_when_its_job_ends(lab, tmp_path):
     # Defect 8: a helper in a session of its own (setsid) escaped the process-group kill.
     pid_file = tmp_path / "grandchild.pid"
-    solver = _solver(
+    solver = solver_script(
         tmp_path / "bin" / "CRMod",
         f'setsid sleep 1000 &\necho $! > "{pid_file}"\nexec "{script("crh_standin_crmod")}"',
     )
