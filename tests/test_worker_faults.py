@@ -17,6 +17,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from cr_queue.worker import daemon
+
 from .conftest import run, script
 from .faults import alive, small_tmpfs, solver_script, standin_alive, wait_for
 
@@ -49,6 +51,32 @@ def test_database_outage_longer_than_one_retry_is_ridden_out_and_no_result_is_lo
     for w in workers:
         assert "Traceback" not in w.log(), w.log()
     lab.check_invariants({i: "finished" for i in ids})
+
+
+def test_a_worker_whose_database_goes_down_as_it_starts_waits_for_it(lab, pg_cluster, tmp_path):
+    # Found by the short fault run (seed 265862): a worker started as the database went
+    # down had its control connection open and its registration cut off ("server closed
+    # the connection unexpectedly"); it exited 2, and a SLURM pilot has nobody to restart it.
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+    go = tmp_path / "go"
+    env = {**lab.env, "CRH_PAUSE_AT": daemon.PAUSE_CONNECTED, "CRH_PAUSE_UNTIL": str(go)}
+    w = lab.worker("starting", "-q", env=env)
+    w.wait_log(f"crh-paused {daemon.PAUSE_CONNECTED}")
+
+    pg_cluster.stop()  # fast: the open control connection is cut off
+    try:
+        go.touch()
+        w.wait_log("database unreachable while starting")
+        w.wait_log("retrying in 1 s")  # a second attempt, refused too: it keeps trying
+        assert w.proc.poll() is None, w.log()
+    finally:
+        pg_cluster.start()
+
+    code, report = w.finish()
+    assert code == 0 and report["finished"] == 1, (code, w.log())
+    assert "Traceback" not in w.log(), w.log()
+    assert len(lab.sql("SELECT id FROM workers")) == 1, "registered once"
+    lab.check_invariants({job_id: "finished"})
 
 
 def test_quit_when_empty_worker_started_after_a_crash_runs_the_lost_job(lab):

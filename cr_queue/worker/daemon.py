@@ -23,10 +23,11 @@ import psycopg
 
 from cr_queue import __version__
 from cr_queue.tomodir import archive
-from cr_queue.queries import jobs, session, workers
+from cr_queue.queries import jobs, workers
 from cr_queue.solvers import reaper, solvers
 from cr_queue.db.connection import Database
-from cr_queue.worker.reconnect import Connector, first_line as _first_line
+from cr_queue.worker.reconnect import Backoff, Connector, first_line as _first_line
+from cr_queue.util.pause import pause_point
 from cr_queue.worker.options import EXIT_INTERNAL_ERROR, Running, Tally, WorkerOptions
 from cr_queue.worker.scratch import ScratchMixin, ScratchWatch
 from cr_queue.worker.lease import LeaseMixin
@@ -37,6 +38,9 @@ from cr_queue.worker.pipeline import PipelineMixin
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A pause point (CRH_PAUSE_AT, util/pause.py): the control connection is open, nothing registered yet.
+PAUSE_CONNECTED = "worker:connected"
 
 
 class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
@@ -95,21 +99,10 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._solver_info = {name: s.describe() for name, s in self.solvers.items()}
 
     def run(self) -> int:
-        control = self.db.connect(f"crh_worker {self.name} control", keepalive=True)
-        session.bound_idle_transactions(control, self._idle_transaction_limit)
-        self.worker_id = workers.register_worker(
-            control,
-            name=self.name,
-            host=self.host,
-            pid=os.getpid(),
-            version=__version__,
-            jobs=self.options.cpus or self.options.jobs,
-            threads=self.options.threads,
-            groups=self.options.groups,
-            solvers=self._solver_info,
-        )
-        self.actor = jobs.Actor(worker_id=self.worker_id)
-        self._obey(workers.beat(control, self.worker_id, draining=False))
+        control = self._register()
+        if control is None:
+            self.on_event(f"worker {self.name} stopped ({self.stop_reason}) before it could register")
+            return self.exit_code
         self.on_event(
             f"worker {self.name} (id {self.worker_id}) started: {self.options.jobs} job(s) at a time, "
             f"{self.options.threads} thread(s) each, solvers: "
@@ -149,6 +142,44 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
             + (f", {self.tally.refused} results refused (stale attempt)" if self.tally.refused else "")
         )
         return self.exit_code
+
+    def _register(self) -> psycopg.Connection | None:
+        """Register this worker and beat once; the control connection, or None if told to
+        stop first.
+
+        The command has already reached the database (its schema check), so the
+        URL and the login are right: a connection lost now is an outage that
+        began as the worker started (the fault run saw workers exit 2 so, and a
+        SLURM pilot has nobody to restart it).  It is ridden out like any
+        other: backoff, jitter, cap, for as long as it takes."""
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            control = None
+            try:
+                control = self._connect("control")
+                pause_point(PAUSE_CONNECTED)
+                self.worker_id = workers.register_worker(
+                    control,
+                    name=self.name,
+                    host=self.host,
+                    pid=os.getpid(),
+                    version=__version__,
+                    jobs=self.options.cpus or self.options.jobs,
+                    threads=self.options.threads,
+                    groups=self.options.groups,
+                    solvers=self._solver_info,
+                )
+                self.actor = jobs.Actor(worker_id=self.worker_id)
+                self._obey(workers.beat(control, self.worker_id, draining=False))
+                return control
+            except psycopg.OperationalError as exc:
+                if control is not None:
+                    control.close()
+                self.on_event(
+                    f"database unreachable while starting ({_first_line(exc)}); retrying in {backoff.step:g} s"
+                )
+                backoff.wait(self._stopping)
+        return None
 
     def request_stop(self, *, abort: bool = False, reason: str | None = None) -> None:
         """Stop claiming and let running jobs finish; with abort, give them back at once."""
