@@ -125,18 +125,26 @@ def test_a_path_too_long_for_the_scratch_dir_fails_that_job_and_stops_no_worker(
     lab.check_invariants({long_id: "failed", fine_id: "finished"})
 
 
+def _node(tmp_path: Path, name: str) -> list[str]:
+    """A worker's own scratch directory: with the host, what makes it a node of its own."""
+    scratch = tmp_path / f"node-{name}"
+    scratch.mkdir(exist_ok=True)
+    return ["--workdir", str(scratch)]
+
+
 def test_a_job_no_node_can_run_fails_as_node_failures_after_three_workers(lab, tmp_path):
-    # Defect 2: node-failure releases are capped per job, counted over distinct workers.
+    # Defect 2: node-failure releases are capped per job, counted over distinct nodes.
     broken = solver_script(tmp_path / "bin" / "CRMod", "exit 126")
     env = {**lab.env, "CRH_CRMOD": str(broken)}
     [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
-    workers = [lab.worker(name, env=env) for name in ("a", "b", "c")]
+    workers = [lab.worker(name, *_node(tmp_path, name), env=env) for name in ("a", "b", "c")]
 
     job = lab.wait_status(job_id, "failed")
 
     assert job["failure_category"] == "node_failures", job
+    assert "given back on 3 nodes" in job["failure_reason"], job["failure_reason"]
     for name in ("a", "b", "c"):
-        assert f"{name} on " in job["failure_reason"], job["failure_reason"]
+        assert f"{name} on " in job["failure_reason"] and f"node-{name} (" in job["failure_reason"], job["failure_reason"]
     assert "exit 126" in job["failure_reason"]
     assert lab.events(job_id) == ["registering", "queued"] + ["claimed", "released"] * 2 + ["claimed", "failed"]
     claimers = lab.sql("SELECT count(DISTINCT worker_id) FROM events WHERE job_id = %s AND event = 'claimed'", (job_id,))
@@ -145,6 +153,24 @@ def test_a_job_no_node_can_run_fails_as_node_failures_after_three_workers(lab, t
     results = [w.stop() for w in workers]
     assert [code for code, _ in results] == [0, 0, 0]
     lab.check_invariants({job_id: "failed"})
+
+
+def test_workers_restarted_on_one_broken_node_count_as_one_node(lab, tmp_path):
+    # Found by the long fault run (seed 2): three worker processes, one after the other on
+    # the same full scratch (a replacement, -q pilots), each gave a large job back, and the
+    # job failed as node_failures though no other node had tried it.
+    broken = solver_script(tmp_path / "bin" / "CRMod", "exit 126")
+    env = {**lab.env, "CRH_CRMOD": str(broken)}
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 0"))
+    for n in range(3):
+        code, report = lab.worker(f"restarted{n}", "-q", *_node(tmp_path, "broken"), env=env).finish()
+        assert code == 0 and report["released"] == 1 and report["failed"] == 0, report
+        assert lab.status(job_id) == "queued"
+
+    code, report = lab.worker("healthy", "-q", *_node(tmp_path, "healthy")).finish()
+    assert code == 0 and report["finished"] == 1, report
+    assert lab.events(job_id) == ["registering", "queued"] + ["claimed", "released"] * 3 + ["claimed", "finished"]
+    lab.check_invariants({job_id: "finished"})
 
 
 def test_a_worker_does_not_at_once_reclaim_a_job_it_gave_back(lab, tmp_path):

@@ -309,26 +309,33 @@ def release(conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor) ->
     return conn.execute(SQL.release, params).fetchone() is not None
 
 
-# A job given back after node failures by this many distinct workers fails as node_failures.
+# A job given back after node failures on this many distinct nodes (host and scratch directory) fails as node_failures.
 MAX_NODE_FAILURE_WORKERS = 3
 
 
 def release_node_failure(
-    conn: psycopg.Connection, job: Job, *, reason: str, actor: Actor, max_nodes: int = MAX_NODE_FAILURE_WORKERS
+    conn: psycopg.Connection,
+    job: Job,
+    *,
+    reason: str,
+    scratch: str,
+    actor: Actor,
+    max_nodes: int = MAX_NODE_FAILURE_WORKERS,
 ) -> JobStatus | None:
-    """Give a job back after a node failure (no try burned); once ``max_nodes`` distinct workers
-    have done so it fails as ``node_failures``, its reason naming each worker, host and reason,
-    so no single job can empty the pool.  Returns the job's new status; None when the attempt
-    is no longer current.
+    """Give a job back after a node failure (no try burned); once ``max_nodes`` distinct nodes
+    (a host and the ``scratch`` directory its worker runs jobs in) have done so it fails as
+    ``node_failures``, its reason naming each worker, node and reason, so no single job can
+    empty the pool, and no single broken node can fail a job by restarting its worker.
+    Returns the job's new status; None when the attempt is no longer current.
 
-    The history is read from the job's events inside crh_release_node_failure (migration
-    0005), so the cap holds for a worker login too, which may not read events itself."""
+    The history is read from the job's events inside crh_release_node_failure (migrations
+    0005, 0007), so the cap holds for a worker login too, which may not read events itself."""
     params = {
         "id": job.id,
         "attempt": job.attempt,
         "reason": reason,
         "max_nodes": max_nodes,
-        **_actor(actor, {"reason": f"node failure: {reason}", "node_failure": True}),
+        **_actor(actor, {"reason": f"node failure: {reason}", "node_failure": True, "scratch": scratch}),
     }
     row = conn.execute(SQL.release_node_failure, params).fetchone()
     return None if row is None else JobStatus(row[1])

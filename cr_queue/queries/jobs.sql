@@ -198,8 +198,9 @@ WHERE j.status = 'running'
         AND l.classid = %(lock_namespace)s::int::oid AND l.objid::bigint = j.worker_id AND l.objsubid = 2);
 
 -- name: release_node_failure
--- Give a job back after a node failure, or fail it as node_failures once max_nodes distinct workers (this one included) have.
--- crh_release_node_failure (migration 0005) reads the job's earlier node-failure releases from its events
+-- Give a job back after a node failure, or fail it as node_failures once max_nodes distinct nodes (this one included) have.
+-- A node is a host and the scratch directory its worker names in detail ->> 'scratch'.
+-- crh_release_node_failure (migrations 0005, 0007) reads the job's earlier node-failure releases from its events
 -- (which a worker login may not read itself) and writes the 'released' or 'failed' event.
 SELECT id, status FROM crh_release_node_failure(%(id)s::bigint, %(attempt)s::int, %(worker_id)s::bigint, %(reason)s::text,
                                                 %(max_nodes)s::int, %(os_user)s::text, %(host)s::text, %(pid)s::int,

@@ -169,14 +169,19 @@ class SlotsMixin:
     def _node_trouble(self, conn: psycopg.Connection, running: Running, reason: str) -> None:
         """Give the job back without burning a try; after too many in a row, stop this node.
 
-        The job fails as node_failures once several workers gave it back so
-        (jobs.release_node_failure), and this worker leaves it to others for a
+        The job fails as node_failures once several nodes gave it back so
+        (jobs.release_node_failure: a node is this host and --workdir, whichever
+        worker process runs there), and this worker leaves it to others for a
         while: one job cannot take down every worker that reaches it.
         """
         job = running.job
         self._node_failures += 1
         self.on_event(f"job {job.id}: this node could not run it ({reason}); giving it back to the queue")
-        status = self._persist(conn, running, lambda c: jobs.release_node_failure(c, job, reason=reason, actor=self.actor))
+        status = self._persist(
+            conn,
+            running,
+            lambda c: jobs.release_node_failure(c, job, reason=reason, scratch=str(self.workdir), actor=self.actor),
+        )
         self._gave_back[job.id] = time.monotonic()
         if status == JobStatus.FAILED:
             self.tally.failed += 1
