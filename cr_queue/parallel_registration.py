@@ -45,9 +45,10 @@ def register_all(
     locks = db.connect(directory_locks.connection_name("crh_add", actor))
     try:
         busy = lock_tomodirs(locks, todo, actor)
+        pause_point(PAUSE_LOCKED)
         try:
             if helpers is not None or (
-                len(todo) - len(busy) > 1 and ADD_THREADS > 1 and os.environ.get("CRH_PAUSE_AT", PAUSE_QUEUING) == PAUSE_QUEUING
+                len(todo) - len(busy) > 1 and ADD_THREADS > 1 and os.environ.get("CRH_PAUSE_AT", PAUSE_QUEUING) in PARALLEL_PAUSES
             ):
                 return _add_parallel(db, todo, options, actor, report, progress, helpers, busy)
             report.skipped.extend((todo[i].path.resolve(), reason) for i, reason in busy.items())
@@ -84,9 +85,12 @@ def resumable(db: Database, todo: list[discover.Tomodir]) -> dict[Path, int]:
     }
 
 
-# The one pause point (CRH_PAUSE_AT, see pause.py) that keeps the threads: it stops
+# A pause point (CRH_PAUSE_AT, see pause.py) that keeps the threads: it stops
 # where uploads are done and their jobs not yet claimable, for the Ctrl-C test.
 PAUSE_QUEUING = "add:queuing"
+# Also kept with the threads: the run holds its tomodirs' locks, nothing is registered yet.
+PAUSE_LOCKED = "add:locked"
+PARALLEL_PAUSES = (PAUSE_QUEUING, PAUSE_LOCKED)
 
 
 # Tomodirs packed and uploaded at the same time, each thread on its own connection:
@@ -258,8 +262,10 @@ def _add_parallel(
         for future in futures:
             _fail(future, packers.HelperDied("a helper process of this command ended before it reported a tomodir"))
 
+    # Opened before any thread starts: a database that went away since the locks
+    # were taken is then one clear message (the fault run saw a traceback here).
+    main = db.connect("crh_add")
     try:
-        main = db.connect("crh_add")
         try:
             for thread in threads:
                 thread.start()
@@ -285,7 +291,8 @@ def _add_parallel(
         stop.set()
         inbox.close()
         for thread in threads:
-            thread.join()
+            if thread.ident is not None:  # started
+                thread.join()
         for conn in conns:
             conn.close()
     return report

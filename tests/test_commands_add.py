@@ -149,3 +149,24 @@ def test_queued_is_printed_only_once_the_job_is_claimable(lab):
             seen += 1
     add.wait()
     assert add.returncode == 0 and seen == len(tds)
+
+
+def test_a_database_gone_as_crh_add_starts_its_threads_is_one_line_and_a_rerun_adds_all(lab, pg_cluster):
+    # The short fault run (seed 369524) saw both of two crh_add at once end with
+    # "RuntimeError: cannot join thread before it is started" when a restart came
+    # between taking the tomodirs' locks and opening the connection of the threads.
+    tds = lab.tomodirs(3, cfg="sleep = 0")
+    go = lab.tmp_path / "go"
+    add = lab.run_until_paused([script("crh_add"), "--json", str(lab.tree)], "add:locked", until=go)
+    pg_cluster.stop()
+    try:
+        go.touch()
+        _out, err = add.communicate(timeout=120)
+    finally:
+        pg_cluster.start()
+    assert add.returncode == 2, err
+    assert "Traceback" not in err and "cannot connect to the database" in err, err
+    assert not [p for p in lab.tree.iterdir() if p.name.endswith(".crh") or p.name.endswith(".tmp")], "nothing written"
+    out = json.loads(run([script("crh_add"), "--json", str(lab.tree)], lab.env).stdout)
+    assert sorted(Path(a["path"]) for a in out["added"]) == tds
+    assert _jobs_per_tomodir(lab) == {str(td): 1 for td in tds}
