@@ -7,6 +7,7 @@ opens every connection.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import queue as _queue
@@ -220,6 +221,10 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        # `kill -USR1 PID`: every thread's stack on stderr (the journal), the worker goes
+        # on.  What an admin (or the fault run) needs to see where a worker that will
+        # not stop is waiting.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def _stop_all(self, why: str) -> None:
         with self._lock:

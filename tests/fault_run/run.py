@@ -189,7 +189,9 @@ class FaultRun:
             try:
                 w.proc.wait(timeout=180)
             except subprocess.TimeoutExpired:
-                self.notes.append(f"{w.name} did not stop within 180 s of SIGTERM (killed)")
+                self.notes.append(f"{w.name} did not stop within 180 s of SIGTERM (killed; its threads' stacks are in its log)")
+                w.proc.send_signal(signal.SIGUSR1)  # faulthandler: where each thread waits
+                time.sleep(1.0)
                 w.proc.kill()
                 w.proc.wait()
 
