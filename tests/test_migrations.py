@@ -153,3 +153,23 @@ def test_upgrade_from_0004_with_jobs_in_every_state(empty_db_url):
     # and back: 0004 takes the repaired rows as they are
     migrate.downgrade(empty_db_url, "0004")
     migrate.upgrade(empty_db_url, "head")
+
+
+def test_each_downgrade_brings_back_the_functions_of_the_revision_before(empty_db_url):
+    # 0007's downgrade runs 0005's block for crh_release_node_failure (sql_steps: "0005_job_integrity:...")
+    # instead of a copy of it: the function after head -> 0006 must be the one 0006 had.
+    def functions() -> dict[str, str]:
+        with psycopg.connect(empty_db_url) as conn:
+            rows = conn.execute(
+                "SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid) FROM pg_proc p "
+                "WHERE p.pronamespace = current_schema()::regnamespace AND p.proname LIKE 'crh%'"
+            ).fetchall()
+        return dict(rows)
+
+    migrate.upgrade(empty_db_url, "0006")
+    at_0006 = functions()
+    assert "SET search_path" in at_0006["crh_release_node_failure(bigint,integer,bigint,text,integer,text,text,integer,jsonb)"]
+    migrate.upgrade(empty_db_url, "head")
+    assert functions() != at_0006
+    migrate.downgrade(empty_db_url, "0006")
+    assert functions() == at_0006

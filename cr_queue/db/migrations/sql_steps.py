@@ -7,7 +7,7 @@ which blocks its upgrade and downgrade run (``migration``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from alembic import op
@@ -21,7 +21,7 @@ def load(migration: str) -> loader.Statements:
     return loader.parse(sql.read_text(encoding="utf-8"), sql.name)
 
 
-def run(statements: loader.Statements, names: Iterable[str]) -> None:
+def run(statements: Mapping[str, str], names: Iterable[str]) -> None:
     """Run these blocks, in this order, in the migration's transaction."""
     for name in names:
         op.execute(statements[name])
@@ -32,11 +32,20 @@ def migration(
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The ``upgrade`` and ``downgrade`` functions alembic calls for the migration ``module_file``.
 
-    Each runs its blocks of the .sql file beside the module, in the order given.  The file is
-    read now, at import, and every name is checked against it, so that a misspelt block fails
-    when alembic loads the migrations, not half-way through an upgrade.
+    Each runs its blocks of the .sql file beside the module, in the order given; a name
+    ``MIGRATION:BLOCK`` is a block of an earlier migration's file (``0005_job_integrity:...``).
+    The files are read now, at import, and every name is checked against them, so that a
+    misspelt block fails when alembic loads the migrations, not half-way through an upgrade.
     """
-    statements = load(module_file)
+    own = load(module_file)
+    statements: dict[str, str] = {}
+    for name in (*upgrade, *downgrade):
+        # "0005_job_integrity:block": a block of an earlier migration's file, for a downgrade
+        # that brings back that migration's definition instead of repeating it.
+        other, _, block = name.rpartition(":")
+        source = load(str(Path(module_file).with_name(f"{other}.py"))) if other else own
+        if block in source:
+            statements[name] = source[block]
     unknown = [name for name in (*upgrade, *downgrade) if name not in statements]
     if unknown:
         raise loader.QueryFileError(f"{Path(module_file).with_suffix('.sql').name} has no block {', '.join(unknown)}")

@@ -46,6 +46,7 @@ upgrade, downgrade = sql_steps.migration(
         "registration_functions",
         "owner_functions",
         "worker_functions",
+        "release_node_failure_function",
         "guard_registration",
         "pin_search_path",
         "grants",

@@ -352,58 +352,6 @@ BEGIN
     )
     SELECT u.id FROM u;
 END $$;
-CREATE FUNCTION crh_release_node_failure(p_id bigint, p_attempt integer, p_worker_id bigint, p_reason text,
-                                          p_max_nodes integer, p_os_user text, p_host text, p_pid integer,
-                                          p_detail jsonb)
-RETURNS TABLE (id bigint, status text) LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
-#variable_conflict use_column
-BEGIN
-    -- Give a job back after a node failure (no try used), or fail it as node_failures once
-    -- p_max_nodes distinct workers (this one included) could not run it: no single job can
-    -- empty the pool.  The history is the job's events, each node-failure release naming its
-    -- worker, host and reason.
-    PERFORM crh_caller_runs(p_worker_id);
-    RETURN QUERY
-    WITH j AS (
-        SELECT i.id FROM inversions i
-        WHERE i.id = p_id AND i.attempt = p_attempt AND i.status = 'running' AND i.worker_id = p_worker_id
-        FOR UPDATE
-    ), earlier AS (
-        SELECT DISTINCT ON (e.worker_id) e.worker_id, e.host, e.detail ->> 'reason' AS reason
-        FROM events e JOIN j ON e.job_id = j.id
-        WHERE e.event = 'released' AND e.detail ? 'node_failure' AND e.worker_id IS DISTINCT FROM p_worker_id
-        ORDER BY e.worker_id, e.id DESC
-    ), nodes AS (
-        SELECT earlier.worker_id, earlier.host, earlier.reason FROM earlier
-        UNION ALL
-        SELECT p_worker_id, p_host, p_reason
-    ), verdict AS (
-        SELECT count(*) >= p_max_nodes AS give_up,
-               'given back by ' || count(*) || ' workers, each unable to run it: '
-               || string_agg(coalesce(w.name, 'worker ' || n.worker_id) || ' on ' || n.host || ' (' || n.reason || ')',
-                             '; ' ORDER BY n.worker_id) AS story
-        FROM nodes n LEFT JOIN workers w ON w.id = n.worker_id
-    ), u AS (
-        UPDATE inversions i
-        SET status = CASE WHEN v.give_up THEN 'failed' ELSE 'queued' END,
-            tries = CASE WHEN v.give_up THEN i.tries ELSE greatest(i.tries - 1, 0) END,
-            failure_category = CASE WHEN v.give_up THEN 'node_failures' END,
-            failure_reason = CASE WHEN v.give_up THEN v.story END,
-            datetime_finished = CASE WHEN v.give_up THEN now() END,
-            datetime_queued = CASE WHEN v.give_up THEN i.datetime_queued ELSE now() END,
-            worker_id = CASE WHEN v.give_up THEN i.worker_id END,
-            lease_expires = NULL
-        FROM j, verdict v
-        WHERE i.id = j.id
-        RETURNING i.id, i.status, i.attempt
-    ), e AS (
-        INSERT INTO events (job_id, event, status, attempt, db_role, os_user, host, pid, worker_id, detail)
-        SELECT u.id, CASE WHEN u.status = 'failed' THEN 'failed' ELSE 'released' END, u.status, u.attempt,
-               session_user, p_os_user, p_host, p_pid, p_worker_id, p_detail
-        FROM u
-    )
-    SELECT u.id, u.status FROM u;
-END $$;
 CREATE FUNCTION crh_rescue(p_grace_s double precision, p_restart_grace_s double precision,
                            p_lock_namespace integer, p_worker_id bigint,
                            p_os_user text, p_host text, p_pid integer, p_detail jsonb)
@@ -452,6 +400,62 @@ BEGIN
     ), e AS (
         INSERT INTO events (job_id, event, status, attempt, db_role, os_user, host, pid, worker_id, detail)
         SELECT u.id, 'rescued', u.status, u.attempt, session_user, p_os_user, p_host, p_pid, p_worker_id, p_detail
+        FROM u
+    )
+    SELECT u.id, u.status FROM u;
+END $$;
+
+-- name: release_node_failure_function
+-- Give a job back after a node failure, or fail it once enough workers could not run it
+-- (its own block, CREATE OR REPLACE: 0007's downgrade brings this definition back).
+CREATE OR REPLACE FUNCTION crh_release_node_failure(p_id bigint, p_attempt integer, p_worker_id bigint, p_reason text,
+                                          p_max_nodes integer, p_os_user text, p_host text, p_pid integer,
+                                          p_detail jsonb)
+RETURNS TABLE (id bigint, status text) LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+#variable_conflict use_column
+BEGIN
+    -- Give a job back after a node failure (no try used), or fail it as node_failures once
+    -- p_max_nodes distinct workers (this one included) could not run it: no single job can
+    -- empty the pool.  The history is the job's events, each node-failure release naming its
+    -- worker, host and reason.
+    PERFORM crh_caller_runs(p_worker_id);
+    RETURN QUERY
+    WITH j AS (
+        SELECT i.id FROM inversions i
+        WHERE i.id = p_id AND i.attempt = p_attempt AND i.status = 'running' AND i.worker_id = p_worker_id
+        FOR UPDATE
+    ), earlier AS (
+        SELECT DISTINCT ON (e.worker_id) e.worker_id, e.host, e.detail ->> 'reason' AS reason
+        FROM events e JOIN j ON e.job_id = j.id
+        WHERE e.event = 'released' AND e.detail ? 'node_failure' AND e.worker_id IS DISTINCT FROM p_worker_id
+        ORDER BY e.worker_id, e.id DESC
+    ), nodes AS (
+        SELECT earlier.worker_id, earlier.host, earlier.reason FROM earlier
+        UNION ALL
+        SELECT p_worker_id, p_host, p_reason
+    ), verdict AS (
+        SELECT count(*) >= p_max_nodes AS give_up,
+               'given back by ' || count(*) || ' workers, each unable to run it: '
+               || string_agg(coalesce(w.name, 'worker ' || n.worker_id) || ' on ' || n.host || ' (' || n.reason || ')',
+                             '; ' ORDER BY n.worker_id) AS story
+        FROM nodes n LEFT JOIN workers w ON w.id = n.worker_id
+    ), u AS (
+        UPDATE inversions i
+        SET status = CASE WHEN v.give_up THEN 'failed' ELSE 'queued' END,
+            tries = CASE WHEN v.give_up THEN i.tries ELSE greatest(i.tries - 1, 0) END,
+            failure_category = CASE WHEN v.give_up THEN 'node_failures' END,
+            failure_reason = CASE WHEN v.give_up THEN v.story END,
+            datetime_finished = CASE WHEN v.give_up THEN now() END,
+            datetime_queued = CASE WHEN v.give_up THEN i.datetime_queued ELSE now() END,
+            worker_id = CASE WHEN v.give_up THEN i.worker_id END,
+            lease_expires = NULL
+        FROM j, verdict v
+        WHERE i.id = j.id
+        RETURNING i.id, i.status, i.attempt
+    ), e AS (
+        INSERT INTO events (job_id, event, status, attempt, db_role, os_user, host, pid, worker_id, detail)
+        SELECT u.id, CASE WHEN u.status = 'failed' THEN 'failed' ELSE 'released' END, u.status, u.attempt,
+               session_user, p_os_user, p_host, p_pid, p_worker_id, p_detail
         FROM u
     )
     SELECT u.id, u.status FROM u;

@@ -16,9 +16,10 @@ from cr_queue.db.migrations import sql_steps
 revision = "0007"
 down_revision = "0006"
 
-# alembic's two entry points: each runs these blocks of 0007_node_failure_places.sql, in this order.
+# alembic's two entry points: each runs these blocks of 0007_node_failure_places.sql, in this order;
+# the downgrade brings back 0005's definition from 0005's file.
 upgrade, downgrade = sql_steps.migration(
     __file__,
     upgrade=("count_nodes", "pin_search_path"),
-    downgrade=("count_workers", "pin_search_path"),
+    downgrade=("0005_job_integrity:release_node_failure_function", "pin_search_path"),
 )
