@@ -438,7 +438,16 @@ class FreezableProxy:
                     return
                 dst.sendall(data)
         except OSError:
-            return
+            # A reset (a server that died with bytes unread) or a peer gone: as a real
+            # network does, the other end hears of it.  Returning with the client's
+            # socket left open made a half-dead connection no real path makes: the
+            # client waited for ever (keepalives are answered by this proxy's kernel),
+            # and the CI fault run's proxied worker never stopped (seed 369524).
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 def proxy_url(proxy: FreezableProxy, db_url: str) -> str:
