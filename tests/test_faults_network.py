@@ -13,6 +13,10 @@ and recognised.
 from __future__ import annotations
 
 import json
+import signal
+import threading
+
+import psycopg
 
 from .conftest import run, script
 from .faults import proxy_url, standin_alive, wait_for
@@ -175,4 +179,66 @@ def test_completion_whose_answer_is_lost_is_retried_and_counted_once(lab, proxy)
     assert proxy.triggered.is_set()
     assert "database unreachable" in w.log(), "the completion was not retried"
     assert code == 0 and report["finished"] == 1 and report["refused"] == 0, w.log()
+    lab.check_invariants({job_id: "finished"})
+
+
+def test_a_server_that_dies_with_a_query_unread_resets_the_client_through_the_proxy(proxy, lab, db_url):
+    # The fault harness itself: a backend that dies with bytes still unread makes the
+    # proxy's read fail (ECONNRESET).  The proxy used to end that direction silently and
+    # leave the client's socket open, a half-dead connection no real network makes: the
+    # client waited for ever, and so did the CI fault run's proxied worker (seed 369524).
+    conn = psycopg.connect(proxy_url(proxy, lab.db_url), autocommit=True)
+    pid = conn.info.backend_pid
+    outcome: list[BaseException | None] = []
+
+    def pipelined() -> None:
+        try:
+            with conn.pipeline():
+                conn.execute("SELECT pg_sleep(3)")
+                for _ in range(50):  # queued behind the sleep, unread when the backend dies
+                    conn.execute("SELECT 1")
+            outcome.append(None)
+        except psycopg.OperationalError as exc:
+            outcome.append(exc)
+
+    client = threading.Thread(target=pipelined, daemon=True)
+    client.start()
+    wait_for(
+        lambda: lab.sql("SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query LIKE 'SELECT pg_sleep%%'", (pid,))
+        == [(1,)],
+        "the sleep to run",
+    )
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    client.join(30)
+    assert not client.is_alive(), "the client never heard that its server was gone"
+    assert isinstance(outcome[0], psycopg.OperationalError), outcome
+    conn.close()
+
+
+def test_a_worker_told_twice_to_stop_is_gone_in_time_when_the_database_does_not_answer(lab, proxy, tmp_path):
+    # A statement on a connection whose other end went silent never returns: told to
+    # give its jobs back now, the worker exits after its grace anyway (exit 4), saying
+    # which jobs it could not give back; their leases bring them back.
+    solver = _wrapper(tmp_path / "bin" / "CRMod", f'CRH_STANDIN_SLEEP=120 exec "{script("crh_standin_crmod")}"')
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="fail = none"))
+    a = lab.worker("a", "--lease", "6", env={**lab.env, "CRH_DATABASE_URL": proxy_url(proxy, lab.db_url), "CRH_CRMOD": str(solver)})
+    [solve] = lab.wait_runs(1)
+
+    proxy.freeze()
+    try:
+        a.signal(signal.SIGTERM)
+        a.wait_log("received SIGTERM:")
+        a.signal(signal.SIGTERM)
+        a.wait_log("received SIGTERM again")
+        wait_for(lambda: not standin_alive(solve.pid), "the solver to be stopped at once")
+        code = a.proc.wait(timeout=60)
+    finally:
+        proxy.unfreeze()
+    assert code == 4, a.log()
+    assert f"the jobs not given back ({job_id})" in a.log() and "Thread" in a.log(), a.log()
+
+    b = lab.worker("b", "-q")
+    code, report = b.finish()
+    assert code == 0 and report["finished"] == 1, b.log()
     lab.check_invariants({job_id: "finished"})

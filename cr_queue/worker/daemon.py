@@ -29,7 +29,7 @@ from cr_queue.solvers import reaper, solvers
 from cr_queue.db.connection import Database
 from cr_queue.worker.reconnect import Backoff, Connector, first_line as _first_line
 from cr_queue.util.pause import pause_point
-from cr_queue.worker.options import EXIT_INTERNAL_ERROR, Running, Tally, WorkerOptions
+from cr_queue.worker.options import EXIT_INTERNAL_ERROR, EXIT_STUCK, Running, Tally, WorkerOptions
 from cr_queue.worker.scratch import ScratchMixin, ScratchWatch
 from cr_queue.worker.lease import LeaseMixin
 from cr_queue.worker.control import ControlMixin
@@ -42,6 +42,9 @@ T = TypeVar("T")
 
 # A pause point (CRH_PAUSE_AT, util/pause.py): the control connection is open, nothing registered yet.
 PAUSE_CONNECTED = "worker:connected"
+# How long a worker told to give its jobs back now (a second SIGTERM, a node found broken, an
+# admin's stop) may take before it exits anyway; systemd's default stop timeout is 90 s.
+ABORT_GRACE_S = 20.0
 
 
 class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
@@ -76,6 +79,8 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._aborting = threading.Event()
         self._connector = Connector(db, self.name, self._idle_transaction_limit)
         self._finished = threading.Event()
+        # Set when run() returns: the abort deadline (_exit_if_stuck) has nothing to do.
+        self._exited = threading.Event()
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._generation = 0
@@ -100,6 +105,12 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._solver_info = {name: s.describe() for name, s in self.solvers.items()}
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            self._exited.set()
+
+    def _run(self) -> int:
         control = self._register()
         if control is None:
             self.on_event(f"worker {self.name} stopped ({self.stop_reason}) before it could register")
@@ -190,9 +201,34 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         if self._drain_deadline is None and self.options.drain_timeout_s is not None:
             self._drain_deadline = time.monotonic() + self.options.drain_timeout_s
         if abort:
+            if not self._aborting.is_set():
+                threading.Thread(target=self._exit_if_stuck, name="abort-deadline", daemon=True).start()
             self._aborting.set()
             self._stop_all("release")
         self._kick()
+
+    def _exit_if_stuck(self) -> None:
+        """Told to give everything up now, the worker is gone within ABORT_GRACE_S, whatever it waits for.
+
+        After the solvers are stopped nothing waits for the database any more (_persist gives
+        up at the first error), but a statement can hang on a connection whose other end never
+        answers (the CI fault run saw a worker wait so for ever after its second SIGTERM).  Its
+        jobs then come back when their leases run out; the stacks show where it was waiting.
+        """
+        if self._exited.wait(ABORT_GRACE_S):
+            return
+        with self._lock:
+            held = sorted(r.job.id for r in self._held.values())
+        message = (
+            f"still not stopped {ABORT_GRACE_S:g} s after being told to give its jobs back (waiting for the "
+            f"database to answer); exiting now: the jobs not given back ({', '.join(map(str, held)) or 'none'}) "
+            "come back to the queue when their leases run out"
+        )
+        self.on_event(message)
+        log.error("%s; where each thread was waiting:", message)
+        faulthandler.dump_traceback(all_threads=True)
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
 
     def _guarded(self, target: Callable[..., None], *args) -> None:
         """Run a thread's loop; if a bug ends it, say so with the traceback and end the worker

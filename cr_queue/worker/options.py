@@ -18,6 +18,9 @@ TMP_PREFIX = "crh-w"
 EXIT_NODE_BROKEN = 3
 # A worker that ends because of a bug of its own must not look like one that ended well.
 EXIT_INTERNAL_ERROR = 1
+# Told to give its jobs back now, the worker could not within its grace (a statement the
+# database never answered): the jobs not given back come back when their leases run out.
+EXIT_STUCK = 4
 CANNOT_EXECUTE = (126, 127)
 # A job this worker gave back after a node failure is left to other workers this long.
 AVOID_S = 60.0
