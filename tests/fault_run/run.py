@@ -216,33 +216,33 @@ class FaultRun:
         return self.plan.target(live) if live else None
 
     def _fault_kill9_worker(self, kind: str) -> None:
-        slot = self._target()
-        if slot is None:
-            return
-        w = slot.worker
-        w.ended_by = "kill9"
-        w.proc.kill()
-        w.proc.wait()
-        self.tally.add(kind)
-        self.say(f"  fault: kill -9 {w.name}")
-        with self.slots_lock:
-            self._replace(slot)
-            if self.plan.quit_worker_after_crash():
-                q = self.world.start_worker(quit_when_empty=True, workdir=slot.workdir)
-                self.tally.add("quit_worker")
-                self.say(f"  fault: {q.name} started with -q after the crash")
+        w = self._end_one(kind, "kill9")
+        if w is not None and self.plan.quit_worker_after_crash():
+            with self.slots_lock:
+                q = self.world.start_worker(quit_when_empty=True, workdir=w.workdir)
+            self.tally.add("quit_worker")
+            self.say(f"  fault: {q.name} started with -q after the crash")
 
     def _fault_sigterm_worker(self, kind: str) -> None:
+        self._end_one(kind, "sigterm")
+
+    def _end_one(self, kind: str, how: str) -> WorkerRun | None:
+        """End a steady worker (kill -9, or SIGTERM: it drains) and put a new one in its place."""
         slot = self._target()
         if slot is None:
-            return
+            return None
         w = slot.worker
-        w.ended_by = "sigterm"
-        self.world.signal_worker(w, signal.SIGTERM)
+        w.ended_by = how
+        if how == "kill9":
+            w.proc.kill()
+            w.proc.wait()
+        else:
+            self.world.signal_worker(w, signal.SIGTERM)
         self.tally.add(kind)
-        self.say(f"  fault: SIGTERM {w.name}")
+        self.say(f"  fault: {'kill -9' if how == 'kill9' else 'SIGTERM'} {w.name}")
         with self.slots_lock:
             self._replace(slot)
+        return w
 
     def _fault_stop_cont_worker(self, kind: str) -> None:
         slot = self._target()
