@@ -36,6 +36,12 @@ SOLVERS = ("crtomo", "crmod")
 # A server that accepts the connection and never answers must not hold a command
 # for psycopg's own default (130 s): every command gives up after this long.
 DEFAULT_CONNECT_TIMEOUT = 10
+# [database] pooler / CRH_DATABASE_POOLER: what stands between cr_queue and
+# PostgreSQL.  "transaction": a pooler in transaction pooling mode (PgBouncer's
+# pool_mode = transaction), which hands each transaction any server connection,
+# so nothing may rest on the session (prepared statements, SET, LISTEN, session
+# advisory locks); "none" (the default): PostgreSQL itself, or a session pooler.
+POOLERS = ("none", "transaction")
 
 
 class ConfigError(Exception):
@@ -55,6 +61,9 @@ class Settings:
     # Seconds a connection may take before the command gives up on the server
     # (CRH_CONNECT_TIMEOUT, else [database] connect_timeout, else 10).
     connect_timeout: int = DEFAULT_CONNECT_TIMEOUT
+    # Whether the database is reached through a transaction-pooling pooler
+    # (CRH_DATABASE_POOLER, else [database] pooler, else "none").
+    pooled: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,7 @@ def load(
         config_path=files[0].path if files else None,
         raw=_merge([f.data for f in reversed(files)]),
         connect_timeout=_resolve_connect_timeout(env, files),
+        pooled=_resolve_pooler(env, files) == "transaction",
     )
 
 
@@ -181,6 +191,13 @@ def _validate(config: _ConfigFile) -> None:
         raise ConfigError(
             f"{path}: [database] connect_timeout = {timeout!r} is not a whole number of seconds >= 1; "
             f"write e.g. connect_timeout = {DEFAULT_CONNECT_TIMEOUT}"
+        )
+    pooler = _table(path, data, "database").get("pooler")
+    if pooler is not None and _pooler(pooler) is None:
+        raise ConfigError(
+            f"{path}: [database] pooler = {pooler!r} is not a pooling mode cr_queue knows; "
+            f'write pooler = "transaction" when the URL names PgBouncer in transaction pooling mode, '
+            'or pooler = "none" (the default) for PostgreSQL itself or a session-pooling pooler'
         )
     if _has_password(data):
         _require_private(path, system=config.system)
@@ -273,6 +290,33 @@ def _resolve_connect_timeout(env: Mapping[str, str], files: list[_ConfigFile]) -
         if value is not None:
             return _seconds(value) or DEFAULT_CONNECT_TIMEOUT
     return DEFAULT_CONNECT_TIMEOUT
+
+
+def _pooler(value: Any) -> str | None:
+    """A pooler setting: "none" or "transaction" (any case, spaces around ignored); None if it is neither."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    return text if text in POOLERS else None
+
+
+def _resolve_pooler(env: Mapping[str, str], files: list[_ConfigFile]) -> str:
+    """CRH_DATABASE_POOLER, else [database] pooler of the first file that has one, else "none"."""
+    from_env = env.get("CRH_DATABASE_POOLER")
+    if from_env:
+        pooler = _pooler(from_env)
+        if pooler is None:
+            raise ConfigError(
+                f"CRH_DATABASE_POOLER={from_env!r} is not a pooling mode cr_queue knows; "
+                "set it to transaction when the database URL names PgBouncer in transaction pooling mode, "
+                "to none for PostgreSQL itself or a session-pooling pooler, or unset it"
+            )
+        return pooler
+    for config in files:
+        value = config.data.get("database", {}).get("pooler")
+        if value is not None:
+            return _pooler(value) or "none"
+    return "none"
 
 
 # [cleanup] keep_retrieved: how long crh_cleanup keeps the archives of retrieved jobs.

@@ -34,7 +34,14 @@ def open_database(
     touched.  The Database returned carries it to the services."""
     chosen = store.configured(settings)
     db = _open(settings, start_embedded=start_embedded, check_schema=check_schema)
-    return Database(url=db.url, source=db.source, embedded=db.embedded, connect_timeout=db.connect_timeout, store=chosen)
+    return Database(
+        url=db.url,
+        source=db.source,
+        embedded=db.embedded,
+        connect_timeout=db.connect_timeout,
+        pooled=db.pooled,
+        store=chosen,
+    )
 
 
 def _open(settings: config.Settings, *, start_embedded: bool, check_schema: bool) -> Database:
@@ -57,6 +64,7 @@ def _open(settings: config.Settings, *, start_embedded: bool, check_schema: bool
         source=settings.database_source,
         embedded=False,
         connect_timeout=settings.connect_timeout,
+        pooled=settings.pooled,
     )
     if check_schema:
         ensure_schema(db, upgrade=False)

@@ -12,6 +12,11 @@ One lock per parent directory, not per tomodir: a tree of ten thousand
 tomodirs would otherwise fill PostgreSQL's shared lock table (about 64 locks
 per allowed connection), and two runs on one tree still meet in every
 directory.
+
+Through a transaction-pooling pooler (``[database] pooler = "transaction"``) a
+session lock would outlive the run on a server connection the pooler shares;
+the locks are then held by a transaction left open on the run's lock
+connection instead (``session.try_transaction_locks``), which ends with it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cr_queue.queries import jobs
+from cr_queue.db.connection import is_pooled
+from cr_queue.queries import jobs, session
 
 
 def connection_name(command: str, actor: jobs.Actor) -> str:
@@ -35,7 +41,8 @@ def take(conn, command: str, host: str, tomodirs: Sequence[Path]) -> list[str | 
     :func:`connection_name` says it, or just the command where that cannot be seen)."""
     parents = [Path(os.path.abspath(td)).parent for td in tomodirs]
     keys = [_key(command, host, parent) for parent in parents]
-    held = jobs.try_locks(conn, sorted(set(keys)))
+    lock = session.try_transaction_locks if is_pooled(conn) else jobs.try_locks
+    held = lock(conn, sorted(set(keys)))
     return [
         None if key not in held else (held[key] if held[key].startswith(f"{command} (") else command)
         for key in keys

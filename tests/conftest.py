@@ -44,6 +44,15 @@ def pytest_configure(config: pytest.Config) -> None:
         config._crh_host = hygiene.start_session()
 
 
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """The pgbouncer the PgBouncer tests run against (tests/pgbouncer.py), or that they will skip."""
+    from . import pgbouncer as bouncers
+
+    if not bouncers.BINARY.exists():
+        return f"pgbouncer: {bouncers.BINARY} missing, tests/test_pgbouncer.py will skip"
+    return f"pgbouncer: {bouncers.version()} ({bouncers.BINARY})"
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After every fixture is torn down: remove the session directory, then compare the host."""
     state = getattr(session.config, "_crh_host", None)
@@ -225,6 +234,29 @@ def lab(tmp_path: Path, cli_env: dict[str, str], db_url: str):
     world = Lab(tmp_path, dict(cli_env), db_url)
     yield world
     world.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_cluster: Cluster):
+    """Debian's pgbouncer in transaction pooling mode in front of the session's cluster (tests/pgbouncer.py)."""
+    from . import pgbouncer as bouncers
+
+    try:
+        bouncer = bouncers.start(pg_cluster)
+    except bouncers.PgBouncerMissing as exc:
+        pytest.skip(f"no PgBouncer to test against: {exc}")
+    print(f"\npgbouncer under test: {bouncer.version} on 127.0.0.1:{bouncer.port}, pool_mode = transaction (log {bouncer.log})")
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+        shutil.rmtree(bouncer.home, ignore_errors=True)
+
+
+@pytest.fixture
+def pooled_env(cli_env: dict[str, str], db_url: str, pgbouncer) -> dict[str, str]:
+    """The real commands against this test's database through pgbouncer, with CRH_DATABASE_POOLER=transaction."""
+    return {**cli_env, "CRH_DATABASE_URL": pgbouncer.url(db_url), "CRH_DATABASE_POOLER": "transaction"}
 
 
 @pytest.fixture

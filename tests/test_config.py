@@ -303,3 +303,40 @@ def test_unreadable_system_config_is_skipped_when_the_database_is_named_elsewher
     monkeypatch.delenv("CRH_DATABASE_URL")
     with pytest.raises(ConfigError, match="not readable by you.*adduser"):
         load()
+
+
+def test_pooler_defaults_to_none_and_the_environment_wins(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CRH_DATABASE_POOLER", raising=False)
+    assert load().pooled is False
+    user_config('[database]\nurl = "postgresql://crh@pgbouncer/crqueue"\npooler = "transaction"\n')
+    assert load().pooled is True
+    monkeypatch.setenv("CRH_DATABASE_POOLER", "none")
+    assert load().pooled is False
+    user_config('[database]\npooler = "none"\n')
+    monkeypatch.setenv("CRH_DATABASE_POOLER", "transaction")
+    assert load().pooled is True
+
+
+def test_pooler_of_the_user_config_wins_over_the_system_one(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CRH_DATABASE_POOLER", raising=False)
+    system_config('[database]\npooler = "transaction"\n')
+    assert load().pooled is True
+    user_config('[database]\npooler = "none"\n')
+    assert load().pooled is False
+
+
+@pytest.mark.parametrize("bad", ['"session"', '"transactions"', '""', "true", "1"])
+def test_a_bad_configured_pooler_is_refused_with_the_remedy(home: Path, monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.delenv("CRH_DATABASE_POOLER", raising=False)
+    path = user_config(f"[database]\npooler = {bad}\n")
+    with pytest.raises(ConfigError) as err:
+        load()
+    message = str(err.value)
+    assert message.startswith(f"{path}: [database] pooler = ")
+    assert "is not a pooling mode cr_queue knows" in message and 'write pooler = "transaction"' in message
+
+
+def test_a_bad_pooler_in_the_environment_is_refused_with_the_remedy(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRH_DATABASE_POOLER", "pgbouncer")
+    with pytest.raises(ConfigError, match=r"CRH_DATABASE_POOLER='pgbouncer' is not a pooling mode .* set it to transaction"):
+        load()

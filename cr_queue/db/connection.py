@@ -9,6 +9,17 @@ Every connection cr_queue opens to a configured server goes through
 ``CRH_CONNECT_TIMEOUT``, default 10 s): a server that accepts the connection
 and never answers would otherwise hold each command for psycopg's default of
 130 s, per attempt.
+
+Behind a transaction-pooling pooler (PgBouncer's ``pool_mode = transaction``;
+``[database] pooler = "transaction"``, ``CRH_DATABASE_POOLER``) each
+transaction may run on another server connection, shared with other clients.
+:class:`Database` then says ``pooled``, and :func:`connect` opens
+:class:`PooledConnection` objects that never prepare statements on the server
+(``prepare_threshold=None``: psycopg would otherwise prepare a statement run
+more than five times as ``_pg3_0``, ..., on whichever server connection ran it,
+and the next client there fails with DuplicatePreparedStatement); the query
+layer asks :func:`is_pooled` before it sends anything that would stay on the
+server connection (session-level SET, see ``queries/session.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +40,17 @@ KEEPALIVE = {
 }
 
 
+class PooledConnection(psycopg.Connection):
+    """A connection through a transaction-pooling pooler: nothing may rest on its server session.
+
+    Only a marker (:func:`is_pooled`); it behaves as any psycopg connection."""
+
+
+def is_pooled(conn: psycopg.Connection) -> bool:
+    """Whether ``conn`` reaches the database through a transaction-pooling pooler."""
+    return isinstance(conn, PooledConnection)
+
+
 class DatabaseError(Exception):
     """The database cannot be used; the message says which one and what to do."""
 
@@ -39,6 +61,9 @@ class Database:
     source: str
     embedded: bool
     connect_timeout: int = config.DEFAULT_CONNECT_TIMEOUT
+    # Reached through a transaction-pooling pooler ([database] pooler = "transaction"):
+    # no server-side prepared statements, no session state (see the module's docstring).
+    pooled: bool = False
     # Where archives go (a cr_queue.store.Store: the database, or the [store] path
     # directory).  cr_queue.database.open_database has the store layer, above this
     # one, choose it (store.configured); this layer only carries it to the services.
@@ -58,6 +83,7 @@ class Database:
             source=self.source,
             keepalive=keepalive,
             connect_timeout=self.connect_timeout,
+            pooled=self.pooled,
         )
 
 
@@ -69,18 +95,25 @@ def connect(
     source: str = "",
     connect_timeout: int = config.DEFAULT_CONNECT_TIMEOUT,
     keepalive: bool = False,
+    pooled: bool = False,
 ) -> psycopg.Connection:
     """Open a connection, or raise DatabaseError naming the server and the remedy.
 
     ``connect_timeout`` bounds each attempt, unless the URL sets its own
-    (``?connect_timeout=N``), which libpq's users expect to count."""
+    (``?connect_timeout=N``), which libpq's users expect to count.  ``pooled``:
+    through a transaction-pooling pooler, a :class:`PooledConnection` that
+    prepares no statement on the server."""
     # A worker must notice a dead network within seconds, not the kernel's
     # fifteen minutes of retransmissions (ignored on Unix sockets).
     extra = dict(KEEPALIVE) if keepalive else {}
     if not _names_timeout(url):
         extra["connect_timeout"] = connect_timeout
+    opener = psycopg.Connection.connect
+    if pooled:
+        opener = PooledConnection.connect
+        extra["prepare_threshold"] = None
     try:
-        return psycopg.connect(url, autocommit=autocommit, application_name=application_name, **extra)
+        return opener(url, autocommit=autocommit, application_name=application_name, **extra)
     except psycopg.OperationalError as exc:
         raise DatabaseError(unreachable_message(url, source, exc, connect_timeout)) from None
 

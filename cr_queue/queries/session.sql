@@ -3,10 +3,12 @@
 
 -- name: bound_idle_transactions
 -- Have the server end this session when it leaves a transaction open longer than timeout (e.g. '10000ms').
+-- Never sent through a transaction-pooling pooler (it would stay on a shared server connection); there the pooler's TCP keepalive ends a vanished client's transaction.
 SELECT set_config('idle_in_transaction_session_timeout', %(timeout)s, false);
 
 -- name: synchronous_commit
--- Whether this session's commits wait for the WAL to reach disk ('on') or not ('off'); local: this transaction only.
+-- Whether this session's commits wait for the WAL to reach disk ('on') or not ('off'); local: this transaction only
+-- (the only form sent through a transaction-pooling pooler: a session-wide one would stay on a shared server connection).
 SELECT set_config('synchronous_commit', %(setting)s, %(local)s);
 
 -- name: durable_commit
@@ -24,3 +26,16 @@ SELECT version_num FROM alembic_version;
 -- name: has_schema_revision
 -- Whether the database has alembic's table at all (asked first, so that no ERROR for a missing table lands in the server's log).
 SELECT to_regclass('alembic_version') IS NOT NULL;
+
+-- name: try_transaction_locks
+-- Take a transaction-level advisory lock per key (crh_add, crh_retrieve: their directories, see directory_locks.py),
+-- held until this transaction ends: the form of try_locks (jobs.sql) for a connection through a transaction-pooling
+-- pooler, where a session lock would stay on a server connection other clients get next.  Returns the keys another
+-- session holds, each with that session's application_name (NULL where it cannot be seen).
+SELECT k.key,
+       (SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND ((l.classid::bigint << 32) | l.objid::bigint) = k.key
+        LIMIT 1) AS holder
+FROM unnest(%(keys)s::bigint[]) AS k(key)
+WHERE NOT pg_try_advisory_xact_lock(k.key);
