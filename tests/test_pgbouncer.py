@@ -23,7 +23,7 @@ from cr_queue.queries import session
 from cr_queue.tomodir import discover
 
 from .conftest import run, script
-from .faults import Lab, standin_alive, wait_for
+from .faults import Lab, solver_script, standin_alive, wait_for
 
 # psycopg prepares a statement on the server once it ran this many times on one connection.
 PSYCOPG_PREPARE_THRESHOLD = 5
@@ -160,13 +160,16 @@ def test_a_worker_killed_mid_job_behind_pgbouncer_loses_nothing_by_its_lease(poo
     """No advisory lock tells the survivor that the worker died: its lease runs out (short here,
     --lease 3), the sweep puts the job back, and the other worker finishes it, once."""
     lab = pooled_lab
-    [job_id] = lab.add(*lab.tomodirs(1, cfg="sleep = 3"))
-    a = lab.worker("a", "--lease", "3")
+    [job_id] = lab.add(*lab.tomodirs(1, cfg="fail = none"))  # no sleep here: CRH_STANDIN_SLEEP decides
+    # a's solver runs two minutes: the kill lands while it runs, however slow b is to start.
+    slow = solver_script(lab.tmp_path / "slow" / "CRMod", f'CRH_STANDIN_SLEEP=120 exec "{script("crh_standin_crmod")}"')
+    a = lab.worker("a", "--lease", "3", env={**lab.env, "CRH_CRMOD": str(slow)})
     [first] = lab.wait_runs(1)
     assert first.worker_pid == a.pid
     b = lab.worker("b", "--lease", "3")
     b.wait_log("worker b (id")
 
+    assert standin_alive(first.pid), "a's solver still runs when a is killed"
     a.kill9()
 
     wait_for(lambda: not standin_alive(first.pid), "the killed worker's solver to die with it")
