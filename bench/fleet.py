@@ -36,20 +36,22 @@ Rows:
    worker-second does.  Both include the idle server (the same window with no
    client at all, measured first and printed beside them; too small and noisy to
    subtract).  The workers' total RSS and PSS are reported too.
-2. Restart recovery at the largest size: ``pg_ctl restart -m fast`` with the
-   fleet idle; the time from the server being up again until every worker has
-   beaten after the restart (last_heartbeat >= pg_postmaster_start_time()),
-   and the peak worker connection count, pg_stat_activity sampled every 0.2 s.
-3. Tiny jobs at the largest size: every worker idle, then the jobs queued in one
+2. Tiny jobs at the largest size: every worker idle, then the jobs queued in one
    statement; throughput (first claim to last finish), lost and duplicated jobs
    from the events table and the solver's own log, claims per job.  Reference:
    one pgbench client running the worker's claim statement in a loop, on a queue
    as deep, in the same cluster.
+3. Restart recovery at the largest size, last: ``pg_ctl restart -m fast`` with
+   the fleet idle; the time from the server being up again until every worker
+   has beaten after the restart (last_heartbeat >= pg_postmaster_start_time());
+   peaks, sampled every 0.2 s, of the worker connections in pg_stat_activity
+   and of the backend processes in /proc (known even while the server is too
+   busy to let the monitor in), and what the server log says it refused.
 4. A campaign of jobs whose solver runs a known time (tiny_solver.c sleeping
-   as long as the tomodir's exe/bench_sleep says) on the first few workers of
-   the same fleet, the others stopped: makespan from the queueing commit to the
-   last finished event, against the ideal, the sum of the solver's own
-   runtimes / slots.
+   as long as the tomodir's exe/bench_sleep says) on the fleet's first few
+   workers, before it grows to the idle sizes: makespan from the queueing
+   commit to the last finished event, against the ideal, the sum of the
+   solver's own runtimes / slots.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class FleetSizes:
     after_recovery_s: float  # connections still sampled after every worker has beaten again
 
 
-FULL = FleetSizes((50, 100, 200), 4, 60.0, 5000, 10, 400, 1.0, 10, 900.0, 300.0, 10.0)
+FULL = FleetSizes((50, 100, 200), 4, 45.0, 5000, 10, 400, 1.0, 10, 900.0, 180.0, 10.0)
 SMOKE = FleetSizes((5,), 4, 4.0, 50, 5, 40, 1.0, 1, 120.0, 60.0, 1.0)
 # Room for several connections per worker at 200 workers (the worker of December 2026 held
 # six with -j4: 1,200) and for a reconnection peak after a restart.
@@ -229,12 +231,6 @@ class Fleet:
             r, p = memory_kb(pid)
             rss, pss = rss + r, pss + p
         return rss * 1024, pss * 1024
-
-    def shrink(self, n: int, timeout: float = 120) -> None:
-        """Stop the workers started last until n are left."""
-        names = self.names[n:]
-        gone = {name: self.procs.pop(name) for name in names}
-        self._stop(list(gone.values()), timeout)
 
     def stop(self, timeout: float = 120) -> None:
         self._stop(list(self.procs.values()), timeout)
@@ -435,13 +431,48 @@ def idle_rows(ctx: cb.Context, fleet: Fleet, w: int, win: Window, ref: Window, b
     )
 
 
+AUX_TITLES = {
+    "postgres: " + t
+    for t in ("checkpointer", "background writer", "walwriter", "autovacuum launcher", "logical replication launcher",
+              "logger", "archiver", "startup", "stats collector", "walreceiver")
+}
+
+
+def backend_processes(pm: int) -> int:
+    """The postmaster's children that are not its own auxiliary processes: client backends,
+    those still starting included.  Read from /proc, so it is known while the server is
+    too busy to let a monitor in."""
+    n = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        f = _stat(int(entry))
+        if f is None or f[1] != str(pm):
+            continue
+        try:
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if title not in AUX_TITLES and not title.startswith("postgres: autovacuum worker"):
+            n += 1
+    return n
+
+
+def server_log_tail(cluster: bl.BenchCluster) -> tuple[Path | None, int]:
+    """The server's current log file and its size: where a later read starts."""
+    logs = sorted((cluster.cluster.datadir / "log").glob("postgresql-*.log"), key=lambda p: p.stat().st_mtime)
+    return (logs[-1], logs[-1].stat().st_size) if logs else (None, 0)
+
+
 def restart_recovery(ctx: cb.Context, cluster: bl.BenchCluster, fleet: Fleet, timeout: float, after: float) -> None:
     """pg_ctl restart -m fast with the fleet idle: until every worker has beaten again."""
     w = len(fleet.procs)
+    log, offset = server_log_tail(cluster)
     t_down = time.monotonic()
     cluster.cluster.restart()
     t_up = time.monotonic()
-    peak_workers = peak_clients = 0
+    pm = postmaster_pid(cluster)
+    peak_workers = peak_clients = peak_procs = 0
     all_beaten: float | None = None
     conn: psycopg.Connection | None = None
     samples = errors = 0
@@ -451,6 +482,7 @@ def restart_recovery(ctx: cb.Context, cluster: bl.BenchCluster, fleet: Fleet, ti
         # Until every worker has beaten, and ``after`` s more: connections may still come and go.
         while time.monotonic() < deadline and (all_beaten is None or time.monotonic() < all_beaten + after):
             tick = time.monotonic()
+            peak_procs = max(peak_procs, backend_processes(pm))
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(fleet.url, autocommit=True, connect_timeout=2, application_name="bench monitor")
@@ -469,24 +501,38 @@ def restart_recovery(ctx: cb.Context, cluster: bl.BenchCluster, fleet: Fleet, ti
                     conn.close()
                 conn = None
             time.sleep(max(0.0, tick + 0.2 - time.monotonic()))
-        settled = activity(conn)[0] if conn is not None and not conn.closed else -1
+        settled = activity(conn)[0] if conn is not None and not conn.closed else "?"
     finally:
         if conn is not None:
             conn.close()
+    # What the server said meanwhile (its log: the connections it refused or lost).
+    said = Counter()
+    if log is not None and log.exists():
+        with open(log, "rb") as fh:
+            fh.seek(offset)
+            for line in fh.read().decode(errors="replace").splitlines():
+                for key, text in (("too many clients", "too many clients already"), ("client gone", "connection to client lost")):
+                    if text in line:
+                        said[key] += 1
     dead = fleet.exited()
     ok = all_beaten is not None and not dead
-    figure = f"{all_beaten - t_up:.1f} s, peak {peak_workers} conns" if all_beaten else f"{beaten}/{w} beaten in {timeout:.0f} s"
+    if all_beaten is not None:
+        figure = f"{all_beaten - t_up:.1f} s, peak {peak_workers} conns"
+    else:
+        figure = f"{beaten}/{w} beaten in {timeout:.0f} s, peak {peak_procs} backends"
     ctx.report.add(
         bl.Row(
             f"restart recovery, {w} idle crh_worker -j{fleet.slots}",
             figure,
             f"pg_ctl restart -m fast {t_up - t_down:.1f} s",
             "—",
-            "report",
+            f"all beat again within {timeout:.0f} s",
             None if ok else False,
-            note=f"server up -> every worker's last_heartbeat >= pg_postmaster_start_time(); peak of {APP_PREFIX}* connections "
-            f"in pg_stat_activity every 0.2 s ({samples} samples, {errors} failed), all clients {peak_clients}, "
-            f"{settled} {after:g} s after; {len(dead)} workers exited; max_connections {MAX_CONNECTIONS}",
+            note=f"server up -> every worker's last_heartbeat >= pg_postmaster_start_time(); peaks every 0.2 s: "
+            f"{APP_PREFIX}* connections in pg_stat_activity {peak_workers} ({samples} samples, {errors} could not connect), "
+            f"all clients {peak_clients}, backend processes in /proc {peak_procs}; {APP_PREFIX}* connections {after:g} s after: "
+            f"{settled}; server log: {said['too many clients']} 'too many clients', {said['client gone']} 'connection to client "
+            f"lost' (the client gave up while its backend started); {len(dead)} workers exited; max_connections {MAX_CONNECTIONS}",
         )
     )
 
@@ -500,7 +546,7 @@ def tiny_jobs(ctx: cb.Context, cluster: bl.BenchCluster, fleet: Fleet, n: int, s
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             conn.execute("SELECT pg_stat_statements_reset()")
     ids = cb.queue_tiny_jobs(ctx, fleet.url, n, f"{fleet.tag}-tiny")
-    deadline = time.monotonic() + max(600.0, n * 0.5)
+    deadline = time.monotonic() + max(300.0, n * 0.2)
     with psycopg.connect(fleet.url, autocommit=True) as conn:
         while True:
             left = conn.execute("SELECT count(*) FROM inversions WHERE status IN ('queued', 'running')").fetchone()[0]
@@ -515,9 +561,12 @@ def tiny_jobs(ctx: cb.Context, cluster: bl.BenchCluster, fleet: Fleet, n: int, s
                 "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE query LIKE '%%crh_claim(%%' "
                 "AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ).fetchone()[0]
-        states = dict(conn.execute("SELECT status, count(*) FROM inversions GROUP BY status").fetchall())
-    claimed, finished = cb.event_times(fleet.url, "claimed"), cb.event_times(fleet.url, "finished")
-    runs = cb.read_solver_log(solver_log)
+        states = dict(conn.execute("SELECT status, count(*) FROM inversions WHERE id = ANY(%s) GROUP BY status", (ids,)).fetchall())
+    # Only these jobs: the campaign ran on the same database and solver log before.
+    wanted = set(ids)
+    claimed = {k: v for k, v in cb.event_times(fleet.url, "claimed").items() if k in wanted}
+    finished = {k: v for k, v in cb.event_times(fleet.url, "finished").items() if k in wanted}
+    runs = [r for r in cb.read_solver_log(solver_log) if cb.job_of_cwd(r[3]) in wanted]
     per_job_runs = Counter(cb.job_of_cwd(cwd) for *_x, cwd in runs)
     lost = [i for i in ids if i not in finished]
     dup_finished = [i for i in ids if len(finished.get(i, [])) > 1]
@@ -552,10 +601,7 @@ def tiny_jobs(ctx: cb.Context, cluster: bl.BenchCluster, fleet: Fleet, n: int, s
 
 
 def campaign(ctx: cb.Context, fleet: Fleet, s: FleetSizes, solver_log: Path) -> None:
-    """n jobs of a known solver runtime on W idle workers x J slots: makespan against the ideal.
-    The fleet is shrunk to W workers first (SIGTERM to the others, their exit awaited)."""
-    fleet.shrink(s.campaign_workers)
-    time.sleep(1.0)
+    """n jobs of a known solver runtime on the fleet's W idle workers x J slots: makespan against the ideal."""
     n, url = s.campaign_jobs, fleet.url
     ids = cb.queue_tiny_jobs(ctx, url, n, f"{fleet.tag}-camp", sleep_s=s.campaign_job_s)
     deadline = time.monotonic() + 10 * n * s.campaign_job_s / (s.campaign_workers * s.slots) + 300
@@ -586,7 +632,7 @@ def campaign(ctx: cb.Context, fleet: Fleet, s: FleetSizes, solver_log: Path) -> 
             None if not lost and not dup else False,
             note=f"efficiency = ideal / makespan; ideal = sum of the solver's own runtimes ({len(runs)} runs) / {slots} slots; "
             f"makespan = the queueing commit -> the last finished event; {len(lost)} lost, {len(dup)} duplicated; "
-            f"workers idle beforehand (the first {s.campaign_workers} of the fleet above)",
+            f"the workers idle beforehand (the first {s.campaign_workers} of the fleet below, before it grows)",
         )
     )
 
@@ -619,6 +665,10 @@ def bench_fleet(ctx: cb.Context) -> None:
             for w in s.levels:
                 say(f"{w} connections x SELECT 1/s, {s.window_s:g} s")
                 refs[w] = select1_reference(cluster, url, dbname, w, s.window_s)
+            say(f"campaign on {s.campaign_workers} workers")
+            fleet.grow(s.campaign_workers)
+            fleet.wait_ready(s.start_timeout_s)
+            campaign(ctx, fleet, s, solver_log)
             for w in s.levels:
                 ref = refs[w]
                 say(f"starting workers up to {w}")
@@ -629,13 +679,11 @@ def bench_fleet(ctx: cb.Context) -> None:
                 say(f"{w} workers registered and beaten after {started:.0f} s; measuring {s.window_s:g} s")
                 win = measure(cluster, dbname, s.window_s, worker_pids=fleet.pids)
                 idle_rows(ctx, fleet, w, win, ref, base, started)
-            say("pg_ctl restart -m fast")
-            restart_recovery(ctx, cluster, fleet, s.recovery_timeout_s, s.after_recovery_s)
-            time.sleep(1.0)
             say(f"{s.tiny_jobs} tiny jobs")
             tiny_jobs(ctx, cluster, fleet, s.tiny_jobs, solver_log, s.pgbench_s)
-            say(f"campaign on {s.campaign_workers} of the workers")
-            campaign(ctx, fleet, s, solver_log)
+            time.sleep(2.0)
+            say("pg_ctl restart -m fast")
+            restart_recovery(ctx, cluster, fleet, s.recovery_timeout_s, s.after_recovery_s)
         finally:
             say("stopping the workers")
             fleet.stop()
