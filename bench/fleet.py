@@ -1,6 +1,6 @@
 """The fleet rows of bench/run (issue 16): what a large fleet of crh_worker processes costs.
 
-    bench/run --only fleet            # 50, 100 and 200 workers; about 15 minutes on 2 cores
+    bench/run --only fleet            # 50, 100 and 200 workers; about 20 minutes on 2 cores
     bench/run --only fleet --smoke    # 5 workers, 50 jobs; under a minute
 
 The rows run on bench/run's throwaway cluster (default durability, like the
