@@ -18,7 +18,8 @@ expected output and exits, logging its own start and end times, so dispatch
 latency and worker overhead are measured against the solver's own clock.
 Needs: zstd, tar, xz (the cr_hydra reference uses Python's lzma), cc, pgbench
 (from /usr/lib/postgresql/*/bin).  Rows: add, retrieve, dispatch, overhead,
-herd, throughput, claim, status, web, rss, many.
+herd, throughput, claim, status, web, rss, many, fleet (bench/fleet.py: 50-200
+idle workers, a restart, 5,000 tiny jobs, a campaign).
 
 The commands run from compiled bytecode, as in any installation: with
 PYTHONDONTWRITEBYTECODE set (as some sandboxes do) each start would compile
@@ -57,7 +58,7 @@ from cr_queue import store
 from cr_queue.tomodir import synth  # noqa: E402
 from cr_queue.db.connection import Database  # noqa: E402
 
-ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim", "status", "web", "rss", "many")
+ROWS = ("add", "retrieve", "dispatch", "overhead", "herd", "throughput", "claim", "status", "web", "rss", "many", "fleet")
 
 
 @dataclass
@@ -85,6 +86,7 @@ SMOKE = Sizes(2_000_000, 1, 5, 10, 2, 4, 16, 1, 2_000, 50, 20_000_000, 3, 30)
 
 SHELL_SOLVER = """#!/bin/sh
 start=$(date +%s.%N)
+if [ -f bench_sleep ]; then sleep "$(cat bench_sleep)"; elif [ -n "$CRQ_BENCH_SLEEP" ]; then sleep "$CRQ_BENCH_SLEEP"; fi
 case "$0" in
     *crtomo) printf 'bench\\n***finished***\\n' > ../inv/inv.ctr ;;
     *) printf '1\\n10002 40003 1.0E+00 0.0E+00\\n' > ../mod/volt.dat ;;
@@ -265,9 +267,12 @@ def idle_workers(url: str, n: int, timeout: float = 120) -> None:
     time.sleep(1.0)
 
 
-def queue_tiny_jobs(ctx: Context, url: str, n: int, prefix: str) -> list[int]:
-    """n queued jobs sharing one tiny input archive: registration is not what is measured here."""
+def queue_tiny_jobs(ctx: Context, url: str, n: int, prefix: str, sleep_s: float = 0.0) -> list[int]:
+    """n queued jobs sharing one tiny input archive: registration is not what is measured here.
+    ``sleep_s``: the tiny solver sleeps that long in each (exe/bench_sleep)."""
     src = tiny_tomodir(ctx.work / f"{prefix}-input", prefix)
+    if sleep_s:
+        (src / "exe" / "bench_sleep").write_text(f"{sleep_s:g}\n")
     db = ctx.database(url)
     with db.connect("bench") as conn:
         sha = store.put_tree(conn, db.store, src).sha256
@@ -1041,6 +1046,16 @@ def bench_many(ctx: Context) -> None:
     ctx.cluster.drop_database(url)
 
 
+# --------------------------------------------------------------------------- fleet
+
+
+def bench_fleet(ctx: Context) -> None:
+    """The fleet rows (issue 16): bench/fleet.py, on a cluster of their own."""
+    import fleet
+
+    fleet.bench_fleet(ctx)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1097,6 +1112,7 @@ def main() -> int:
                 ("web", bench_web),
                 ("rss", bench_rss),
                 ("many", bench_many),
+                ("fleet", bench_fleet),
             ]
             for name, fn in steps:
                 if name in rows:

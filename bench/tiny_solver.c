@@ -7,6 +7,9 @@
  * CRQ_BENCH_COPY=SRC:DST copies a file (relative to exe/) to make a large
  * result.  CRQ_BENCH_LOG=FILE appends "start end token cwd" (CLOCK_REALTIME
  * seconds), token being the content of exe/bench_id if present.
+ * A file exe/bench_sleep holding a number of seconds (or CRQ_BENCH_SLEEP=SECONDS)
+ * makes it sleep that long first: a solver of known runtime (the fleet rows'
+ * campaign).
  */
 #include <fcntl.h>
 #include <stdio.h>
@@ -47,6 +50,18 @@ static int copy_file(const char *spec) {
 
 int main(int argc, char **argv) {
     double start = now();
+    double sleep_s = 0;
+    FILE *sf = fopen("bench_sleep", "r");
+    if (sf) {
+        if (fscanf(sf, "%lf", &sleep_s) != 1) sleep_s = 0;
+        fclose(sf);
+    } else if (getenv("CRQ_BENCH_SLEEP")) {
+        sleep_s = atof(getenv("CRQ_BENCH_SLEEP"));
+    }
+    if (sleep_s > 0) {
+        struct timespec t = {(time_t)sleep_s, (long)((sleep_s - (double)(time_t)sleep_s) * 1e9)};
+        while (nanosleep(&t, &t) != 0) {}
+    }
     const char *name = strrchr(argv[0], '/');
     name = name ? name + 1 : argv[0];
     int rc = strstr(name, "crtomo") ? write_text("../inv/inv.ctr", "bench\n***finished***\n")
