@@ -1,8 +1,9 @@
 """The Worker: its life from registration to the last report, its threads, its signals.
 
-The work itself is in the mixins: control.py (main thread), lease.py
-(heartbeat and watchdog), slots.py, pipeline.py, scratch.py; reconnect.py
-opens every connection.
+The work itself is in the mixins: control.py (main thread: the control
+connection, beats, claims, the rescue sweep), lease.py (the beat and the
+watchdog), slots.py, pipeline.py, scratch.py; reconnect.py opens every
+connection.  An idle worker holds one connection, the control connection.
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._generation = 0
         self._trash: _queue.SimpleQueue[Path | None] | None = None
         self._token = False
+        # Whether this session holds the rescue leader lock (control.py): then it sweeps for the fleet.
+        self._leader = False
+        # Jobs the control loop claimed, waiting for a slot; claims and slot ends are serialised on the lock.
+        self._handoff: _queue.SimpleQueue[Running | None] = _queue.SimpleQueue()
+        self._handoff_lock = threading.Lock()
+        self._slots_released = False
+        self._claimed_generation = -1
+        self._next_poll = 0.0
+        self._next_beat = 0.0
+        self._next_rescue = 0.0
+        self._next_tmp_sweep = 0.0
+        # Dead workers' job directories already given to the cleanup thread (scratch.py).
+        self._swept: set[str] = set()
+        self._last_beat = time.monotonic()
         self._trash_thread: threading.Thread | None = None
         self._busy = 0
         self._node_failures = 0
@@ -112,8 +127,6 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._sweep_tmp()
         # A solver's detached descendants come back to this process, to be ended with its step.
         reaper.become_subreaper()
-        beat = threading.Thread(target=self._guarded, args=(self._heartbeat,), name="heartbeat", daemon=True)
-        beat.start()
         threading.Thread(target=self._guarded, args=(self._watchdog,), name="watchdog", daemon=True).start()
         slots = [
             threading.Thread(target=self._guarded, args=(self._slot, i), name=f"slot-{i}", daemon=True)
@@ -129,10 +142,10 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         finally:
             self._stopping.set()
             self._kick()
+            self._release_slots(len(slots))
             for t in slots:
                 t.join()
             self._finished.set()
-            beat.join(timeout=10)
             self._discard(None)
         self._run_db(lambda conn: workers.stop_worker(conn, self.worker_id, self.stop_reason), control)
         self.on_event(
@@ -171,7 +184,7 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
                     solvers=self._solver_info,
                 )
                 self.actor = jobs.Actor(worker_id=self.worker_id)
-                self._obey(workers.beat(control, self.worker_id, draining=False))
+                self._obey(workers.beat(control, self.worker_id, draining=False).orders)
                 return control
             except psycopg.OperationalError as exc:
                 if control is not None:
