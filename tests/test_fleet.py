@@ -269,3 +269,24 @@ def test_a_worker_behind_a_transaction_pooler_keeps_no_session_state_and_runs_jo
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, err.read_text(errors="replace")
     lab.check_invariants({job_id: "finished" for job_id in ids})
+
+
+def test_a_worker_wedged_in_a_claim_cuts_its_control_connection_and_still_stops(lab, proxy):
+    # All of an idle worker's statements go over its control connection now.  A proxy or
+    # NAT that goes on acknowledging but never answers leaves a statement waiting for
+    # ever (the fault run, seed 101: a worker waited in a claim for 10 minutes after
+    # SIGTERM); the watchdog cuts such a connection and the loop goes on.
+    from .faults import proxy_url
+
+    env = {**lab.env, "CRH_DATABASE_URL": proxy_url(proxy, lab.db_url)}
+    w = lab.worker("wedged", "--lease", "6", env=env)
+    w.wait_log("now sweeps")
+    proxy.freeze_after(b"crh_claim(")
+    wait_for(proxy.triggered.is_set, "a claim to pass the proxy")
+    w.wait_log("control connection silent")
+    w.signal(signal.SIGTERM)
+    try:
+        code, _report = w.finish(timeout=120)
+    finally:
+        proxy.unfreeze()
+    assert code == 0, w.log()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import threading
 import time
 import zlib
@@ -60,6 +61,7 @@ class ControlMixin:
                     self._open_session(control)
                     fresh = False
                 while any(t.is_alive() for t in slots):
+                    self._control_conn, self._tick_started = control, time.monotonic()
                     self._tick(control, len(slots))
             except Exception as exc:
                 if _connection_ended(exc, control):
@@ -72,6 +74,24 @@ class ControlMixin:
                 control = None
                 backoff.wait()
         return control
+
+    def _unwedge_control(self, now: float) -> None:
+        """Called by the watchdog: if the control thread has waited in one round for longer
+        than the server lets its session stay silent, its connection is wedged (a proxy or
+        NAT that still acknowledges: keepalives see nothing, the answer never comes; the
+        fault run saw a worker wait in a claim for ever after SIGTERM).  Shut the socket
+        down under it: the statement fails as a lost connection and the loop reconnects."""
+        conn, started = self._control_conn, self._tick_started
+        if conn is None or started is None or now - started < max(self._silent_session_limit, 10.0):
+            return
+        self._tick_started = None  # once per round
+        try:
+            fd = conn.pgconn.socket
+            with socket.fromfd(fd, socket.AF_UNIX if conn.info.host.startswith("/") else socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, psycopg.Error, ValueError):
+            return
+        self.on_event(f"control connection silent for {now - started:.0f} s: cut it, reconnecting")
 
     def _open_session(self, conn: psycopg.Connection) -> None:
         """A new session holds no lock and hears nothing: take the liveness lock, LISTEN,

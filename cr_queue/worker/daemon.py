@@ -93,6 +93,10 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._next_beat = 0.0
         self._next_rescue = 0.0
         self._next_tmp_sweep = 0.0
+        # The control thread's connection and when its current round began (the watchdog
+        # cuts a connection wedged in one round: control.py _unwedge_control).
+        self._control_conn: psycopg.Connection | None = None
+        self._tick_started: float | None = None
         # Dead workers' job directories already given to the cleanup thread (scratch.py).
         self._swept: set[str] = set()
         self._last_beat = time.monotonic()
@@ -203,8 +207,9 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         if self._drain_deadline is None and self.options.drain_timeout_s is not None:
             self._drain_deadline = time.monotonic() + self.options.drain_timeout_s
         if abort:
+            # The watchdog stops the running solvers within a tick: this may run in the signal
+            # handler, which must not wait for a lock the interrupted main thread holds.
             self._aborting.set()
-            self._stop_all("release")
         self._kick()
 
     def _guarded(self, target: Callable[..., None], *args) -> None:

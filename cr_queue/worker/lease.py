@@ -93,8 +93,12 @@ class LeaseMixin:
         """
         while not self._finished.wait(0.25):
             self._watch_clock()
+            self._unwedge_control(time.monotonic())
 
     def _watch_clock(self) -> None:
+        if self._aborting.is_set():
+            # Everything is to be given back now (request_stop with abort).
+            self._stop_all("release")
         now = time.monotonic()
         with self._lock:
             held = [r for r in self._held.values() if r.why is None]
