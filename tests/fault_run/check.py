@@ -202,7 +202,10 @@ def _refused_at_start(log: str) -> bool:
     check): refused at once, as documented; once the check has passed, the worker
     rides out any outage, its start included."""
     return ") started:" not in log and (
-        "cannot connect to the database" in log or "lost the connection to the database" in log
+        "cannot connect to the database" in log
+        or "lost the connection to the database" in log
+        # Started while its TCP path was frozen: the connect timeout (docs/admin.md).
+        or "did not answer within" in log
     )
 
 
