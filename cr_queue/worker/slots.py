@@ -151,6 +151,9 @@ class SlotsMixin:
         job = running.job
         self._node_failures += 1
         self.on_event(f"job {job.id}: this node could not run it ({reason}); giving it back to the queue")
+        # Avoided before it is back in the queue: the control loop claims for another idle
+        # slot meanwhile and must not take it straight back (the suite saw it, under load).
+        self._gave_back[job.id] = time.monotonic()
         status = self._persist(
             conn,
             running,
