@@ -123,7 +123,8 @@ SELECT EXISTS (
 -- Return running jobs whose worker is gone to the queue, or fail those out of tries, in one statement.
 -- Gone (crh_rescue, migration 0005): the lease ran out, or both signals of a live worker are
 -- missing: its heartbeat is older than grace_s and nobody holds its liveness lock (the
--- advisory lock (lock_namespace, worker id) of its heartbeat connection).
+-- advisory lock (lock_namespace, worker id) of its control connection).
+-- One worker of the fleet runs it every few seconds: the holder of the rescue leader lock (workers.sql beat).
 -- Just after a server restart (which drops every lock) only leases count, and a worker that
 -- has not beaten since the start gets restart_grace_s to reconnect and renew.
 SELECT id, status FROM crh_rescue(%(grace_s)s::float8, %(restart_grace_s)s::float8, %(lock_namespace)s::int, %(worker_id)s::bigint,

@@ -66,6 +66,17 @@ def synchronous_commit(conn: psycopg.Connection, on: bool, *, local: bool = Fals
     conn.execute(SQL.synchronous_commit, {"setting": "on" if on else "off", "local": local})
 
 
+def bound_idle_session(conn: psycopg.Connection, seconds: float) -> None:
+    """Have the server end this session if it sends nothing for ``seconds`` (PostgreSQL 14 and later).
+
+    For a session that speaks every few seconds (a worker's control connection):
+    cut off so that the server's end stays open, it would keep its session
+    locks, the rescue leader lock among them, until the server's TCP keepalive
+    gives up, two hours later by default, and nobody would sweep meanwhile.
+    """
+    conn.execute(SQL.bound_idle_session, {"timeout": f"{max(1, int(seconds * 1000))}ms"})
+
+
 def durable_commit(conn: psycopg.Connection) -> None:
     """Make every earlier commit durable: turn synchronous_commit on again, then commit one transaction.
 

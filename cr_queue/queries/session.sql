@@ -6,6 +6,13 @@
 -- Never sent through a transaction-pooling pooler (it would stay on a shared server connection); there the pooler's TCP keepalive ends a vanished client's transaction.
 SELECT set_config('idle_in_transaction_session_timeout', %(timeout)s, false);
 
+-- name: bound_idle_session
+-- Have the server end this session when it sends nothing for longer than timeout (e.g. '15000ms'); a no-op before PostgreSQL 14.
+-- A worker's control session speaks every few seconds; one that falls silent (a network cut
+-- that leaves the server's end open) must not keep its locks (liveness, rescue leader) for hours.
+SELECT set_config('idle_session_timeout', %(timeout)s, false)
+WHERE current_setting('server_version_num')::int >= 140000;
+
 -- name: synchronous_commit
 -- Whether this session's commits wait for the WAL to reach disk ('on') or not ('off'); local: this transaction only
 -- (the only form sent through a transaction-pooling pooler: a session-wide one would stay on a shared server connection).

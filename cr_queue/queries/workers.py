@@ -1,7 +1,7 @@
 """What a worker says about itself: thin wrappers around the statements of ``workers.sql``.
 
-A live worker holds a session advisory lock on its own id (on its heartbeat
-connection) and beats every few seconds.  When the worker dies its
+A live worker holds a session advisory lock on its own id (on its control
+connection, the only one an idle worker has) and beats every few seconds.  When the worker dies its
 connection drops, the lock vanishes, its heartbeat stops, and the next rescue
 sweep (``jobs.rescue``) returns its jobs to the queue within seconds, long
 before their leases run out.  Requiring both signals keeps a short network
@@ -26,6 +26,8 @@ SQL = loader.load("workers")
 LOCK_NAMESPACE = 17234
 # First key of the wake tokens (the second is the kind of jobs a worker claims).
 WAKE_NAMESPACE = 17235
+# First key of the rescue leader lock (the second is 0): its holder sweeps for the whole fleet.
+LEADER_NAMESPACE = 17236
 # The channels of workers.sql's LISTEN statements, to tell their notifications apart.
 CHANNEL = "crh_jobs"
 CANCEL_CHANNEL = "crh_cancel"
@@ -68,13 +70,49 @@ def register_worker(
     return conn.execute(SQL.register_worker, params).fetchone()[0]
 
 
-def beat(conn: psycopg.Connection, worker_id: int, *, draining: bool) -> Orders:
-    """The heartbeat, which also brings the worker its orders."""
-    row = conn.execute(SQL.beat, {"id": worker_id, "draining": draining}).fetchone()
+@dataclass(frozen=True)
+class Beat:
+    """What one beat brought back: the orders, the held jobs still the worker's (None when
+    nothing was renewed) and whether it took the rescue leader lock (None when it did not try)."""
+
+    orders: Orders
+    kept: set[int] | None = None
+    leader: bool | None = None
+
+
+def beat(
+    conn: psycopg.Connection,
+    worker_id: int,
+    *,
+    draining: bool,
+    held: Sequence[tuple[int, int]] = (),
+    lease_s: float = 0.0,
+    lead: bool = False,
+) -> Beat:
+    """The heartbeat, in one statement: brings the orders, renews the leases of ``held``
+    ((job id, attempt) pairs; skipped when empty) and, with ``lead``, tries the leader lock."""
+    params = {
+        "id": worker_id,
+        "draining": draining,
+        "renew": bool(held),
+        "ids": [job_id for job_id, _ in held],
+        "attempts": [attempt for _, attempt in held],
+        "lease_s": lease_s,
+        "lead": lead,
+        "leader_namespace": LEADER_NAMESPACE,
+    }
+    row = conn.execute(SQL.beat, params).fetchone()
     if row is None:
-        return Orders()
-    requested, nice, cpus, threads, active = row
-    return Orders(requested, nice, cpus, threads, True if active is None else active)
+        return Beat(Orders(), set() if held else None, None)
+    requested, nice, cpus, threads, active, kept, leader = row
+    orders = Orders(requested, nice, cpus, threads, True if active is None else active)
+    return Beat(orders, None if kept is None else set(kept), leader)
+
+
+def rescue_leader(conn: psycopg.Connection) -> tuple[int, str] | None:
+    """The session holding the rescue leader lock: (backend pid, application_name), or None."""
+    row = conn.execute(SQL.rescue_leader, {"leader_namespace": LEADER_NAMESPACE}).fetchone()
+    return None if row is None else (row[0], row[1])
 
 
 def stop_worker(conn: psycopg.Connection, worker_id: int, reason: str) -> None:

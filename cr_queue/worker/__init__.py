@@ -2,15 +2,18 @@
 
 Threads and connections, and why:
 
-* one *slot* thread per concurrent job, each with its own connection, so a
-  slow upload in one job never delays another;
-* one *heartbeat* thread with its own connection holds the advisory lock that
-  says "this worker is alive" and renews the leases every couple of seconds,
-  so a solver that hogs the CPU or a slow upload cannot starve it;
-* the main thread listens for NOTIFY (new jobs wake idle slots at once, a
-  cancel stops a running solver), runs the rescue sweep that returns lost
-  workers' jobs, and watches the clock: drain timeout, max runtime, and a
-  lease that could not be renewed for half its length.
+* the main thread owns the *control connection*, the only one an idle worker
+  holds (a fleet must fit in the server's max_connections): it holds the
+  advisory lock that says "this worker is alive", LISTENs (new jobs, cancels,
+  an admin's orders), beats and renews the leases of the jobs held in one
+  statement (every beat_s while it holds jobs, with the claim poll when idle),
+  claims for idle slots and hands the jobs over, and, on the one worker of the
+  fleet holding the rescue leader lock, runs the rescue sweep;
+* one *slot* thread per concurrent job opens a connection only while its job's
+  input or result is in transit, so a slow upload in one job never delays
+  another and a running solver holds no connection;
+* the *watchdog* thread never touches the database: drain timeout, max
+  runtime, and a lease that could not be renewed for half its length.
 
 No transaction stays open while a solver runs: every statement is short.
 Losing the database is survivable: every connection reconnects with backoff,
@@ -18,7 +21,7 @@ solvers keep running, and a result is uploaded once the database is back, as
 long as the attempt is still this worker's (the database decides: fencing).
 
 Where each part lives: daemon.py (the Worker, its life and signals),
-control.py (the main thread), lease.py (heartbeat and watchdog), slots.py
+control.py (the main thread), lease.py (the beat and the watchdog), slots.py
 (claiming, and what an error means), pipeline.py (one job from input to
 result), scratch.py (job directories), reconnect.py (every connection, with
 backoff), options.py (options, counters, constants).

@@ -1,8 +1,9 @@
 """The Worker: its life from registration to the last report, its threads, its signals.
 
-The work itself is in the mixins: control.py (main thread), lease.py
-(heartbeat and watchdog), slots.py, pipeline.py, scratch.py; reconnect.py
-opens every connection.
+The work itself is in the mixins: control.py (main thread: the control
+connection, beats, claims, the rescue sweep), lease.py (the beat and the
+watchdog), slots.py, pipeline.py, scratch.py; reconnect.py opens every
+connection.  An idle worker holds one connection, the control connection.
 """
 
 from __future__ import annotations
@@ -86,6 +87,24 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._generation = 0
         self._trash: _queue.SimpleQueue[Path | None] | None = None
         self._token = False
+        # Whether this session holds the rescue leader lock (control.py): then it sweeps for the fleet.
+        self._leader = False
+        # Jobs the control loop claimed, waiting for a slot; claims and slot ends are serialised on the lock.
+        self._handoff: _queue.SimpleQueue[Running | None] = _queue.SimpleQueue()
+        self._handoff_lock = threading.Lock()
+        self._slots_released = False
+        self._claimed_generation = -1
+        self._next_poll = 0.0
+        self._next_beat = 0.0
+        self._next_rescue = 0.0
+        self._next_tmp_sweep = 0.0
+        # The control thread's connection and when its current round began (the watchdog
+        # cuts a connection wedged in one round: control.py _unwedge_control).
+        self._control_conn: psycopg.Connection | None = None
+        self._tick_started: float | None = None
+        # Dead workers' job directories already given to the cleanup thread (scratch.py).
+        self._swept: set[str] = set()
+        self._last_beat = time.monotonic()
         self._trash_thread: threading.Thread | None = None
         self._busy = 0
         self._node_failures = 0
@@ -123,9 +142,8 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._sweep_tmp()
         # A solver's detached descendants come back to this process, to be ended with its step.
         reaper.become_subreaper()
-        beat = threading.Thread(target=self._guarded, args=(self._heartbeat,), name="heartbeat", daemon=True)
-        beat.start()
         threading.Thread(target=self._guarded, args=(self._watchdog,), name="watchdog", daemon=True).start()
+        threading.Thread(target=self._exit_if_stuck, name="abort-deadline", daemon=True).start()
         slots = [
             threading.Thread(target=self._guarded, args=(self._slot, i), name=f"slot-{i}", daemon=True)
             for i in range(self.options.cpus or self.options.jobs)
@@ -140,10 +158,10 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         finally:
             self._stopping.set()
             self._kick()
+            self._release_slots(len(slots))
             for t in slots:
                 t.join()
             self._finished.set()
-            beat.join(timeout=10)
             self._discard(None)
         self._run_db(lambda conn: workers.stop_worker(conn, self.worker_id, self.stop_reason), control)
         self.on_event(
@@ -182,7 +200,7 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
                     solvers=self._solver_info,
                 )
                 self.actor = jobs.Actor(worker_id=self.worker_id)
-                self._obey(workers.beat(control, self.worker_id, draining=False))
+                self._obey(workers.beat(control, self.worker_id, draining=False).orders)
                 return control
             except psycopg.OperationalError as exc:
                 if control is not None:
@@ -201,24 +219,31 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         if self._drain_deadline is None and self.options.drain_timeout_s is not None:
             self._drain_deadline = time.monotonic() + self.options.drain_timeout_s
         if abort:
-            if not self._aborting.is_set():
-                threading.Thread(target=self._exit_if_stuck, name="abort-deadline", daemon=True).start()
+            # The watchdog stops the running solvers within a tick, and _exit_if_stuck (waiting
+            # since the start) bounds what follows: this may run in the signal handler, which
+            # must not wait for a lock the interrupted main thread holds, nor start a thread.
             self._aborting.set()
-            self._stop_all("release")
         self._kick()
 
     def _exit_if_stuck(self) -> None:
-        """Told to give everything up now, the worker is gone within ABORT_GRACE_S, whatever it waits for.
+        """Told to give everything up now, the worker is gone within ABORT_GRACE_S, whatever it waits for
+        (a thread of its own from the start, waiting for the abort).
 
         After the solvers are stopped nothing waits for the database any more (_persist gives
         up at the first error), but a statement can hang on a connection whose other end never
         answers (the CI fault run saw a worker wait so for ever after its second SIGTERM).  Its
         jobs then come back when their leases run out; the stacks show where it was waiting.
         """
+        self._aborting.wait()
         if self._exited.wait(ABORT_GRACE_S):
             return
-        with self._lock:
-            held = sorted(r.job.id for r in self._held.values())
+        # Not waiting for the lock for ever: a thread stuck while holding it is what we end.
+        locked = self._lock.acquire(timeout=1.0)
+        try:
+            held = sorted(r.job.id for r in list(self._held.values()))
+        finally:
+            if locked:
+                self._lock.release()
         message = (
             f"still not stopped {ABORT_GRACE_S:g} s after being told to give its jobs back (waiting for the "
             f"database to answer); exiting now: the jobs not given back ({', '.join(map(str, held)) or 'none'}) "

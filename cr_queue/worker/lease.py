@@ -1,10 +1,13 @@
 """Lease and heartbeat: the worker says it is alive, keeps its jobs, and notices when it cannot.
 
-The heartbeat thread has its own connection, holds the liveness lock, beats,
-renews the leases of the jobs held and reads an admin's orders.  The watchdog
-thread never waits for the database: it stops solvers whose leases could not
-be renewed for half a lease (unless the server is known to be down, when
-nobody can take them), and enforces the drain timeout and the max runtime.
+The beat is sent by the control loop (control.py) on the control connection,
+which also holds the liveness lock: one statement that beats, renews the
+leases of the jobs held (every beat_s while there are any) and tries the
+rescue leader lock, so an idle worker costs one connection and a transaction
+every few seconds.  The watchdog thread never waits for the database: it
+stops solvers whose leases could not be renewed for half a lease (unless the
+server is known to be down, when nobody can take them), and enforces the
+drain timeout and the max runtime.
 """
 
 from __future__ import annotations
@@ -14,52 +17,56 @@ import time
 
 import psycopg
 
-from cr_queue.queries import jobs, workers
-from cr_queue.worker.reconnect import CAP_S, Backoff, first_line as _first_line
+from cr_queue.queries import workers
+from cr_queue.worker.reconnect import CAP_S
 
 log = logging.getLogger(__name__)
+
+# An idle worker beats at most this seldom: liveness is its lock, the beat keeps
+# last_heartbeat fresh for crh_status and lets another worker take the rescue leader lock.
+IDLE_BEAT_MAX_S = 10.0
 
 
 class LeaseMixin:
     """The lease-and-heartbeat part of Worker (its state lives in Worker.__init__)."""
 
-    def _heartbeat(self) -> None:
-        conn: psycopg.Connection | None = None
-        # Liveness matters most: the heartbeat knocks more often than the other threads.
-        backoff = Backoff(cap=2.0)
-        while not self._finished.is_set():
-            try:
-                if conn is None or conn.closed:
-                    conn = self._connect("heartbeat")
-                    if not workers.hold_worker_lock(conn, self.worker_id):
-                        log.warning("worker lock %s already held by an old session", self.worker_id)
-                    backoff.reset()
-                self._obey(workers.beat(conn, self.worker_id, draining=self._stopping.is_set()))
-                with self._lock:
-                    held = [(r.job.id, r.job.attempt) for r in self._held.values()]
-                # The lease runs from when the statement reached the server, not from
-                # when its answer came back (which a stalled network can delay).
-                sent = time.monotonic()
-                still_ours = jobs.renew(conn, self.worker_id, held, self.options.lease_s)
-                self._last_renewal = sent
-                with self._lock:
-                    for job_id, attempt in held:
-                        running = self._held.get(job_id)
-                        if running is not None and running.job.attempt == attempt and job_id not in still_ours:
-                            running.stop("lost")
-                self._finished.wait(self.options.beat_s)
-            except Exception as exc:
-                if isinstance(exc, psycopg.OperationalError):
-                    self._connector.saw_down(exc)
-                    log.warning("heartbeat: database connection lost (%s); reconnecting", _first_line(exc))
-                else:
-                    log.exception("heartbeat: unexpected error; starting it again")
-                if conn is not None:
-                    conn.close()
-                conn = None
-                backoff.wait(self._finished)
-        if conn is not None:
-            conn.close()
+    def _beat_interval(self, holding: bool) -> float:
+        """Every beat_s while jobs are held (their leases); an idle worker beats with its
+        claim poll (control.py sends both in one transaction), at most IDLE_BEAT_MAX_S apart."""
+        if holding or self._stopping.is_set():
+            return self.options.beat_s
+        return max(self.options.beat_s, min(self.options.poll_s, IDLE_BEAT_MAX_S))
+
+    def _beat(self, conn: psycopg.Connection) -> None:
+        """Beat, renew the held leases and (on a direct connection, when not yet the leader) try
+        the rescue leader lock, in one statement; stop the solvers of jobs no longer ours."""
+        with self._lock:
+            held = [(r.job.id, r.job.attempt) for r in self._held.values()]
+        # The lease runs from when the statement reached the server, not from
+        # when its answer came back (which a stalled network can delay).
+        sent = time.monotonic()
+        lead = not self._pooled and not self._leader
+        result = workers.beat(
+            conn,
+            self.worker_id,
+            draining=self._stopping.is_set(),
+            held=held,
+            lease_s=self.options.lease_s,
+            lead=lead,
+        )
+        self._last_renewal = sent
+        self._last_beat = sent
+        if result.leader:
+            self._leader = True
+            log.debug("took the rescue leader lock")
+            self.on_event(f"worker {self.name} now sweeps for lost workers' jobs (rescue leader)")
+        self._obey(result.orders)
+        if result.kept is not None:
+            with self._lock:
+                for job_id, attempt in held:
+                    running = self._held.get(job_id)
+                    if running is not None and running.job.attempt == attempt and job_id not in result.kept:
+                        running.stop("lost")
 
     def _obey(self, orders: workers.Orders) -> None:
         """Apply what an admin set in the database: a drain/stop request, node settings."""
@@ -86,8 +93,12 @@ class LeaseMixin:
         """
         while not self._finished.wait(0.25):
             self._watch_clock()
+            self._unwedge_control(time.monotonic())
 
     def _watch_clock(self) -> None:
+        if self._aborting.is_set():
+            # Everything is to be given back now (request_stop with abort).
+            self._stop_all("release")
         now = time.monotonic()
         with self._lock:
             held = [r for r in self._held.values() if r.why is None]

@@ -23,7 +23,7 @@ from cr_queue.queries import jobs
 from cr_queue.solvers import solvers
 from cr_queue import store
 from cr_queue.util.spool import Spool
-from cr_queue.worker.reconnect import Backoff, first_line as _first_line
+from cr_queue.worker.reconnect import CONNECTION_ERRORS, Backoff, first_line as _first_line
 from cr_queue.worker.options import (
     CANNOT_EXECUTE, FAILURE_MEMBERS, INPUT_SPOOL_BYTES, LOG_NAME, TMP_PREFIX, NodeFailure, Running,
 )
@@ -49,6 +49,9 @@ class PipelineMixin:
                 return
             except OSError as exc:
                 raise NodeFailure(f"cannot unpack the input in {tmp}: {exc}") from exc
+            # No connection is held while the solver runs (hours, maybe): the fleet's
+            # connections are its idle workers plus the transfers in progress.
+            conn.close()
             solvers.prepare(tomodir)
             before = archive.snapshot(tomodir)
             verdict = self._run_solvers(job, tomodir, running)
@@ -56,20 +59,20 @@ class PipelineMixin:
                 return
             if verdict.ok:
                 members = archive.changed_since(tomodir, before)
-                result_sha = self._upload(conn, running, tomodir, members)
-                if result_sha is None:
-                    self._refused(job, by_database=False)
-                    return
                 ok = self._persist(
                     conn,
                     running,
-                    lambda c: jobs.complete(
-                        c,
-                        job,
-                        result_sha256=result_sha,
-                        exit_code=verdict.exit_code,
-                        actor=self.actor,
-                        detail=self._provenance(running, tomodir),
+                    self._uploaded(
+                        tomodir,
+                        members,
+                        lambda c, result_sha: jobs.complete(
+                            c,
+                            job,
+                            result_sha256=result_sha,
+                            exit_code=verdict.exit_code,
+                            actor=self.actor,
+                            detail=self._provenance(running, tomodir),
+                        ),
                     ),
                 )
                 if ok:
@@ -80,14 +83,13 @@ class PipelineMixin:
                     self._refused(job, by_database=ok is False)
                 return
             members = [m for m in FAILURE_MEMBERS if (tomodir / m).exists()]
-            result_sha = self._upload(conn, running, tomodir, members) if members else None
             self._report_failure(
-                conn, running, verdict.category, verdict.reason, verdict.exit_code, result_sha, tomodir
+                conn, running, verdict.category, verdict.reason, verdict.exit_code, None, tomodir, members
             )
         finally:
             self._discard(tmp)
 
-    def _stopped_early(self, conn: psycopg.Connection, running: Running) -> bool:
+    def _stopped_early(self, conn: psycopg.Connection | None, running: Running) -> bool:
         job = running.job
         if running.why in ("lost", "stale"):
             self._refused(job, by_database=False)
@@ -114,26 +116,27 @@ class PipelineMixin:
         else:
             self.on_event(f"job {job.id}: attempt {job.attempt} is no longer this worker's; its result was discarded")
 
-    def _persist(self, conn: psycopg.Connection, running: Running, fn: Callable[[psycopg.Connection], T]) -> T | None:
+    def _persist(self, conn: psycopg.Connection | None, running: Running, fn: Callable[[psycopg.Connection], T]) -> T | None:
         """Run a fenced write, riding out a database outage of any length.
 
         The write names the attempt, so retrying after a reconnect can never
         complete a job twice, and the database decides whether the attempt is
         still ours: the result waits on the node until it can ask.  Only the
         database saying the attempt is gone ("lost", from the heartbeat) or a
-        worker told to give everything up now ends the wait; the slot's own
-        connection is replaced if needed.
+        worker told to give everything up now ends the wait.  When the slot's
+        connection is closed (it is, once the solver started) one is opened for
+        the write and closed after it.
         """
         backoff = Backoff()
         own: psycopg.Connection | None = None
         try:
             while True:
-                current = conn if not conn.closed else own
+                current = conn if conn is not None and not conn.closed else own
                 try:
                     if current is None or current.closed:
-                        current = own = self._connect("retry")
+                        current = own = self._connect("transfer")
                     return fn(current)
-                except psycopg.OperationalError as exc:
+                except CONNECTION_ERRORS as exc:
                     if current is not None:
                         current.close()
                     if running.why == "lost" or self._aborting.is_set():
@@ -146,14 +149,26 @@ class PipelineMixin:
             if own is not None:
                 own.close()
 
-    def _upload(self, conn: psycopg.Connection, running: Running, tomodir: Path, members: list[str]) -> str | None:
-        def put(c: psycopg.Connection) -> str:
-            try:
-                return store.put_tree(c, self.db.store, tomodir, members=members).sha256
-            except OSError as exc:
-                raise NodeFailure(f"cannot pack the results: {exc}") from exc
+    def _uploaded(
+        self, tomodir: Path, members: list[str], write: Callable[[psycopg.Connection, str | None], T]
+    ) -> Callable[[psycopg.Connection], T]:
+        """A write for _persist that first uploads ``members`` (none: no result) and names the archive.
 
-        return self._persist(conn, running, put)
+        Upload and write are retried together: the upload commits without waiting
+        for the disk (blobs.sql ``begin``), so a server that crashes between the two
+        may have lost the archive, and a write retried alone would name an archive
+        that is not there (the fault run, seed 101: a foreign-key violation)."""
+
+        def upload_then_write(c: psycopg.Connection) -> T:
+            result_sha = None
+            if members:
+                try:
+                    result_sha = store.put_tree(c, self.db.store, tomodir, members=members).sha256
+                except OSError as exc:
+                    raise NodeFailure(f"cannot pack the results: {exc}") from exc
+            return write(c, result_sha)
+
+        return upload_then_write
 
     def _unpack_input(self, conn: psycopg.Connection, job: jobs.Job, tmp: Path, tomodir: Path) -> None:
         # Typical inputs stay in memory between download and unpacking (a file
@@ -224,30 +239,33 @@ class PipelineMixin:
 
     def _report_failure(
         self,
-        conn: psycopg.Connection,
+        conn: psycopg.Connection | None,
         running: Running,
         category: str,
         reason: str,
         exit_code: int | None,
         result_sha: str | None,
         tomodir: Path | None = None,
+        members: list[str] | None = None,
     ) -> None:
+        """Record the job's failure; with ``members`` (files of tomodir) they are uploaded
+        first, in the same retried write, and the failure names their archive."""
         job = running.job
         detail = self._provenance(running, tomodir) if tomodir is not None else None
-        ok = self._persist(
-            conn,
-            running,
-            lambda c: jobs.fail(
+
+        def write(c: psycopg.Connection, uploaded: str | None) -> bool:
+            return jobs.fail(
                 c,
                 job,
                 category=category,
                 reason=reason,
                 exit_code=exit_code,
-                result_sha256=result_sha,
+                result_sha256=uploaded if members else result_sha,
                 actor=self.actor,
                 detail=detail,
-            ),
-        )
+            )
+
+        ok = self._persist(conn, running, self._uploaded(tomodir, members, write) if members else lambda c: write(c, None))
         if ok:
             self.tally.failed += 1
             self._ended(job, JobStatus.FAILED, f"job {job.id}: failed ({category}): {reason}")

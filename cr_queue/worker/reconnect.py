@@ -38,6 +38,12 @@ DOWN_SIGNS = (
 )
 
 
+# Errors that mean the connection is gone: lost, or ended by the server.  A transaction
+# held open past idle_in_transaction_session_timeout (a frozen network path in the
+# middle of it) ends with 25P03, which psycopg files under InternalError.
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout)
+
+
 class Backoff:
     """Delays between reconnection attempts: 0.5, 1, 2, 4, 5, 5 ... s, each shortened by up to half at random.
 

@@ -46,7 +46,10 @@ class ScratchMixin:
             shutil.rmtree(path, ignore_errors=True)
 
     def _sweep_tmp(self) -> None:
-        """Remove job directories of workers on this node that died without cleaning up."""
+        """Remove job directories of workers on this node that died without cleaning up.
+
+        Found here, removed by the cleanup thread: the control thread that calls this
+        also beats and renews the leases, which a large tree's removal must not delay."""
         try:
             entries = list(os.scandir(self.workdir))
         except OSError:
@@ -59,8 +62,13 @@ class ScratchMixin:
             if not pid_text.isdigit() or _alive(int(pid_text)):
                 continue
             try:
-                if entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid():
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                if (
+                    entry.is_dir(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+                    and entry.path not in self._swept
+                ):
+                    self._swept.add(entry.path)
+                    self._discard(Path(entry.path))
             except OSError:
                 pass
 

@@ -1,6 +1,8 @@
-"""Slots: the threads that claim jobs and run them, one job at a time each.
+"""Slots: the threads that run claimed jobs, one job at a time each.
 
-A slot claims within the CPU budget, hands the job to the pipeline and decides
+The control loop claims within the CPU budget (``_claim``, on the control
+connection) and hands each job to an idle slot; the slot opens a connection
+only for the job's transfers, hands the job to the pipeline and decides
 what an error means: the job's own content (it fails), the node (the job goes
 back, capped per job, and this worker leaves it to others for a while), or the
 database (the job goes back when it can be told).  A slot never ends silently.
@@ -17,7 +19,7 @@ import psycopg
 
 from cr_queue.job_states import JobStatus
 from cr_queue.queries import jobs
-from cr_queue.worker.reconnect import Backoff, first_line as _first_line
+from cr_queue.worker.reconnect import CONNECTION_ERRORS, first_line as _first_line
 from cr_queue.worker.options import AVOID_S, EXIT_NODE_BROKEN, NodeFailure, Running
 
 log = logging.getLogger(__name__)
@@ -27,66 +29,37 @@ class SlotsMixin:
     """The slot part of Worker (its state lives in Worker.__init__)."""
 
     def _slot(self, index: int) -> None:
-        conn: psycopg.Connection | None = None
-        backoff = Backoff()
-        while not self._stopping.is_set():
-            try:
-                if conn is None or conn.closed:
-                    conn = self._connect(f"slot {index}")
-                    backoff.reset()
-                if not self._claim_and_run(conn):
-                    break
-            except Exception as exc:
-                # Never end a slot silently: a lost connection is waited out, a bug is shown
-                # with its traceback, and the slot goes on claiming.
-                if isinstance(exc, psycopg.OperationalError):
-                    self.on_event(
-                        f"slot {index}: database connection lost ({_first_line(exc)}); reconnecting in {backoff.step:g} s"
-                    )
-                else:
-                    log.exception("slot %s: unexpected error; going on in %g s", index, backoff.step)
-                if conn is not None:
-                    conn.close()
-                conn = None
-                backoff.wait(self._stopping)
-        if conn is not None:
-            conn.close()
+        """Wait for a job the control loop claimed (control.py), run it, wait again.
 
-    def _claim_and_run(self, conn: psycopg.Connection) -> bool:
-        """One round of a slot; False when the slot should end."""
-        with self._wake:
-            seen = self._generation
-        if not self._orders.active:
-            # An inactive node waits for its admin; it is not an empty jobs.
-            self._stopping.wait(self.options.poll_s)
-            return True
-        claimed = self._claim(conn)
-        if claimed is None:
-            with self._lock:
-                idle_everywhere = self._busy == 0
-            if self.options.quit_when_empty and idle_everywhere and self._nothing_left(conn):
-                self.request_stop(reason="queue empty")
-                return False
-            with self._wake:
-                if self._generation == seen and not self._stopping.is_set():
-                    self._wake.wait(timeout=self.options.poll_s)
-            return True
-        job, cost = claimed
-        with self._lock:
-            self._busy += 1
-            stale = self._held.get(job.id)
-            if stale is not None:
-                # An earlier attempt of this very job, in another slot, is no longer ours: the
-                # worker was stopped past its lease (SIGSTOP, a frozen VM), the job was rescued
-                # and this slot claimed it again.  The old slot stops; the job is this slot's.
-                stale.stop("lost")
-            running = self._held[job.id] = Running(job, cpus=cost)
-        # One notification woke one slot; if more jobs came at once, the next idle slot looks.
-        self._kick(one=True)
+        An idle slot holds no connection and sleeps on the hand-off queue; it ends at
+        the None the control loop queues for each slot once the worker stops, behind
+        every job it claimed (the claims and that None are serialised on one lock)."""
+        while True:
+            running = self._handoff.get()
+            if running is None:
+                return
+            try:
+                self._run_claimed(index, running)
+            except Exception:
+                # Never end a slot silently: a bug is shown with its traceback, the slot goes on.
+                log.exception("slot %s: unexpected error; going on", index)
+
+    def _run_claimed(self, index: int, running: Running) -> None:
+        """Run one claimed job on a connection of its own, opened for the input and closed
+        while the solver runs (the result's writes open one again: pipeline._persist)."""
+        job = running.job
+        if self._aborting.is_set():
+            running.stop("release")
+        conn: psycopg.Connection | None = None
         try:
+            if running.why is not None:
+                # Given up before it started (a stop order came with the claim): no input to fetch.
+                self._stopped_early(None, running)
+                return
+            conn = self._connect(f"slot {index}")
             self._process(conn, running)
             self._node_failures = 0
-        except psycopg.OperationalError as exc:
+        except CONNECTION_ERRORS as exc:
             self._connection_lost(conn, running, exc)
         except Exception as exc:
             blame = _content_error(exc, job)
@@ -100,14 +73,15 @@ class SlotsMixin:
                 log.exception("job %s: unexpected error", job.id)
                 self._node_trouble(conn, running, f"{type(exc).__name__}: {exc}")
         finally:
+            if conn is not None:
+                conn.close()
             with self._lock:
                 self._busy -= 1
-                if self._held.get(job.id) is running:  # not when a newer attempt took the job (above)
+                if self._held.get(job.id) is running:  # not when a newer attempt took the job (control.py)
                     del self._held[job.id]
             with self._claim_lock:
-                self._cpus_used -= cost
+                self._cpus_used -= running.cpus
             self._kick()
-        return True
 
     def _nothing_left(self, conn: psycopg.Connection) -> bool:
         """Whether a --quit-when-empty worker may stop: nothing to claim even after a rescue
@@ -155,7 +129,7 @@ class SlotsMixin:
                 del self._gave_back[job_id]
         return list(self._gave_back)
 
-    def _connection_lost(self, conn: psycopg.Connection, running: Running, exc: psycopg.OperationalError) -> None:
+    def _connection_lost(self, conn: psycopg.Connection | None, running: Running, exc: Exception) -> None:
         """The database went away while the input was being fetched: give the job back.
 
         Neither the job's fault nor the node's, so no try is burned and the
@@ -166,7 +140,7 @@ class SlotsMixin:
         if self._persist(conn, running, lambda c: jobs.release(c, job, reason="database connection lost", actor=self.actor)):
             self.tally.released += 1
 
-    def _node_trouble(self, conn: psycopg.Connection, running: Running, reason: str) -> None:
+    def _node_trouble(self, conn: psycopg.Connection | None, running: Running, reason: str) -> None:
         """Give the job back without burning a try; after too many in a row, stop this node.
 
         The job fails as node_failures once several nodes gave it back so
@@ -177,6 +151,9 @@ class SlotsMixin:
         job = running.job
         self._node_failures += 1
         self.on_event(f"job {job.id}: this node could not run it ({reason}); giving it back to the queue")
+        # Avoided before it is back in the queue: the control loop claims for another idle
+        # slot meanwhile and must not take it straight back (the suite saw it, under load).
+        self._gave_back[job.id] = time.monotonic()
         status = self._persist(
             conn,
             running,
