@@ -214,44 +214,14 @@ def test_the_rescue_leader_killed_another_worker_takes_over_and_requeues_a_dead_
     lab.check_invariants({job_id: "finished"})
 
 
-POOLED_WORKER = """
-import logging, sys
-from pathlib import Path
-from cr_queue import config
-from cr_queue.database import open_database
-from cr_queue.solvers import solvers
-from cr_queue.worker import Worker, WorkerOptions
-
-class Pooled:
-    # The database seen through PgBouncer in transaction pooling (Database.pooled, issue 16).
-    pooled = True
-    def __init__(self, db):
-        self._db = db
-    def __getattr__(self, name):
-        return getattr(self._db, name)
-
-logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(name)s: %(message)s")
-settings = config.load()
-database = Pooled(open_database(settings))
-found = solvers.resolve({"crmod": (settings.crmod, "env"), "crtomo": (settings.crtomo, "env")})
-options = WorkerOptions(jobs=2, name="pooled", poll_s=0.5, lease_s=6, workdir=Path(sys.argv[1]))
-w = Worker(database, found, options, limits=config.archive_limits(settings))
-w.install_signal_handlers()
-sys.exit(w.run())
-"""
-
-
 def test_a_worker_behind_a_transaction_pooler_keeps_no_session_state_and_runs_jobs(lab):
     # Through PgBouncer in transaction pooling a session lock or a LISTEN would stay on
-    # whichever server connection the statement ran on: the worker takes none, polls,
-    # and sweeps itself (every lease, with jitter).
-    import subprocess
-    import sys
-
-    err = lab.logs / "pooled.err"
-    with open(err, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", POOLED_WORKER, str(lab.workdir)], env=lab.env, stderr=fh)
-    lab.procs.append(proc)
+    # whichever server connection the statement ran on: with the setting
+    # (CRH_DATABASE_POOLER=transaction) the worker takes none, polls, and sweeps itself
+    # (every lease, with jitter).  Directly against the server here, so that pg_locks
+    # shows what the worker's own sessions hold (test_pgbouncer.py runs it through PgBouncer).
+    w = lab.worker("pooled", "--jobs", "2", "--lease", "6", "--log-level", "debug",
+                   env={**lab.env, "CRH_DATABASE_POOLER": "transaction"})
     wait_for(lambda: lab.sql("SELECT count(*) FROM workers WHERE name = 'pooled' AND state = 'running'")[0][0] == 1,
              "the pooled worker to register")
     ids = lab.add(*lab.tomodirs(2, cfg="sleep = 2"))
@@ -262,12 +232,16 @@ def test_a_worker_behind_a_transaction_pooler_keeps_no_session_state_and_runs_jo
         "WHERE l.locktype = 'advisory' AND starts_with(a.application_name, 'crh_worker pooled ')"
     )
     assert held == [(0,)]
+    listening = lab.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE starts_with(application_name, 'crh_worker pooled ') "
+        "AND query ILIKE 'LISTEN%%'"
+    )
+    assert listening == [(0,)]
     # It sweeps by itself: a sweep line comes within a lease (6 s) and its jitter.
-    wait_for(lambda: SWEEP_LINE in err.read_text(errors="replace"), "the pooled worker's own rescue sweep", timeout=30)
-    log = err.read_text(errors="replace")
-    assert "now sweeps" not in log  # no leader lock through a pooler
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, err.read_text(errors="replace")
+    w.wait_log(SWEEP_LINE, timeout=30)
+    assert "now sweeps" not in w.log()  # no leader lock through a pooler
+    code, report = w.stop()
+    assert code == 0 and report["finished"] == 2, w.log()
     lab.check_invariants({job_id: "finished" for job_id in ids})
 
 

@@ -43,7 +43,7 @@ class ControlMixin:
     @property
     def _pooled(self) -> bool:
         """Connections through a transaction-pooling PgBouncer: no session state to rely on."""
-        return bool(getattr(self.db, "pooled", False))
+        return self.db.pooled
 
     def _main_loop(self, control: psycopg.Connection | None, slots: list[threading.Thread]) -> psycopg.Connection | None:
         # Liveness matters most: the control connection carries the beat, so it knocks

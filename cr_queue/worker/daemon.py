@@ -82,6 +82,9 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         self._finished = threading.Event()
         # Set when run() returns: the abort deadline (_exit_if_stuck) has nothing to do.
         self._exited = threading.Event()
+        # Jobs whose last write was abandoned when told to give everything up (no answer):
+        # still this worker's in the database until their leases run out.
+        self._not_given_back: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._generation = 0
@@ -240,7 +243,7 @@ class Worker(ControlMixin, LeaseMixin, SlotsMixin, PipelineMixin, ScratchMixin):
         # Not waiting for the lock for ever: a thread stuck while holding it is what we end.
         locked = self._lock.acquire(timeout=1.0)
         try:
-            held = sorted(r.job.id for r in list(self._held.values()))
+            held = sorted({r.job.id for r in list(self._held.values())} | self._not_given_back)
         finally:
             if locked:
                 self._lock.release()

@@ -139,7 +139,14 @@ class PipelineMixin:
                 except CONNECTION_ERRORS as exc:
                     if current is not None:
                         current.close()
-                    if running.why == "lost" or self._aborting.is_set():
+                    if running.why == "lost":
+                        return None
+                    if self._aborting.is_set():
+                        self._not_given_back.add(running.job.id)
+                        self.on_event(
+                            f"job {running.job.id}: not given back, the database did not answer "
+                            f"({_first_line(exc)}); its lease brings it back to the queue"
+                        )
                         return None
                     self.on_event(
                         f"job {running.job.id}: database unreachable ({_first_line(exc)}); retrying in {backoff.step:g} s"
