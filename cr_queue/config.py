@@ -18,10 +18,10 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import platformdirs
 
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from cr_queue.tomodir.archive import Limits
 
 __all__ = ["ConfigError", "Settings", "load", "redact", "SYSTEM_CONFIG"]
+
+T = TypeVar("T")
 
 SYSTEM_CONFIG = Path("/etc/cr_queue/config.toml")
 LEGACY_NAME = ".crhydra.cfg"
@@ -276,20 +278,10 @@ def _seconds(value: Any) -> int | None:
 
 def _resolve_connect_timeout(env: Mapping[str, str], files: list[_ConfigFile]) -> int:
     """CRH_CONNECT_TIMEOUT, else [database] connect_timeout of the first file that has one, else the default."""
-    from_env = env.get("CRH_CONNECT_TIMEOUT")
-    if from_env:
-        seconds = _seconds(from_env)
-        if seconds is None:
-            raise ConfigError(
-                f"CRH_CONNECT_TIMEOUT={from_env!r} is not a whole number of seconds >= 1; "
-                f"set it to e.g. {DEFAULT_CONNECT_TIMEOUT}, or unset it"
-            )
-        return seconds
-    for config in files:
-        value = config.data.get("database", {}).get("connect_timeout")
-        if value is not None:
-            return _seconds(value) or DEFAULT_CONNECT_TIMEOUT
-    return DEFAULT_CONNECT_TIMEOUT
+    return _database_setting(
+        env, files, "CRH_CONNECT_TIMEOUT", "connect_timeout", _seconds, DEFAULT_CONNECT_TIMEOUT,
+        f"is not a whole number of seconds >= 1; set it to e.g. {DEFAULT_CONNECT_TIMEOUT}, or unset it",
+    )
 
 
 def _pooler(value: Any) -> str | None:
@@ -302,21 +294,31 @@ def _pooler(value: Any) -> str | None:
 
 def _resolve_pooler(env: Mapping[str, str], files: list[_ConfigFile]) -> str:
     """CRH_DATABASE_POOLER, else [database] pooler of the first file that has one, else "none"."""
-    from_env = env.get("CRH_DATABASE_POOLER")
+    return _database_setting(
+        env, files, "CRH_DATABASE_POOLER", "pooler", _pooler, "none",
+        "is not a pooling mode cr_queue knows; set it to transaction when the database URL names PgBouncer "
+        "in transaction pooling mode, to none for PostgreSQL itself or a session-pooling pooler, or unset it",
+    )
+
+
+def _database_setting(
+    env: Mapping[str, str], files: list[_ConfigFile], variable: str, key: str,
+    parse: Callable[[Any], T | None], default: T, remedy: str,
+) -> T:
+    """A [database] setting: the environment variable wins (a bad value there is an error: nothing
+    else would show it), else the first config file that has the key (already validated), else
+    the default."""
+    from_env = env.get(variable)
     if from_env:
-        pooler = _pooler(from_env)
-        if pooler is None:
-            raise ConfigError(
-                f"CRH_DATABASE_POOLER={from_env!r} is not a pooling mode cr_queue knows; "
-                "set it to transaction when the database URL names PgBouncer in transaction pooling mode, "
-                "to none for PostgreSQL itself or a session-pooling pooler, or unset it"
-            )
-        return pooler
+        value = parse(from_env)
+        if value is None:
+            raise ConfigError(f"{variable}={from_env!r} {remedy}")
+        return value
     for config in files:
-        value = config.data.get("database", {}).get("pooler")
-        if value is not None:
-            return _pooler(value) or "none"
-    return "none"
+        raw = config.data.get("database", {}).get(key)
+        if raw is not None:
+            return parse(raw) or default
+    return default
 
 
 # [cleanup] keep_retrieved: how long crh_cleanup keeps the archives of retrieved jobs.
