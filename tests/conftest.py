@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,12 @@ def pytest_configure(config: pytest.Config) -> None:
     """Before any test makes a temp file: the session directory, and the host as found."""
     if not hasattr(config, "workerinput"):
         config._crh_host = hygiene.start_session()
+    # A suite started in the background by a shell without job control (`cmd &` in a
+    # script, nohup) inherits SIGINT ignored, and so would every command it starts: the
+    # Ctrl-C tests then send a SIGINT nobody hears and wait for ever (seen running .ci/run
+    # so).  Handled here, SIGINT is back to its default in every child at exec.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
