@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cr_queue.config import ConfigError, load
+from cr_queue.db.connection import Database, DatabaseError
 
 from .conftest import commands_env, run, script
 
@@ -115,3 +116,38 @@ def test_the_default_is_ten_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("CRH_SYSTEM_CONFIG", str(tmp_path / "none.toml"))
     monkeypatch.delenv("CRH_CONNECT_TIMEOUT", raising=False)
     assert load().connect_timeout == 10
+
+
+def test_an_attempt_that_timed_out_is_closed_at_once_not_by_the_garbage_collector() -> None:
+    """While the error is still held (a worker holds it through its whole retry loop) the
+    attempt's socket is closed: the server sees the client go.  psycopg 3.3 left it open
+    until the cyclic garbage collector ran; through an overloaded server the fleet's
+    abandoned attempts became idle backends that filled max_connections (issue 16)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(30)
+    port = listener.getsockname()[1]
+    received: list[bytes] = []
+    closed = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(30)
+            while chunk := conn.recv(4096):  # libpq's SSLRequest, then nothing: never answered
+                received.append(chunk)
+            closed.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        db = Database(url=f"postgresql://nobody@127.0.0.1:{port}/unused", source="this test", embedded=False, connect_timeout=1)
+        with pytest.raises(DatabaseError, match="timeout") as raised:
+            db.connect("test")
+        assert received, "the client never reached the listener"
+        assert closed.wait(10), "the timed-out attempt's socket is still open while its error is held"
+        assert raised.value is not None
+    finally:
+        listener.close()
+        thread.join(timeout=35)

@@ -24,6 +24,7 @@ server connection (session-level SET, see ``queries/session.py``).
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +116,26 @@ def connect(
     try:
         return opener(url, autocommit=autocommit, application_name=application_name, **extra)
     except psycopg.OperationalError as exc:
+        _close_abandoned_attempt(exc)
         raise DatabaseError(unreachable_message(url, source, exc, connect_timeout)) from None
+
+
+def _close_abandoned_attempt(exc: BaseException) -> None:
+    """Close the socket of a connection attempt that timed out, now.
+
+    psycopg (3.3) gives up on a timed-out attempt without closing it: the
+    attempt's libpq connection stays referenced from the frames of the error's
+    traceback, which form a cycle with the error, so its socket stays open
+    until the cyclic garbage collector runs (and never while the error is
+    held, as a worker's retry loop holds it).  The server meanwhile finishes
+    starting that backend and keeps it waiting for a query that never comes.
+    200 workers retrying through an overloaded server filled max_connections
+    with such connections and finished no job (issue 16).  Clearing the
+    frames' locals frees the attempt, and libpq closes its socket.
+    """
+    while exc is not None:
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__context__
 
 
 def _names_timeout(url: str) -> bool:
