@@ -81,7 +81,9 @@ def durable_commit(conn: psycopg.Connection) -> None:
     """Make every earlier commit durable: turn synchronous_commit on again, then commit one transaction.
 
     That commit waits for the WAL up to it to reach disk, and with it the WAL
-    of every asynchronous commit before it.
+    of every asynchronous commit before it, because it writes WAL of its own
+    (PostgreSQL does not wait for a transaction that wrote none; see
+    session.sql).
 
     Through a transaction-pooling pooler the setting is made local to that one
     transaction (which may run on any server connection, perhaps one another

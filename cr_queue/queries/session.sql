@@ -20,7 +20,10 @@ SELECT set_config('synchronous_commit', %(setting)s, %(local)s);
 
 -- name: durable_commit
 -- Commit a transaction that waits for the WAL to reach disk, and so for every earlier asynchronous commit of the server.
-SELECT txid_current();
+-- It must write WAL of its own: PostgreSQL does not wait for the disk when a transaction wrote none (an xid
+-- alone, txid_current(), is not enough: the fault run lost two jobs crh_add had reported as queued).  A
+-- transactional logical message is the smallest such write any login may make; nothing reads it.
+SELECT pg_logical_emit_message(true, 'cr_queue', 'durable');
 
 -- name: read_only_snapshot
 -- Make the transaction just begun one read-only snapshot: every query after it sees the same database.
