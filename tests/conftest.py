@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -134,6 +136,27 @@ def pg_cluster() -> Cluster:
     yield cluster
     cluster.stop(mode="immediate")
     shutil.rmtree(home, ignore_errors=True)
+
+
+@contextmanager
+def throwaway_server(prefix: str, extra_conf: Mapping[str, str]) -> Iterator[tuple[Cluster, str]]:
+    """A PostgreSQL server of one test's own and a migrated database on it: (cluster, url).
+
+    For tests that set what the session's cluster must not have (max_connections,
+    the WAL writer's pace) or stop the server under it; stopped and removed after."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = Cluster(home / "data", extra_conf=dict(extra_conf))
+    cluster.start()
+    try:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(cluster.url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        url = _url(cluster, name)
+        migrate.upgrade(url)
+        yield cluster, url
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,41 +15,25 @@ test sees is what the durable commit did, not the WAL writer's timing.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import conninfo, sql
 
-from cr_queue.db import migrate
-from cr_queue.db.embedded.cluster import Cluster
 from cr_queue.queries import session
 from cr_queue.tomodir import synth
 
-from .conftest import commands_env, run, script
+from .conftest import commands_env, run, script, throwaway_server
 
 
 @pytest.fixture
 def slow_wal_server():
-    """(cluster, url): a migrated database on a throwaway server whose WAL writer sleeps 10 s."""
-    home = Path(tempfile.mkdtemp(prefix="crh-durable-pg-"))
-    # fsync off is harmless here: an immediate stop loses what is in the server's
-    # memory, not what was written to the operating system.
-    cluster = Cluster(home / "data", extra_conf={"fsync": "off", "wal_writer_delay": "10s", "wal_writer_flush_after": "0"})
-    cluster.start()
-    try:
-        name = f"d_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(cluster.url, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        url = conninfo.make_conninfo(cluster.url, dbname=name)
-        migrate.upgrade(url)
-        yield cluster, url
-    finally:
-        cluster.stop(mode="immediate")
-        shutil.rmtree(home, ignore_errors=True)
+    """(cluster, url): a migrated database on a throwaway server whose WAL writer sleeps 10 s.
+    fsync off is harmless here: an immediate stop loses what is in the server's memory,
+    not what was written to the operating system."""
+    conf = {"fsync": "off", "wal_writer_delay": "10s", "wal_writer_flush_after": "0"}
+    with throwaway_server("crh-durable-pg-", conf) as server:
+        yield server
 
 
 def test_the_durable_commit_waits_for_every_earlier_asynchronous_commit(slow_wal_server) -> None:

@@ -14,23 +14,17 @@ lines); only the measured window is a plain wait.
 
 from __future__ import annotations
 
-import shutil
 import signal
-import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import conninfo, sql
 
-from cr_queue.db import migrate
-from cr_queue.db.embedded import Cluster
 from cr_queue.queries import workers
 
-from .conftest import commands_env
+from .conftest import commands_env, throwaway_server
 from .faults import Lab, WorkerProc, wait_for
 
 SWEEP_LINE = "rescue sweep:"
@@ -85,24 +79,11 @@ def test_an_idle_worker_holds_one_connection_and_one_more_per_transfer(lab):
 
 
 @pytest.fixture
-def small_server(tmp_path: Path):
+def small_server():
     """A throwaway PostgreSQL with a default server's max_connections (100), migrated; removed after."""
-    home = Path(tempfile.mkdtemp(prefix="crh-fleet-pg-"))
-    cluster = Cluster(
-        home / "data",
-        extra_conf={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "100"},
-    )
-    cluster.start()
-    try:
-        name = f"f_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(cluster.url, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        url = conninfo.make_conninfo(cluster.url, dbname=name)
-        migrate.upgrade(url)
+    conf = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off", "max_connections": "100"}
+    with throwaway_server("crh-fleet-pg-", conf) as (_cluster, url):
         yield url
-    finally:
-        cluster.stop(mode="immediate")
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _xacts(conn: psycopg.Connection) -> int:
