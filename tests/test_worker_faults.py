@@ -224,6 +224,48 @@ def test_a_solver_that_fills_the_scratch_disk_is_a_node_failure_not_a_result(lab
     lab.check_invariants({job_id: "finished"})
 
 
+def test_jobs_too_large_for_a_small_scratch_do_not_take_the_node_out_of_the_fleet(lab, small_scratch):
+    # Found by the long fault run (seed 303): the worker on the small scratch tmpfs claimed
+    # large-output jobs one after the other; each filled the disk and was given back, five
+    # node failures in a row made it exit 3 ("node broken"), which its unit does not restart,
+    # though the disk was empty again once those jobs' directories were gone.  A job too
+    # large for this scratch is not a broken node: the worker leaves those jobs to others
+    # and runs the ones that fit.
+    large = lab.tomodirs(5, cfg=f"sleep = 0\nlarge = {12 << 20}", prefix="large")
+    small = lab.tomodirs(1, cfg="sleep = 0", prefix="small")
+    large_ids = lab.add(*large)
+    [small_id] = lab.add(*small)
+
+    code, report = lab.worker("small", "-q", "--workdir", str(small_scratch)).finish()
+
+    assert code == 0 and report["released"] == 5 and report["finished"] == 1, (code, report)
+    assert lab.status(small_id) == "finished"
+    for job_id in large_ids:
+        assert lab.events(job_id) == ["registering", "queued", "claimed", "released"], lab.events(job_id)
+    reasons = [r for (r,) in lab.sql("SELECT detail ->> 'reason' FROM events WHERE event = 'released'")]
+    assert len(reasons) == 5 and all("scratch filesystem" in r and "full" in r for r in reasons), reasons
+    assert not list(small_scratch.iterdir()), "job directories were left on the scratch disk"
+
+    lab.check_invariants({**{i: "queued" for i in large_ids}, small_id: "finished"})
+
+
+def test_a_scratch_still_full_without_the_jobs_files_is_a_broken_node(lab, small_scratch):
+    # The other side of the rule above: something else fills the scratch filesystem, so
+    # every job fails here whatever it is, and the node stops claiming.
+    filler = small_scratch / "not-ours"
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * (7 << 20) + b"\0" * ((1 << 20) - (64 << 10)))
+    ids = lab.add(*lab.tomodirs(2, cfg="sleep = 0"))
+
+    code, report = lab.worker("full", "--max-node-failures", "2", "--workdir", str(small_scratch)).finish()
+
+    assert code == 3 and report["released"] == 2 and report["finished"] == 0, (code, report)
+    reasons = [r for (r,) in lab.sql("SELECT detail ->> 'reason' FROM events WHERE event = 'released'")]
+    assert len(reasons) == 2 and all("scratch filesystem" in r or "No space left" in r for r in reasons), reasons
+    assert sorted(p.name for p in small_scratch.iterdir()) == ["not-ours"]
+    lab.check_invariants({i: "queued" for i in ids})
+
+
 # A solver for two jobs at once on one small scratch: the first to start fills the disk
 # and, once the other has failed to write, exits 0; the other fails to write while the
 # disk is full, waits until the filler's

@@ -86,4 +86,14 @@ class Tally:
 
 
 class NodeFailure(Exception):
-    """This node cannot run jobs (solver will not start, disk full, ...): not the job's fault."""
+    """This node cannot run jobs (solver will not start, disk full, ...): not the job's fault.
+
+    ``space``: the scratch filesystem was full.  That may be the job's own output, too
+    large for this node, or another slot's: once the job's directory is gone the slot
+    looks again (``room_again``), and only a filesystem still full without it counts
+    towards a broken node (slots._node_trouble)."""
+
+    def __init__(self, reason: str, *, space: bool = False) -> None:
+        super().__init__(reason)
+        self.space = space
+        self.room_again = False

@@ -7,6 +7,7 @@ say whether the attempt is still this worker's.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import tempfile
@@ -48,7 +49,7 @@ class PipelineMixin:
                 self._report_failure(conn, running, "input_archive", f"the input archive cannot be used: {exc}", None, None)
                 return
             except OSError as exc:
-                raise NodeFailure(f"cannot unpack the input in {tmp}: {exc}") from exc
+                raise NodeFailure(f"cannot unpack the input in {tmp}: {exc}", space=_no_space(exc)) from exc
             # No connection is held while the solver runs (hours, maybe): the fleet's
             # connections are its idle workers plus the transfers in progress.
             conn.close()
@@ -86,6 +87,11 @@ class PipelineMixin:
             self._report_failure(
                 conn, running, verdict.category, verdict.reason, verdict.exit_code, None, tomodir, members
             )
+        except NodeFailure as exc:
+            if exc.space:
+                # Removed here and now: whether this node is broken depends on the room left without it.
+                exc.room_again = self._remove_now(tmp)
+            raise
         finally:
             self._discard(tmp)
 
@@ -172,7 +178,7 @@ class PipelineMixin:
                 try:
                     result_sha = store.put_tree(c, self.db.store, tomodir, members=members).sha256
                 except OSError as exc:
-                    raise NodeFailure(f"cannot pack the results: {exc}") from exc
+                    raise NodeFailure(f"cannot pack the results: {exc}", space=_no_space(exc)) from exc
             return write(c, result_sha)
 
         return upload_then_write
@@ -218,12 +224,12 @@ class PipelineMixin:
                 if full is not None:
                     # Checked before the verdict: outputs cut short by a full disk are neither
                     # a result nor the job's failure.
-                    raise NodeFailure(full)
+                    raise NodeFailure(full, space=True)
                 verdict = solvers.judge(outcome, tomodir, timeout)
                 if not verdict.ok:
                     out_of_space = self._out_of_space(tomodir, started)
                     if out_of_space is not None:
-                        raise NodeFailure(f"{verdict.reason}, {out_of_space}")
+                        raise NodeFailure(f"{verdict.reason}, {out_of_space}", space=True)
                     break
         return verdict
 
@@ -301,3 +307,7 @@ def _tail(path: Path, lines: int = 20, max_bytes: int = 8192) -> list[str]:
             return fh.read().decode(errors="replace").splitlines()[-lines:]
     except OSError:
         return []
+
+
+def _no_space(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -45,6 +45,17 @@ class ScratchMixin:
             self._scratch_watch.look(path)
             shutil.rmtree(path, ignore_errors=True)
 
+    def _remove_now(self, path: Path) -> bool:
+        """Remove a job directory at once, not in the background, and say whether the scratch
+        filesystem has room again without it: a job whose output is too large for this node,
+        or one that failed beside it, is not a broken node (NodeFailure.space)."""
+        self._scratch_watch.look(path)
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            return _full(self.workdir) is None
+        except OSError:
+            return False
+
     def _sweep_tmp(self) -> None:
         """Remove job directories of workers on this node that died without cleaning up.
 

@@ -68,7 +68,7 @@ class SlotsMixin:
                 self._node_failures = 0
                 self._report_failure(conn, running, "input_path", blame, None, None)
             elif isinstance(exc, NodeFailure):
-                self._node_trouble(conn, running, str(exc))
+                self._node_trouble(conn, running, str(exc), counts=not exc.room_again)
             else:
                 log.exception("job %s: unexpected error", job.id)
                 self._node_trouble(conn, running, f"{type(exc).__name__}: {exc}")
@@ -140,17 +140,23 @@ class SlotsMixin:
         if self._persist(conn, running, lambda c: jobs.release(c, job, reason="database connection lost", actor=self.actor)):
             self.tally.released += 1
 
-    def _node_trouble(self, conn: psycopg.Connection | None, running: Running, reason: str) -> None:
+    def _node_trouble(self, conn: psycopg.Connection | None, running: Running, reason: str, *, counts: bool = True) -> None:
         """Give the job back without burning a try; after too many in a row, stop this node.
 
         The job fails as node_failures once several nodes gave it back so
         (jobs.release_node_failure: a node is this host and --workdir, whichever
         worker process runs there), and this worker leaves it to others for a
-        while: one job cannot take down every worker that reaches it.
+        while: one job cannot take down every worker that reaches it.  A failure
+        that does not count (a full scratch with room again once the job's files
+        were gone) leaves the count as it was: a node whose scratch is too small
+        for some jobs still runs the others (the fault run, seed 303, saw such a
+        worker exit 3 and leave the fleet for good).
         """
         job = running.job
-        self._node_failures += 1
-        self.on_event(f"job {job.id}: this node could not run it ({reason}); giving it back to the queue")
+        if counts:
+            self._node_failures += 1
+        kept = "" if counts else " (the scratch filesystem has room again without it: this node goes on)"
+        self.on_event(f"job {job.id}: this node could not run it ({reason}); giving it back to the queue{kept}")
         # Avoided before it is back in the queue: the control loop claims for another idle
         # slot meanwhile and must not take it straight back (the suite saw it, under load).
         self._gave_back[job.id] = time.monotonic()
