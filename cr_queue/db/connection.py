@@ -120,7 +120,7 @@ def connect(
         raise DatabaseError(unreachable_message(url, source, exc, connect_timeout)) from None
 
 
-def _close_abandoned_attempt(exc: BaseException) -> None:
+def _close_abandoned_attempt(exc: BaseException | None) -> None:
     """Close the socket of a connection attempt that timed out, now.
 
     psycopg (3.3) gives up on a timed-out attempt without closing it: the
